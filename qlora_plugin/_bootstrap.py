@@ -1,0 +1,84 @@
+"""Process start-up hook (run from the installed `qlora_plugin_activate.pth`). Standard library only, ~0.1 ms.
+
+It only installs an import watcher: nothing happens until the process imports `trl`. Then `activation` reads
+`--strategy` (CLI, YAML `--config`, or `QLORA_PLUGIN_STRATEGY`); without one, TRL is left exactly as it is.
+`QLORA_PLUGIN_DISABLE=1` turns all of this off.
+"""
+
+import os
+import sys
+
+DISABLE_ENV = "QLORA_PLUGIN_DISABLE"
+
+
+def disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class _LoaderProxy:
+    """Runs `callback(module)` right after the real loader executes a watched module; otherwise transparent."""
+
+    def __init__(self, loader, callback):
+        self._loader = loader
+        self._callback = callback
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._callback(module)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class PostImportWatcher:
+    """A `sys.meta_path` finder that calls a function after a named module is first imported."""
+
+    def __init__(self):
+        self.callbacks = {}
+
+    def watch(self, module_name, callback):
+        if module_name in sys.modules:
+            callback(sys.modules[module_name])
+        else:
+            self.callbacks[module_name] = callback
+
+    def find_spec(self, fullname, path=None, target=None):
+        callback = self.callbacks.get(fullname)
+        if callback is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                del self.callbacks[fullname]
+                spec.loader = _LoaderProxy(spec.loader, callback)
+                return spec
+        return None
+
+
+def watcher() -> PostImportWatcher:
+    for finder in sys.meta_path:
+        if isinstance(finder, PostImportWatcher):
+            return finder
+    finder = PostImportWatcher()
+    sys.meta_path.insert(0, finder)
+    return finder
+
+
+def _on_trl_import(module):
+    from qlora_plugin import activation
+
+    activation.activate_from_process()
+
+
+def install():
+    """Entry point of the .pth file. Idempotent."""
+    if disabled() or getattr(sys, "_qlora_plugin_own_cli", False):
+        return
+    w = watcher()
+    if "trl" not in w.callbacks and "trl" not in sys.modules:
+        w.watch("trl", _on_trl_import)

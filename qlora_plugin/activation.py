@@ -1,0 +1,214 @@
+"""Script activation: turn `--strategy NAME` (CLI), `strategy: NAME` (YAML) or `QLORA_PLUGIN_STRATEGY` into a
+`StrategyRequest`, take the plugin's own flags out of `sys.argv` so the script's parser never sees them, and patch
+TRL so its `SFTTrainer` applies the strategy. Runs once, when a process first imports `trl`.
+
+Precedence: command line > YAML `--config` > environment. The request is also written to the environment so
+child processes (`trl sft` re-launches through `accelerate launch`) inherit it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from .errors import QLoRAPluginError, install_excepthook, report_and_exit
+from .options import OPTION_NAMES, StrategyOptions
+from .request import StrategyRequest
+
+STRATEGY_ENV = "QLORA_PLUGIN_STRATEGY"
+OPTIONS_ENV = "QLORA_PLUGIN_OPTIONS"  # JSON, set for child processes
+EXPLICIT_ENV = "QLORA_PLUGIN_EXPLICIT_ARGS"  # JSON list, set for child processes
+HOOKS_KEY = "qlora_hooks"
+# TRL ModelConfig flags a strategy answers for: `use_peft` is implied, `load_in_8bit` contradicts every strategy.
+TRL_ANSWERED_FLAGS = ("use_peft", "load_in_8bit")
+OWN_KEYS = frozenset(("strategy", HOOKS_KEY, *OPTION_NAMES, *TRL_ANSWERED_FLAGS))
+
+_active: StrategyRequest | None = None
+
+
+def active_request() -> StrategyRequest | None:
+    """The request this process runs under, or None (TRL untouched)."""
+    return _active
+
+
+@dataclasses.dataclass
+class _ActivationFlags:
+    strategy: str | None = dataclasses.field(default=None, metadata={"help": "QLoRA-plugin strategy name."})
+    qlora_hooks: list[str] | None = dataclasses.field(default=None, metadata={"help": "Hook files to load."})
+    use_peft: bool = False
+    load_in_8bit: bool = False
+
+
+def _flag_parser() -> argparse.ArgumentParser:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((_ActivationFlags, StrategyOptions), prog="qlora-plugin", add_help=False)
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # the namespace then holds only what was given
+        action.required = False
+    return parser
+
+
+def parse_own_flags(argv: list[str]) -> tuple[dict, list[str]]:
+    """Split argv into the plugin's flags (only those given) and everything else, in order."""
+    parser = _flag_parser()
+    namespace, rest = parser.parse_known_args(argv)
+    return vars(namespace), rest
+
+
+def given_flag_names(argv: list[str]) -> set[str]:
+    """Names of `--name value` / `--name=value` flags on a command line (what the user set explicitly)."""
+    names = set()
+    for token in argv:
+        if token.startswith("--") and len(token) > 2:
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            names.add(name[3:] if name.startswith("no_") else name)
+    return names
+
+
+def read_yaml_config(argv: list[str]) -> dict:
+    """The mapping in TRL's `--config FILE`, or {} (TRL itself reports unreadable files)."""
+    if "--config" not in argv:
+        return {}
+    index = argv.index("--config")
+    if index + 1 >= len(argv):
+        return {}
+    try:
+        import yaml
+
+        with open(argv[index + 1], encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (OSError, ValueError):
+        return {}
+    except Exception:  # yaml.YAMLError: TRL reports it with its own message
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def request_from_process(argv: list[str], environ) -> tuple[StrategyRequest | None, list[str]]:
+    """Work out the request from a command line, its YAML config and the environment. Returns (request, new argv).
+
+    Without a strategy anywhere, returns (None, argv unchanged).
+    """
+    config = read_yaml_config(argv)
+    config_env = config.get("env") if isinstance(config.get("env"), dict) else {}
+    cli_strategy = _cli_strategy(argv)
+    strategy = cli_strategy or config.get("strategy") or config_env.get(STRATEGY_ENV) or environ.get(STRATEGY_ENV)
+    if not strategy:
+        return None, argv
+    if not isinstance(strategy, str):
+        raise QLoRAPluginError(f"`strategy` must be a name such as qlora; got {strategy!r}.")
+    flags, rest = parse_own_flags(argv)
+    source = "cli" if cli_strategy else "yaml" if config.get("strategy") or config_env.get(STRATEGY_ENV) else "env"
+
+    options = _options_from_env(environ)
+    options.update({k: v for k, v in config.items() if k in OPTION_NAMES})
+    options.update({k: v for k, v in flags.items() if k in OPTION_NAMES})
+    _check_contradictions({**config, **flags})
+
+    hooks = flags.get("qlora_hooks") or config.get(HOOKS_KEY) or []
+    if isinstance(hooks, str):
+        hooks = [hooks]
+    from .plugins import hook_files_from_env
+
+    hook_files = tuple(dict.fromkeys([*hooks, *hook_files_from_env()]))
+
+    explicit = set(json.loads(environ.get(EXPLICIT_ENV, "[]")))
+    explicit |= given_flag_names(rest) | {k for k in config if k not in OWN_KEYS and k != "env"}
+    return StrategyRequest(strategy, options, frozenset(explicit), hook_files, source), rest
+
+
+def _cli_strategy(argv: list[str]) -> str | None:
+    for i, token in enumerate(argv):
+        if token == "--strategy":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise QLoRAPluginError("`--strategy` needs a name, e.g. `--strategy qlora`.")
+            return argv[i + 1]
+        if token.startswith("--strategy="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def _options_from_env(environ) -> dict:
+    raw = environ.get(OPTIONS_ENV)
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError:
+        raise QLoRAPluginError(f"{OPTIONS_ENV} must be a JSON object of strategy options; got {raw!r}.") from None
+    if not isinstance(options, dict):
+        raise QLoRAPluginError(f"{OPTIONS_ENV} must be a JSON object of strategy options; got {raw!r}.")
+    return options
+
+
+def _check_contradictions(given: dict) -> None:
+    if given.get("load_in_8bit") in (True, "true", "True"):
+        raise QLoRAPluginError(
+            "`--load_in_8bit` contradicts `--strategy`: strategies load the base in 4-bit (qlora) or 16-bit (lora). "
+            "Remove `--load_in_8bit`, or drop `--strategy` to use TRL's own 8-bit loading."
+        )
+
+
+def validate(request: StrategyRequest) -> None:
+    """Fail early, before the script does any work: the strategy exists, options and hook files are valid."""
+    from .options import build_options
+    from .plugins import get_plugin_manager, get_strategy
+
+    pm = get_plugin_manager(request.hook_files)
+    strategy = get_strategy(pm, request.strategy)
+    build_options(dict(strategy.option_defaults), request.options)
+    if not strategy.option_defaults.get("load_in_4bit", True) and request.options.get("load_in_4bit") is True:
+        raise QLoRAPluginError(
+            f"`--load_in_4bit` contradicts `--strategy {strategy.name}` (16-bit). Use `--strategy qlora` for a 4-bit "
+            "base."
+        )
+
+
+def publish(request: StrategyRequest) -> None:
+    """Write the request to the environment so processes this one launches run under it too."""
+    os.environ[STRATEGY_ENV] = request.strategy
+    os.environ[OPTIONS_ENV] = json.dumps(request.options)
+    os.environ[EXPLICIT_ENV] = json.dumps(sorted(request.explicit_training_args))
+    if request.hook_files:
+        from .plugins import HOOKS_ENV
+
+        os.environ[HOOKS_ENV] = os.pathsep.join(request.hook_files)
+
+
+def activate(request: StrategyRequest) -> None:
+    """Make `request` this process's strategy and patch TRL (now, or when the modules are imported)."""
+    global _active
+    _active = request
+    from . import _bootstrap, trl_patches
+
+    w = _bootstrap.watcher()
+    w.watch("trl.trainer.sft_trainer", trl_patches.patch_sft_trainer)
+    w.watch("trl.scripts.utils", trl_patches.patch_trl_parser)
+
+
+def deactivate() -> None:
+    """Forget the active request (patched TRL methods then pass straight through)."""
+    global _active
+    _active = None
+
+
+def activate_from_process() -> None:
+    """Called when `trl` is first imported. User errors end the script with a message and status 2."""
+    try:
+        request, argv = request_from_process(sys.argv[1:], os.environ)
+        if request is None:
+            return
+        validate(request)
+    except QLoRAPluginError as err:
+        report_and_exit(err)
+    except SystemExit:
+        raise
+    sys.argv[1:] = argv
+    publish(request)
+    install_excepthook()
+    activate(request)

@@ -1,0 +1,76 @@
+"""After load: k-bit training preparation and the LoRA adapter (peft), on every linear layer of the blocks."""
+
+from __future__ import annotations
+
+from .errors import QLoRAPluginError
+from .options import StrategyOptions
+from .runtime import Runtime
+
+BIG_MODEL_PARAMS = 20e9  # the paper's recipe changes above this size (dropout 0.05, lr 1e-4)
+
+
+def linear_layer_names(model) -> list[str]:
+    """Short names (`q_proj`, `c_attn`, ...) of the linear layers LoRA can adapt, as `--lora_target_modules`
+    takes them; includes 4-bit and GPT-2 `Conv1D` layers."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            short = name.rsplit(".", 1)[-1]
+            if short not in names:
+                names.append(short)
+    return names
+
+
+def check_target_modules(model, targets: list[str]) -> None:
+    """Every name in `--lora_target_modules` must match a layer; say which did not and what exists."""
+    if "all-linear" in targets:
+        return
+    module_names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
+    if missing:
+        raise QLoRAPluginError(
+            f"`lora_target_modules` {missing} match no layer of this model. Its linear layers are: "
+            f"{', '.join(linear_layer_names(model))}. Use some of those, or `all-linear`."
+        )
+
+
+def count_parameters(model) -> int:
+    """Parameters of the model as trained in 16-bit (4-bit layers count their full, unpacked size)."""
+    total = 0
+    for param in model.parameters():
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)
+        total += shape.numel() if shape is not None else param.numel()
+    return total
+
+
+def lora_dropout(options: StrategyOptions, num_params: int) -> float:
+    if options.lora_dropout is not None:
+        return float(options.lora_dropout)
+    return 0.05 if num_params > BIG_MODEL_PARAMS else 0.1
+
+
+def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
+    """Prepare a k-bit model for training (not under FSDP/ZeRO-3, which must not upcast) and add LoRA."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    check_target_modules(model, options.lora_target_modules)
+    num_params = count_parameters(model)
+    if getattr(model, "is_loaded_in_4bit", False) and not runtime.shards_parameters:
+        # Upcasts norms/embeddings to fp32 for stable training; gradient checkpointing is left to the Trainer.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = options.lora_target_modules
+    config = LoraConfig(
+        r=options.lora_r,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=lora_dropout(options, num_params),
+        target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+        modules_to_save=options.lora_modules_to_save,
+        use_dora=options.use_dora,
+        use_rslora=options.use_rslora,
+        task_type=options.lora_task_type,
+        bias="none",
+    )
+    return get_peft_model(model, config)

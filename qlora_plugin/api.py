@@ -1,0 +1,34 @@
+"""The Python API, for projects that wire `SFTTrainer` themselves.
+
+    from qlora_plugin import make_trainer
+    trainer = make_trainer("qlora", model="path/or/hub-id", args=SFTConfig(...), train_dataset=ds)
+    trainer.train()
+
+or, to keep constructing the trainer yourself: `SFTTrainer(**apply_strategy(kwargs, "qlora"))`.
+"""
+
+from __future__ import annotations
+
+from .request import StrategyRequest
+
+
+def apply_strategy(trainer_kwargs: dict, strategy: str = "qlora", options: dict | None = None,
+                   hook_files=(), plugin_manager=None) -> dict:
+    """Return `SFTTrainer` keyword arguments with `strategy` applied (model loaded in 4-bit, LoRA added,
+    recipe defaults for the `SFTConfig` fields you left at their defaults, paged AdamW).
+
+    `options` are strategy options by name (see `qlora-plugin strategies`); `hook_files` are hook modules to load.
+    Raises `QLoRAPluginError` (a `ValueError`) for bad input.
+    """
+    from .trainer import prepare_trainer_kwargs
+
+    request = StrategyRequest(strategy, dict(options or {}), frozenset(), tuple(hook_files), "api")
+    return prepare_trainer_kwargs(request, trainer_kwargs, pm=plugin_manager)
+
+
+def make_trainer(strategy: str = "qlora", options: dict | None = None, hook_files=(), plugin_manager=None,
+                 **trainer_kwargs):
+    """Build a TRL `SFTTrainer` with `strategy` applied; keyword arguments are `SFTTrainer`'s own."""
+    from trl import SFTTrainer
+
+    return SFTTrainer(**apply_strategy(trainer_kwargs, strategy, options, hook_files, plugin_manager))

@@ -1,0 +1,114 @@
+"""Strategy options: the one source of truth for the CLI flags, YAML keys, Python API and docs reference.
+
+Field names are TRL's own `ModelConfig` names wherever TRL has one (`lora_r`, `use_bnb_nested_quant`, ...), so a
+user's existing flags keep their meaning. Defaults are the QLoRA paper's recipe; `None` means "decided at load
+time from the model and the device" (see `resolve`). A strategy may change these defaults (e.g. `lora` turns
+quantization off); anything the user sets explicitly always wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import QLoRAPluginError
+
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+STORAGE_CHOICES = ("auto", "uint8", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class StrategyOptions:
+    """Options every strategy understands. Each field is a `--flag` and a YAML key of the same name."""
+
+    load_in_4bit: bool = field(
+        default=True,
+        metadata={"help": "Store the frozen base's linear layers in bitsandbytes 4-bit. Set by the strategy."},
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4",
+        metadata={"help": "4-bit data type: nf4 (NormalFloat, the paper's) or fp4.", "choices": ["nf4", "fp4"]},
+    )
+    use_bnb_nested_quant: bool = field(
+        default=True,
+        metadata={"help": "Double quantization: quantize the quantization constants (4.127 instead of 4.5 bits)."},
+    )
+    bnb_4bit_compute_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the 4-bit matmuls. auto: bfloat16 where the device runs it natively, else float32. "
+            "float16 only when asked (it produced NaNs in the paper's runs).",
+            "choices": list(DTYPE_CHOICES),
+        },
+    )
+    bnb_4bit_quant_storage: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype the packed 4-bit weights are stored in. auto: uint8, or the model dtype under FSDP and "
+            "DeepSpeed ZeRO-3 (which require it).",
+            "choices": list(STORAGE_CHOICES),
+        },
+    )
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float | None = field(
+        default=None,
+        metadata={"help": "LoRA dropout. Default: 0.1, or 0.05 for models above 20B parameters."},
+    )
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={
+            "help": "Module names to adapt, or all-linear: every linear layer of the transformer blocks, not lm_head."
+        },
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full and saved with the adapter (e.g. embed_tokens lm_head)."},
+    )
+    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling (alpha / sqrt(r))."})
+    lora_task_type: str = field(default="CAUSAL_LM", metadata={"help": "PEFT task type of the adapter."})
+
+    def __post_init__(self):
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        if isinstance(self.lora_modules_to_save, str):
+            self.lora_modules_to_save = [self.lora_modules_to_save]
+        for name, allowed in (
+            ("bnb_4bit_quant_type", ("nf4", "fp4")),
+            ("bnb_4bit_compute_dtype", DTYPE_CHOICES),
+            ("bnb_4bit_quant_storage", STORAGE_CHOICES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise QLoRAPluginError(
+                    f"`{name}` must be one of {', '.join(allowed)}; got {getattr(self, name)!r}."
+                )
+        if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 1:
+            raise QLoRAPluginError(f"`lora_r` must be a positive integer (e.g. 64); got {self.lora_r!r}.")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise QLoRAPluginError(f"`lora_alpha` must be a positive number (e.g. 16); got {self.lora_alpha!r}.")
+        if self.lora_dropout is not None and not (0.0 <= float(self.lora_dropout) < 1.0):
+            raise QLoRAPluginError(f"`lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
+        if not self.lora_target_modules or not all(isinstance(m, str) and m for m in self.lora_target_modules):
+            raise QLoRAPluginError(
+                "`lora_target_modules` must name at least one module (or `all-linear`); "
+                f"got {self.lora_target_modules!r}."
+            )
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(StrategyOptions))
+
+
+
+def build_options(strategy_defaults: dict, explicit: dict) -> StrategyOptions:
+    """Options for one run: dataclass defaults, then the strategy's defaults, then what the user set."""
+    unknown = sorted(set(explicit) - set(OPTION_NAMES))
+    if unknown:
+        raise QLoRAPluginError(
+            f"Unknown strategy option(s): {', '.join(unknown)}. Allowed: {', '.join(OPTION_NAMES)}."
+        )
+    values = {**strategy_defaults, **explicit}
+    try:
+        return StrategyOptions(**values)
+    except TypeError as err:  # a value of the wrong type from YAML or Python
+        raise QLoRAPluginError(f"Invalid strategy option: {err}") from None

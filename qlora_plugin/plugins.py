@@ -1,0 +1,108 @@
+"""The plugin manager factory: built-in strategies, installed entry points, and hook files the user names.
+
+Each call builds a fresh manager (no module-level global), so tests and embedders get isolated registries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pluggy
+
+from . import hookspecs
+from .errors import QLoRAPluginError
+from .strategy import Strategy, unknown_strategy_error
+
+ENTRY_POINT_GROUP = "qlora_plugin"
+HOOKS_ENV = "QLORA_PLUGIN_HOOKS"
+LOAD_ENV = "QLORA_PLUGIN_LOAD"  # comma-separated entry-point names to load; empty string: none
+
+
+def get_plugin_manager(hook_files=(), load_entrypoints: bool = True) -> pluggy.PluginManager:
+    """Build a manager: the built-in plugin, then installed entry points, then `hook_files` in order."""
+    from . import builtin
+
+    pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    pm.add_hookspecs(hookspecs)
+    pm.register(builtin, name="qlora_plugin.builtin")
+    if load_entrypoints:
+        _load_entrypoints(pm)
+    for path in hook_files:
+        pm.register(load_hook_file(path), name=f"hook-file:{Path(path).resolve()}")
+    pm.check_pending()
+    return pm
+
+
+def _load_entrypoints(pm: pluggy.PluginManager) -> None:
+    allowed = os.environ.get(LOAD_ENV)
+    if allowed is None:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        return
+    names = {n.strip() for n in allowed.split(",") if n.strip()}
+    for name in sorted(names):
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+
+
+def hook_files_from_env() -> list[str]:
+    """`QLORA_PLUGIN_HOOKS=path.py[:path2.py]` (os.pathsep-separated)."""
+    value = os.environ.get(HOOKS_ENV, "")
+    return [p for p in value.split(os.pathsep) if p.strip()]
+
+
+def load_hook_file(path: str):
+    """Import a hook module from a file the user named. Only such files and entry points are ever executed."""
+    file = Path(path).expanduser()
+    if file.suffix != ".py":
+        raise QLoRAPluginError(f"Hook file {path!r} must be a Python file ending in .py.")
+    if not file.is_file():
+        raise QLoRAPluginError(
+            f"Hook file {path!r} does not exist. Pass an existing .py file via --qlora_hooks, the YAML key "
+            f"`qlora_hooks`, or {HOOKS_ENV}."
+        )
+    resolved = file.resolve()
+    module_name = f"qlora_plugin_hook_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, resolved)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's file: report, do not crash with their traceback
+        raise QLoRAPluginError(
+            f"Hook file {path!r} failed to import: {type(err).__name__}: {err}. Fix the file or remove it from "
+            f"the hooks list."
+        ) from None
+    sys.modules[module_name] = module
+    return module
+
+
+def collect_strategies(pm: pluggy.PluginManager) -> dict[str, Strategy]:
+    """Every strategy registered through `qlora_register_strategies`, by name. Two with one name is an error."""
+    found: dict[str, Strategy] = {}
+
+    for impl in pm.hook.qlora_register_strategies.get_hookimpls():
+
+        def register(strategy: Strategy, _plugin=impl.plugin_name) -> None:
+            if not isinstance(strategy, Strategy):
+                raise QLoRAPluginError(f"Plugin {_plugin} registered {strategy!r}, not a Strategy.")
+            if strategy.name in found:
+                raise QLoRAPluginError(
+                    f"Strategy {strategy.name!r} is registered twice ({found[strategy.name].plugin} and "
+                    f"{_plugin}). Uninstall or rename one."
+                )
+            found[strategy.name] = dataclasses.replace(strategy, plugin=_plugin)
+
+        impl.function(register=register)
+    return found
+
+
+def get_strategy(pm: pluggy.PluginManager, name: str) -> Strategy:
+    strategies = collect_strategies(pm)
+    if name not in strategies:
+        raise unknown_strategy_error(name, list(strategies))
+    return strategies[name]

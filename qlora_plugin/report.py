@@ -1,0 +1,136 @@
+"""What the user sees: one summary when the trainer is ready, and `qlora_plugin_report.json` in `output_dir`
+with the same facts plus measured peak memory and throughput when training ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+from transformers import TrainerCallback
+
+REPORT_FILE = "qlora_plugin_report.json"
+
+
+def four_bit_layers(model) -> list:
+    """bitsandbytes 4-bit layers (not peft's LoRA wrappers around them, which share the class name)."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except Exception:
+        return []
+    return [m for m in model.modules() if isinstance(m, Linear4bit)]
+
+
+def quantized_bits_per_param(model) -> float | None:
+    """Measured storage of the 4-bit layers (packed codes + absmax + nested constants) per original weight."""
+    layers = four_bit_layers(model)
+    if not layers:
+        return None
+    bits = params = 0
+    for layer in layers:
+        state = layer.weight.quant_state
+        bits += layer.weight.numel() * layer.weight.element_size() * 8
+        bits += state.absmax.numel() * state.absmax.element_size() * 8
+        if getattr(state, "state2", None) is not None:
+            bits += state.state2.absmax.numel() * state.state2.absmax.element_size() * 8
+        params += state.shape.numel()
+    return bits / params
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    from .adapters import count_parameters
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, count_parameters(model)
+
+
+def peak_memory() -> dict:
+    """Peak memory so far: the CUDA allocator's on GPU, else the process's peak resident set."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "memory_kind": "cuda_max_allocated"}
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+            "memory_kind": "process_peak_rss"}
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def format_summary(facts: dict) -> str:
+    q, a, o = facts.get("quantization"), facts["adapter"], facts["optimizer"]
+    lines = [f"[qlora-plugin] strategy {facts['strategy']} (from {facts['plugin']}, requested via {facts['source']})"]
+    if q:
+        lines.append(
+            f"  4-bit base : {q['layers_4bit']} linear layers in {q['quant_type']}"
+            f"{' + double quant' if q['double_quant'] else ''} ({q['bits_per_param']:.3f} bits/param), "
+            f"compute {q['compute_dtype']}, storage {q['quant_storage']}"
+        )
+    else:
+        lines.append(f"  base       : 16-bit, not quantized ({facts['model'].get('dtype')})")
+    lines.append(
+        f"  LoRA       : r={a['r']} alpha={a['alpha']} dropout={a['dropout']} on {a['layers']} layers "
+        f"({', '.join(a['target_modules'])}); trainable {a['trainable_params']:,} of {a['total_params']:,} "
+        f"params ({100 * a['trainable_params'] / max(a['total_params'], 1):.2f}%)"
+    )
+    lines.append(f"  optimizer  : {o['name']}" + (f" ({o['class']})" if o.get("class") else ""))
+    if facts["recipe_applied"]:
+        lines.append("  recipe     : " + ", ".join(f"{k}={v}" for k, v in facts["recipe_applied"].items()))
+    if facts["user_kept"]:
+        lines.append("  yours kept : " + ", ".join(facts["user_kept"]))
+    for note in facts["fallbacks"]:
+        lines.append(f"  fell back  : {note}")
+    return "\n".join(lines)
+
+
+class StrategyReportCallback(TrainerCallback):
+    """Prints the summary when the trainer is built and writes the JSON report when training ends."""
+
+    def __init__(self, facts: dict):
+        self.facts = facts
+        self._start = None
+
+    def on_init_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            print(format_summary(self.facts), flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        logs = [entry for entry in state.log_history if "loss" in entry]
+        train = next((e for e in reversed(state.log_history) if "train_runtime" in e), {})
+        runtime = train.get("train_runtime") or (time.perf_counter() - (self._start or time.perf_counter()))
+        tokens = next((e.get("num_tokens") for e in reversed(state.log_history) if "num_tokens" in e), None)
+        measured = {
+            **peak_memory(),
+            "steps": state.global_step,
+            "train_runtime_s": round(runtime, 3),
+            "train_samples_per_second": train.get("train_samples_per_second"),
+            "train_tokens_per_second": round(tokens / runtime, 2) if tokens and runtime else None,
+            "first_loss": logs[0]["loss"] if logs else None,
+            "final_loss": logs[-1]["loss"] if logs else None,
+        }
+        self.facts["measured"] = measured
+        path = os.path.join(args.output_dir, REPORT_FILE)
+        write_json_atomic(path, self.facts)
+        print(f"[qlora-plugin] report written to {path}", flush=True)

@@ -1,0 +1,20 @@
+"""What the user asked for: a strategy name, the options they set, and which training arguments they set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StrategyRequest:
+    """One activation. `options` holds only what the user set explicitly (strategy defaults fill the rest).
+
+    `explicit_training_args` names `SFTConfig`/`ModelConfig` fields the user set on the command line or in YAML;
+    the recipe never overrides those. `source` says where the strategy came from (cli, yaml, env, api).
+    """
+
+    strategy: str
+    options: dict = field(default_factory=dict)
+    explicit_training_args: frozenset = frozenset()
+    hook_files: tuple = ()
+    source: str = "api"

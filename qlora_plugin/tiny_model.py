@@ -1,0 +1,77 @@
+"""Build a small, randomly initialised causal LM and its BPE tokenizer, offline, for demos and tests.
+
+Real users pass real models; this exists so the demo, the tests and a machine without Hub access can exercise
+the real loading path (`from_pretrained` on a folder of safetensors) in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+ARCHITECTURES = ("llama", "gpt2", "phi3")
+
+
+def _corpus(data_files) -> list[str]:
+    texts = []
+    for path in data_files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                texts.append(" ".join(str(row[k]) for k in ("prompt", "completion", "text") if k in row))
+    return texts
+
+
+def build_tokenizer(texts, vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on `texts` in about a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def model_config(arch: str, vocab_size: int, hidden_size: int = 128, layers: int = 2, intermediate_size=None,
+                 heads: int = 4, tokenizer=None):
+    from transformers import GPT2Config, LlamaConfig, Phi3Config
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}; got {arch!r}")
+    intermediate_size = intermediate_size or 2 * hidden_size
+    special = {}
+    if tokenizer is not None:
+        special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=layers, n_head=heads,
+                          n_inner=intermediate_size, n_positions=256, **special)
+    cls = LlamaConfig if arch == "llama" else Phi3Config
+    return cls(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+               num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=intermediate_size,
+               max_position_embeddings=256, tie_word_embeddings=False, **special)
+
+
+def build_tiny_model(out_dir: str, arch: str = "llama", data_files=(), hidden_size: int = 128, layers: int = 2,
+                     intermediate_size=None, heads: int = 4, vocab_size: int = 512, seed: int = 0) -> str:
+    """Write a model folder (config.json, model.safetensors, tokenizer) to `out_dir` and return it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    texts = _corpus(data_files) if data_files else ["hello world"] * 10
+    tokenizer = build_tokenizer(texts, vocab_size)
+    config = model_config(arch, len(tokenizer), hidden_size, layers, intermediate_size, heads, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

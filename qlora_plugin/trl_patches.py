@@ -1,0 +1,61 @@
+"""The two places TRL is patched, only while a strategy is active (see `activation`).
+
+- `SFTTrainer.__init__`: its arguments go through `trainer.prepare_trainer_kwargs` first.
+- `TrlParser.set_defaults_with_config`: the plugin's YAML keys are taken out, so TRL neither drops them silently
+  nor hands them to `accelerate launch` as unknown flags.
+Both patches pass straight through when no strategy is active.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+
+def patch_sft_trainer(module) -> None:
+    cls = module.SFTTrainer
+    original = cls.__init__
+    if getattr(original, "_qlora_plugin", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        from .activation import active_request
+        from .trainer import prepare_trainer_kwargs
+
+        request = active_request()
+        bound = signature.bind(self, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        if request is None or _already_applied(arguments):
+            return original(self, *args, **kwargs)
+        return original(self, **prepare_trainer_kwargs(request, arguments))
+
+    __init__._qlora_plugin = True
+    cls.__init__ = __init__
+
+
+def _already_applied(arguments) -> bool:
+    """True when the Python API already applied a strategy to these arguments."""
+    from .report import StrategyReportCallback
+
+    return any(isinstance(cb, StrategyReportCallback) for cb in arguments.get("callbacks") or [])
+
+
+def patch_trl_parser(module) -> None:
+    cls = module.TrlParser
+    original = cls.set_defaults_with_config
+    if getattr(original, "_qlora_plugin", False):
+        return
+
+    @functools.wraps(original)
+    def set_defaults_with_config(self, **kwargs):
+        from .activation import OWN_KEYS, active_request
+
+        if active_request() is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k not in OWN_KEYS}
+        return original(self, **kwargs)
+
+    set_defaults_with_config._qlora_plugin = True
+    cls.set_defaults_with_config = set_defaults_with_config
