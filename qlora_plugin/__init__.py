@@ -9,6 +9,7 @@ _LAZY = {
     "apply_strategy": ".api",
     "make_trainer": ".api",
     "get_plugin_manager": ".plugins",
+    "make_cpu_inference_safe": ".cpu_compat",
     "hookimpl": ".hookspecs",
     "Strategy": ".strategy",
     "StrategyOptions": ".options",

@@ -77,7 +77,7 @@ def _on_trl_import(module):
 
 def install():
     """Entry point of the .pth file. Idempotent."""
-    if disabled() or getattr(sys, "_qlora_plugin_own_cli", False):
+    if disabled():
         return
     w = watcher()
     if "trl" not in w.callbacks and "trl" not in sys.modules:

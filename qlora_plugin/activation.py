@@ -199,6 +199,8 @@ def deactivate() -> None:
 
 def activate_from_process() -> None:
     """Called when `trl` is first imported. User errors end the script with a message and status 2."""
+    if getattr(sys, "_qlora_plugin_own_cli", False):
+        return  # `qlora-plugin ...` has flags of its own
     try:
         request, argv = request_from_process(sys.argv[1:], os.environ)
         if request is None:

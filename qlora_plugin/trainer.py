@@ -72,7 +72,7 @@ def _adapter_facts(model, options) -> dict:
 
     trainable, total = trainable_parameters(model)
     config = model.peft_config[model.active_adapter] if hasattr(model, "peft_config") else None
-    targets = sorted(config.target_modules) if config is not None and config.target_modules else []
+    targets = sorted({name.rsplit(".", 1)[-1] for name in (config.target_modules or [])}) if config else []
     layers = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
     return {
         "r": getattr(config, "r", None),
