@@ -21,6 +21,7 @@ from .request import StrategyRequest
 STRATEGY_ENV = "QLORA_PLUGIN_STRATEGY"
 OPTIONS_ENV = "QLORA_PLUGIN_OPTIONS"  # JSON, set for child processes
 EXPLICIT_ENV = "QLORA_PLUGIN_EXPLICIT_ARGS"  # JSON list, set for child processes
+SOURCE_ENV = "QLORA_PLUGIN_SOURCE"  # where the parent process found the strategy
 HOOKS_KEY = "qlora_hooks"
 # TRL ModelConfig flags a strategy answers for: `use_peft` is implied, `load_in_8bit` contradicts every strategy.
 TRL_ANSWERED_FLAGS = ("use_peft", "load_in_8bit")
@@ -103,7 +104,8 @@ def request_from_process(argv: list[str], environ) -> tuple[StrategyRequest | No
     if not isinstance(strategy, str):
         raise QLoRAPluginError(f"`strategy` must be a name such as qlora; got {strategy!r}.")
     flags, rest = parse_own_flags(argv)
-    source = "cli" if cli_strategy else "yaml" if config.get("strategy") or config_env.get(STRATEGY_ENV) else "env"
+    source = "cli" if cli_strategy else "yaml" if config.get("strategy") or config_env.get(STRATEGY_ENV) else None
+    source = source or environ.get(SOURCE_ENV, "env")
 
     options = _options_from_env(environ)
     options.update({k: v for k, v in config.items() if k in OPTION_NAMES})
@@ -174,6 +176,7 @@ def publish(request: StrategyRequest) -> None:
     os.environ[STRATEGY_ENV] = request.strategy
     os.environ[OPTIONS_ENV] = json.dumps(request.options)
     os.environ[EXPLICIT_ENV] = json.dumps(sorted(request.explicit_training_args))
+    os.environ[SOURCE_ENV] = request.source
     if request.hook_files:
         from .plugins import HOOKS_ENV
 

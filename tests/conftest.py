@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny local models of three architectures (built once per session, offline), a clean
+plugin environment per test, and a helper to run scripts the way a user does (a fresh Python process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "examples" / "data" / "skills"
+PLUGIN_ENV = ("QLORA_PLUGIN_STRATEGY", "QLORA_PLUGIN_OPTIONS", "QLORA_PLUGIN_EXPLICIT_ARGS", "QLORA_PLUGIN_SOURCE",
+              "QLORA_PLUGIN_HOOKS", "QLORA_PLUGIN_DISABLE", "QLORA_PLUGIN_LOAD")
+
+# Widths chosen so bitsandbytes' CPU repacking (out % 32, in % 64) would fail on them: see test_cpu_compat.
+ARCHS = {
+    "llama": dict(arch="llama", hidden_size=64, layers=2, intermediate_size=128),
+    "gpt2": dict(arch="gpt2", hidden_size=64, layers=2, intermediate_size=128),
+    "phi3": dict(arch="phi3", hidden_size=64, layers=2, intermediate_size=128),
+    "llama_odd": dict(arch="llama", hidden_size=72, layers=2, intermediate_size=100, heads=4),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    from qlora_plugin.tiny_model import build_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        name: build_tiny_model(str(root / name), data_files=[str(DATA / "train.jsonl")], **spec)
+        for name, spec in ARCHS.items()
+    }
+
+
+@pytest.fixture(autouse=True)
+def clean_plugin_state(monkeypatch):
+    """No strategy leaks between tests: environment cleared, activation reset, no installed plugins loaded."""
+    for name in PLUGIN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("QLORA_PLUGIN_LOAD", "")
+    from qlora_plugin import activation
+
+    activation.deactivate()
+    yield
+    activation.deactivate()
+
+
+def _env(env_extra):
+    env = {k: v for k, v in os.environ.items() if k not in PLUGIN_ENV}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1", "QLORA_PLUGIN_LOAD": ""})
+    env.update(env_extra or {})
+    return env
+
+
+def run_python(args, cwd, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run `python ARGS` as a user would: a fresh process with the plugin installed, plugin variables cleared."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(env_extra), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_command(argv, cwd, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run a console script installed beside this Python (`trl`, `qlora-plugin`)."""
+    exe = str(Path(sys.executable).parent / argv[0])
+    return subprocess.run([exe, *argv[1:]], cwd=cwd, env=_env(env_extra), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+TRAIN_FLAGS = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu",
+               "--logging_steps", "1", "--save_strategy", "no", "--max_length", "64"]
+
+
+@pytest.fixture
+def dataset_dir() -> str:
+    return str(DATA)
