@@ -100,6 +100,17 @@ def format_summary(facts: dict) -> str:
     return "\n".join(lines)
 
 
+def cast_trainable(model, dtype_name: str) -> None:
+    """Keep the adapter in the compute dtype. TRL casts a quantized model's trainable parameters to bf16 even
+    where the 4-bit matmuls run in fp32 (CPUs without native bf16, where bf16 matmuls are many times slower)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype != dtype and "lora_magnitude_vector" not in name:
+            param.data = param.data.to(dtype)
+
+
 class StrategyReportCallback(TrainerCallback):
     """Prints the summary when the trainer is built and writes the JSON report when training ends."""
 
@@ -107,7 +118,10 @@ class StrategyReportCallback(TrainerCallback):
         self.facts = facts
         self._start = None
 
-    def on_init_end(self, args, state, control, **kwargs):
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        adapter_dtype = self.facts["adapter"].get("dtype")
+        if model is not None and adapter_dtype:
+            cast_trainable(model, adapter_dtype)
         if state.is_world_process_zero:
             print(format_summary(self.facts), flush=True)
 

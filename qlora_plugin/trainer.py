@@ -67,7 +67,7 @@ def _quantization_facts(model, options, runtime) -> dict | None:
     }
 
 
-def _adapter_facts(model, options) -> dict:
+def _adapter_facts(model, options, quantization) -> dict:
     from .report import trainable_parameters
 
     trainable, total = trainable_parameters(model)
@@ -79,6 +79,7 @@ def _adapter_facts(model, options) -> dict:
         "alpha": getattr(config, "lora_alpha", None),
         "dropout": getattr(config, "lora_dropout", None),
         "use_dora": getattr(config, "use_dora", False),
+        "dtype": quantization["compute_dtype"] if quantization else str(model.dtype).replace("torch.", ""),
         "target_modules": targets,
         "layers": layers,
         "trainable_params": trainable,
@@ -157,6 +158,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     if runtime.device_type == "cpu" and optim_name(args).startswith("paged"):
         fallbacks.append(CPU_PAGING_NOTE)
 
+    quantization = _quantization_facts(model, options, runtime)
     facts = {
         "strategy": strategy.name,
         "plugin": strategy.plugin,
@@ -165,8 +167,8 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
                   "dtype": str(model.dtype).replace("torch.", "")},
         "runtime": {"device": runtime.device_type, "bf16_native": runtime.bf16_native, "engine": runtime.engine,
                     "processes": runtime.num_processes},
-        "quantization": _quantization_facts(model, options, runtime),
-        "adapter": _adapter_facts(model, options),
+        "quantization": quantization,
+        "adapter": _adapter_facts(model, options, quantization),
         "optimizer": {"name": optim_name(args), "class": optimizer_class},
         "recipe_applied": applied,
         "user_kept": kept,
