@@ -1,0 +1,114 @@
+"""The loading and after-load hooks on three architectures, and CPU evaluation/generation at any width."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_plugin.options import StrategyOptions
+from qlora_plugin.runtime import Runtime
+
+CPU = Runtime("cpu", bf16_native=False, engine="none")
+EXPECTED_LINEARS = {
+    "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "gpt2": {"c_attn", "c_proj", "c_fc"},  # Conv1D
+    "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},  # fused projections
+}
+
+
+def load_and_wrap(path, options=None, runtime=CPU):
+    from trl.trainer.utils import create_model_from_path
+
+    from qlora_plugin.adapters import wrap_with_lora
+    from qlora_plugin.quantization import model_init_kwargs
+
+    options = options or StrategyOptions()
+    model = create_model_from_path(path, **model_init_kwargs(options, {}, runtime))
+    return wrap_with_lora(model, options, runtime)
+
+
+@pytest.mark.parametrize("arch", sorted(EXPECTED_LINEARS))
+def test_every_block_linear_is_4bit_and_adapted(arch, tiny_models):
+    from qlora_plugin.report import four_bit_layers, quantized_bits_per_param
+
+    model = load_and_wrap(tiny_models[arch])
+    block_linears = {name.split(".")[-2] for name, m in model.named_modules()
+                     if m in four_bit_layers(model)}
+    assert block_linears == EXPECTED_LINEARS[arch]
+    lm_head = model.get_output_embeddings()
+    assert isinstance(lm_head, torch.nn.Linear) and lm_head.weight.dtype.is_floating_point  # not quantized
+    adapted = {name.split(".")[-2] for name, _ in model.named_modules() if name.endswith(".lora_A")}
+    assert adapted == EXPECTED_LINEARS[arch]
+    assert abs(quantized_bits_per_param(model) - 4.127) < 0.01  # NF4 + double quant
+
+
+def test_no_double_quant_costs_half_a_bit_more(tiny_models):
+    from qlora_plugin.report import quantized_bits_per_param
+
+    model = load_and_wrap(tiny_models["llama"], StrategyOptions(use_bnb_nested_quant=False))
+    assert abs(quantized_bits_per_param(model) - 4.5) < 0.01
+
+
+def test_compute_dtype_follows_the_device(tiny_models):
+    from qlora_plugin.quantization import compute_dtype
+
+    assert compute_dtype(StrategyOptions(), Runtime("cuda", True, "none")) == torch.bfloat16
+    assert compute_dtype(StrategyOptions(), Runtime("cpu", False, "none")) == torch.float32
+    assert compute_dtype(StrategyOptions(bnb_4bit_compute_dtype="float16"), CPU) == torch.float16
+    assert compute_dtype(StrategyOptions(), CPU, "float16") == torch.float16  # --dtype float16: asked for
+
+
+def test_quant_storage_follows_the_engine():
+    from qlora_plugin.quantization import quant_storage
+
+    assert quant_storage(StrategyOptions(), CPU, torch.bfloat16) == torch.uint8
+    for engine in ("fsdp", "deepspeed_zero3"):
+        assert quant_storage(StrategyOptions(), Runtime("cuda", True, engine), torch.bfloat16) == torch.bfloat16
+
+
+def test_ddp_loads_one_copy_per_rank():
+    from qlora_plugin.quantization import model_init_kwargs
+
+    kwargs = model_init_kwargs(StrategyOptions(), {}, Runtime("cuda", True, "ddp", process_index=3, num_processes=4))
+    assert kwargs["device_map"] == {"": 3}
+
+
+def test_big_models_get_the_papers_big_model_recipe():
+    from qlora_plugin.adapters import lora_dropout
+    from qlora_plugin.recipe import training_defaults
+
+    assert lora_dropout(StrategyOptions(), 7e9) == 0.1 and lora_dropout(StrategyOptions(), 33e9) == 0.05
+    assert training_defaults(7e9, CPU)["learning_rate"] == 2e-4
+    assert training_defaults(65e9, CPU)["learning_rate"] == 1e-4
+
+
+def _force_repacking(model):
+    """Make bitsandbytes take its AVX512-BF16 repacking path, as it does on CPUs that have that instruction."""
+    from qlora_plugin.report import four_bit_layers
+
+    for layer in four_bit_layers(model):
+        layer.support_avx512bf16_for_cpu = True
+
+
+def test_cpu_repacking_breaks_odd_widths_without_the_guard(tiny_models):
+    """The bitsandbytes limitation the guard exists for: eval at widths that are not multiples of 32/64."""
+    model = load_and_wrap(tiny_models["llama_odd"]).eval()
+    _force_repacking(model)
+    with pytest.raises((AssertionError, RuntimeError)), torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_guard_keeps_eval_and_generation_working_at_odd_widths(tiny_models):
+    from qlora_plugin import make_cpu_inference_safe
+
+    model = load_and_wrap(tiny_models["llama_odd"])
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        reference = model.eval()(input_ids=ids).logits
+    _force_repacking(model)
+    make_cpu_inference_safe(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference)
+        one = model(input_ids=ids[:, :1]).logits  # a single token takes bitsandbytes' gemv path
+        assert torch.allclose(one, reference[:, :1], atol=1e-4)
+    assert model.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape == (1, 7)
