@@ -26,6 +26,13 @@ def _strategies(args) -> int:
     return 0
 
 
+def _options(args) -> int:
+    from .options import options_reference_markdown
+
+    print(options_reference_markdown(), end="")
+    return 0
+
+
 def _tiny_model(args) -> int:
     from .tiny_model import build_tiny_model
 
@@ -40,6 +47,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("strategies", help="List installed strategies and their options.")
     p.add_argument("--hooks", nargs="*", help="Hook files to load as well.")
     p.set_defaults(func=_strategies)
+    p = sub.add_parser("options", help="Print the strategy options reference (Markdown).")
+    p.set_defaults(func=_options)
     p = sub.add_parser("tiny-model", help="Build a small random model + tokenizer offline (demos, tests).")
     p.add_argument("out")
     p.add_argument("--arch", default="llama", choices=["llama", "gpt2", "phi3"])

@@ -112,3 +112,14 @@ def build_options(strategy_defaults: dict, explicit: dict) -> StrategyOptions:
         return StrategyOptions(**values)
     except TypeError as err:  # a value of the wrong type from YAML or Python
         raise QLoRAPluginError(f"Invalid strategy option: {err}") from None
+
+
+def options_reference_markdown() -> str:
+    """The options table in docs/options.md, generated from the dataclass (a test keeps the docs in step)."""
+    rows = ["| option (flag / YAML key) | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(StrategyOptions):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        meaning = f.metadata["help"] + (f" Choices: {', '.join(choices)}." if choices else "")
+        rows.append(f"| `{f.name}` | `{default}` | {meaning} |")
+    return "\n".join(rows) + "\n"

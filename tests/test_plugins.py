@@ -149,3 +149,35 @@ def test_installed_entry_point_adds_a_strategy(tiny_models, dataset_dir, tmp_pat
     assert facts["strategy"] == "wide" and facts["plugin"] == "wide"
     assert facts["adapter"]["r"] == 4 and facts["adapter"]["target_modules"] == ["q_proj", "v_proj"]
     assert facts["quantization"]["layers_4bit"] == 14
+
+
+def test_plugin_answers_the_optimizer_and_loading_hooks(tiny_models, tmp_path):
+    """A plugin's qlora_create_optimizer and qlora_model_init_kwargs answers replace the built-in ones."""
+    import torch
+    from datasets import load_dataset
+    from trl import SFTConfig
+
+    from qlora_plugin import make_trainer
+
+    class SGDPlugin:
+        @hookimpl
+        def qlora_create_optimizer(self, training_args):
+            return torch.optim.SGD, {"lr": training_args.learning_rate, "momentum": 0.9}
+
+        @hookimpl
+        def qlora_model_init_kwargs(self, options, init_kwargs, runtime):
+            from qlora_plugin.quantization import model_init_kwargs
+
+            return {**model_init_kwargs(options, init_kwargs, runtime), "attn_implementation": "eager"}
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(SGDPlugin())
+    trainer = make_trainer("qlora", plugin_manager=pm, model=tiny_models["llama"],
+                           train_dataset=load_dataset(str(REPO / "examples" / "data" / "skills"))["train"],
+                           args=SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True,
+                                          save_strategy="no", max_length=64))
+    trainer.create_optimizer()
+    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
+                      torch.optim.SGD)
+    assert trainer.model.config._attn_implementation == "eager"
+    assert getattr(trainer.model, "is_loaded_in_4bit", False)
