@@ -66,12 +66,7 @@ def model_init_kwargs(options: StrategyOptions, init_kwargs: dict, runtime: Runt
         kwargs["dtype"] = compute_dtype(options, runtime, None)
     else:
         kwargs["dtype"] = _dtype(asked)
-    if options.load_in_4bit:
-        if "quantization_config" in kwargs:
-            raise QLoRAPluginError(
-                "`model_init_kwargs` already holds a `quantization_config`; the qlora strategy builds its own. "
-                "Remove it, or set the strategy's bnb_4bit_* options instead."
-            )
+    if options.load_in_4bit and "quantization_config" not in kwargs:  # a config the user passed wins
         kwargs["quantization_config"] = bnb_config(options, runtime, kwargs["dtype"])
     if runtime.engine == "ddp" and runtime.device_type != "cpu":
         kwargs["device_map"] = {"": runtime.process_index}  # one full copy per rank, never "auto"

@@ -49,7 +49,7 @@ def _load_model(pm, strategy, options, model_id, args, runtime, explicit):
         ) from None
 
 
-def _quantization_facts(model, options, runtime) -> dict | None:
+def _quantization_facts(model) -> dict | None:
     from .report import four_bit_layers, quantized_bits_per_param
 
     layers = four_bit_layers(model)
@@ -67,7 +67,7 @@ def _quantization_facts(model, options, runtime) -> dict | None:
     }
 
 
-def _adapter_facts(model, options, quantization) -> dict:
+def _adapter_facts(model, quantization) -> dict:
     from .report import trainable_parameters
 
     trainable, total = trainable_parameters(model)
@@ -121,7 +121,6 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         if user_quant is not None:
             logger.warning("Using the quantization_config you passed instead of strategy %s's.", strategy.name)
             args.model_init_kwargs = {**(args.model_init_kwargs or {}), "quantization_config": user_quant}
-            options = build_options(dict(strategy.option_defaults), {**request.options, "load_in_4bit": False})
         model = _load_model(pm, strategy, options, model, args, runtime, explicit)
         args.model_init_kwargs = None  # consumed here; TRL must not warn that they are ignored
     elif options.load_in_4bit and not getattr(model, "is_loaded_in_4bit", False):
@@ -158,7 +157,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     if runtime.device_type == "cpu" and optim_name(args).startswith("paged"):
         fallbacks.append(CPU_PAGING_NOTE)
 
-    quantization = _quantization_facts(model, options, runtime)
+    quantization = _quantization_facts(model)
     facts = {
         "strategy": strategy.name,
         "plugin": strategy.plugin,
@@ -168,7 +167,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         "runtime": {"device": runtime.device_type, "bf16_native": runtime.bf16_native, "engine": runtime.engine,
                     "processes": runtime.num_processes},
         "quantization": quantization,
-        "adapter": _adapter_facts(model, options, quantization),
+        "adapter": _adapter_facts(model, quantization),
         "optimizer": {"name": optim_name(args), "class": optimizer_class},
         "recipe_applied": applied,
         "user_kept": kept,

@@ -117,3 +117,14 @@ def test_already_loaded_16bit_model_is_refused(tiny_models, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     with pytest.raises(QLoRAPluginError, match="Pass the model's name or folder"):
         apply_strategy({"model": model, "args": sft_config(tmp_path), "train_dataset": train_split()}, "qlora")
+
+
+def test_user_quantization_config_wins(tiny_models, tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    from qlora_plugin import make_trainer
+
+    trainer = make_trainer("qlora", model=tiny_models["llama"], args=sft_config(tmp_path), train_dataset=train_split(),
+                           quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4"))
+    layer = trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert layer.weight.quant_state.quant_type == "fp4"
