@@ -31,12 +31,13 @@ def test_each_manager_is_fresh():
             register(Strategy("extra", "test", {}))
 
     first = get_plugin_manager(load_entrypoints=False)
-    first.register(Extra())
+    extra = Extra()
+    first.register(extra)
     try:
         assert "extra" in collect_strategies(first)
         assert "extra" not in collect_strategies(get_plugin_manager(load_entrypoints=False))
     finally:
-        first.unregister(name=first.get_name(next(p for p in first.get_plugins() if isinstance(p, Extra))))
+        first.unregister(extra)
 
 
 def test_a_plugin_overrides_a_builtin_hook():
