@@ -83,6 +83,8 @@ def format_summary(facts: dict) -> str:
             f"{' + double quant' if q['double_quant'] else ''} ({q['bits_per_param']:.3f} bits/param), "
             f"compute {q['compute_dtype']}, storage {q['quant_storage']}"
         )
+        if q.get("cached_base"):
+            lines.append(f"  cached     : 4-bit base loaded from {q['cached_base']}")
     else:
         lines.append(f"  base       : 16-bit, not quantized ({facts['model'].get('dtype')})")
     lines.append(

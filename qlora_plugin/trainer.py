@@ -33,6 +33,7 @@ def _init_kwargs(args, explicit) -> dict:
 
 
 def _load_model(pm, strategy, options, model_id, args, runtime, explicit):
+    """The model and, when the 4-bit base came from the quantized-base cache, the cache folder."""
     from trl.trainer.utils import create_model_from_path
 
     kwargs = pm.hook.qlora_model_init_kwargs(
@@ -40,8 +41,18 @@ def _load_model(pm, strategy, options, model_id, args, runtime, explicit):
         runtime=runtime,
     )
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)  # the user's choice, never turned on by us
+    source = None
+    if options.quantized_cache and not runtime.shards_parameters:
+        from .quantized_cache import cached_base
+
+        source = cached_base(model_id, kwargs)
     try:
-        return create_model_from_path(model_id, **kwargs)
+        if source is None:
+            return create_model_from_path(model_id, **kwargs), None
+        kwargs.pop("quantization_config", None)  # the cached copy's config.json carries it
+        model = create_model_from_path(source, **kwargs)
+        model.config._name_or_path = model.name_or_path = model_id  # what the adapter records as its base
+        return model, source
     except OSError as err:
         raise QLoRAPluginError(
             f"Could not load the model {model_id!r}: {err}. Pass a local folder with config.json and weights, "
@@ -109,6 +120,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     args = kwargs.get("args") or _default_args(model)
     runtime = detect_runtime()
     fallbacks: list[str] = []
+    cached_from = None
 
     user_quant = kwargs.pop("quantization_config", None)
     user_peft = kwargs.pop("peft_config", None)
@@ -121,7 +133,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         if user_quant is not None:
             logger.warning("Using the quantization_config you passed instead of strategy %s's.", strategy.name)
             args.model_init_kwargs = {**(args.model_init_kwargs or {}), "quantization_config": user_quant}
-        model = _load_model(pm, strategy, options, model, args, runtime, explicit)
+        model, cached_from = _load_model(pm, strategy, options, model, args, runtime, explicit)
         args.model_init_kwargs = None  # consumed here; TRL must not warn that they are ignored
     elif options.load_in_4bit and not getattr(model, "is_loaded_in_4bit", False):
         raise QLoRAPluginError(
@@ -158,6 +170,8 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         fallbacks.append(CPU_PAGING_NOTE)
 
     quantization = _quantization_facts(model)
+    if quantization:
+        quantization["cached_base"] = cached_from
     facts = {
         "strategy": strategy.name,
         "plugin": strategy.plugin,

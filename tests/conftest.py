@@ -35,6 +35,14 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quantized_cache_dir(tmp_path_factory) -> str:
+    """The quantized-base cache of the whole run (inherited by every subprocess), never the user's own."""
+    path = str(tmp_path_factory.mktemp("quantized-cache"))
+    os.environ["QLORA_PLUGIN_CACHE_DIR"] = path
+    return path
+
+
 @pytest.fixture(autouse=True)
 def clean_plugin_state(monkeypatch):
     """No strategy leaks between tests: environment cleared, activation reset, no installed plugins loaded."""

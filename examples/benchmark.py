@@ -1,0 +1,257 @@
+"""Side-by-side benchmark: `--strategy qlora` against TRL's own QLoRA and 16-bit LoRA, through TRL's unmodified
+SFT script, on models built locally from a config (no Hub).
+
+    python examples/benchmark.py                       # small + ~1B model, 3 rounds; writes docs/benchmarks.md
+    python examples/benchmark.py --sizes small --rounds 2 --steps 4 --no-write   # a quick look
+
+Four configurations, run alternately in every round so that drift on the machine hits all of them alike:
+
+  (a) qlora       --strategy qlora
+  (b) trl-recipe  TRL's flags wired by hand to the same recipe (NF4, double quant, all-linear r=64 alpha=16,
+                  dropout 0.1, paged AdamW 32-bit, lr 2e-4, constant schedule + 3% warmup, max_grad_norm 0.3,
+                  gradient checkpointing, the compute dtype the strategy picks on this machine)
+  (c) trl-default TRL's own QLoRA switch and nothing else: --load_in_4bit --use_peft
+  (d) lora        --strategy lora (16-bit base + LoRA, same recipe)
+
+Each run is a fresh process. Measured from outside, the same way for all four: time from process start to the
+end of the first optimizer step (first loss log line), median step time (gaps between successive loss logs,
+first step excluded), peak resident memory (VmHWM: anonymous + file-backed pages, e.g. memory-mapped
+safetensors), peak anonymous memory (RssAnon, sampled every 20 ms), final loss. The 4-bit weight footprint is
+`get_memory_footprint()` of the quantized linear layers, loaded once per quantization setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+OUT = HERE / "output" / "bench"
+DATA = HERE / "data" / "skills"
+
+SIZES = {
+    # TinyLlama-1.1B's shape: 22 layers, hidden 2048, GQA 32/4 heads, vocab 32000; stored in bf16 as on the Hub.
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=32000),
+}
+
+RECIPE_BY_HAND = [
+    "--load_in_4bit", "--use_peft", "--bnb_4bit_quant_type", "nf4", "--use_bnb_nested_quant",
+    "--lora_target_modules", "all-linear", "--lora_r", "64", "--lora_alpha", "16", "--lora_dropout", "0.1",
+    "--optim", "paged_adamw_32bit", "--learning_rate", "2e-4", "--lr_scheduler_type", "constant_with_warmup",
+    "--warmup_steps", "0.03", "--max_grad_norm", "0.3", "--gradient_checkpointing",
+]
+CONFIGS = {
+    "qlora": ["--strategy", "qlora"],
+    "trl-recipe": RECIPE_BY_HAND,
+    "trl-default": ["--load_in_4bit", "--use_peft"],
+    "lora": ["--strategy", "lora"],
+}
+PAIRS = [("qlora", "trl-recipe"), ("qlora", "lora"), ("qlora", "trl-default")]
+
+
+def build_model(size: str) -> Path:
+    """A randomly initialised Llama of the given shape, saved in bf16 shards with a BPE tokenizer (once)."""
+    path = OUT / f"llama-{size}"
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qlora_plugin.tiny_model import _corpus, build_tokenizer
+
+    tokenizer = build_tokenizer(_corpus([str(DATA / "train.jsonl")]), 512)
+    config = LlamaConfig(**SIZES[size], max_position_embeddings=2048, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp, max_shard_size="1GB")
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)
+    print(f"built {path} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters)", flush=True)
+    return path
+
+
+def _proc_kib(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class MemorySampler(threading.Thread):
+    """Polls /proc/PID/status: the kernel's resident high-water mark and the largest anonymous RSS seen."""
+
+    def __init__(self, pid: int, interval: float = 0.02):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak_rss_kib = self.peak_anon_kib = 0
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.is_set():
+            self.peak_rss_kib = max(self.peak_rss_kib, _proc_kib(self.pid, "VmHWM"))
+            self.peak_anon_kib = max(self.peak_anon_kib, _proc_kib(self.pid, "RssAnon"))
+            time.sleep(self.interval)
+
+
+LOSS = re.compile(r"'loss': '?([0-9.eE+-]+)")
+
+
+def run_once(config: str, model: Path, steps: int, seq_len: int, batch: int, cache_dir: Path) -> dict:
+    out_dir = OUT / "runs" / f"{model.name}-{config}"
+    command = [
+        sys.executable, "-m", "trl.scripts.sft", "--model_name_or_path", str(model), "--dataset_name", str(DATA),
+        *CONFIGS[config],
+        "--max_steps", str(steps), "--per_device_train_batch_size", str(batch), "--max_length", str(seq_len),
+        "--packing", "--packing_strategy", "wrapped", "--logging_steps", "1", "--save_strategy", "no",
+        "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--seed", "0", "--output_dir", str(out_dir),
+    ]
+    if config.startswith("trl-") and not _bf16_native():
+        command += ["--dtype", "float32", "--bf16", "false"]  # what the strategy picks here; TRL would emulate bf16
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONUNBUFFERED": "1", "QLORA_PLUGIN_CACHE_DIR": str(cache_dir)}
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = MemorySampler(proc.pid)
+    sampler.start()
+    stamps, losses, tail = [], [], []
+    for line in proc.stdout:
+        tail = (tail + [line])[-40:]
+        match = LOSS.search(line)
+        if match:
+            stamps.append(time.perf_counter() - start)
+            losses.append(float(match.group(1)))
+    code = proc.wait()
+    sampler.stopped.set()
+    sampler.join()
+    if code != 0 or not stamps:
+        raise RuntimeError(f"{config} on {model.name} failed (exit {code}):\n{''.join(tail)}")
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {
+        "first_step_s": stamps[0],
+        "step_s": statistics.median(gaps) if gaps else None,
+        "peak_rss_mib": sampler.peak_rss_kib / 1024,
+        "peak_anon_mib": sampler.peak_anon_kib / 1024,
+        "final_loss": losses[-1],
+    }
+
+
+def _bf16_native() -> bool:
+    from qlora_plugin.runtime import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
+def four_bit_footprint_mib(model: Path, double_quant: bool) -> float:
+    """Bytes of the 4-bit linear layers as loaded (packed codes + constants), via transformers' own accounting."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora_plugin.report import four_bit_layers
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(model, quantization_config=config, dtype=torch.float32)
+    quantized = sum(layer.weight.numel() * layer.weight.element_size() for layer in four_bit_layers(loaded))
+    constants = 0
+    for layer in four_bit_layers(loaded):
+        state = layer.weight.quant_state
+        constants += state.absmax.numel() * state.absmax.element_size()
+        if state.state2 is not None:
+            constants += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return (quantized + constants) / 2**20
+
+
+def summarise(results: dict) -> dict:
+    """Median and spread (min..max) of every metric, per configuration."""
+    summary = {}
+    for config, runs in results.items():
+        summary[config] = {}
+        for key in runs[0]:
+            values = [r[key] for r in runs if r[key] is not None]
+            summary[config][key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return summary
+
+
+def ratios(results: dict) -> dict:
+    """Pairwise ratios, round by round (run i of a over run i of b), then the median over rounds."""
+    table = {}
+    for a, b in PAIRS:
+        if a not in results or b not in results:
+            continue
+        table[f"{a}/{b}"] = {}
+        for key in ("first_step_s", "step_s", "peak_rss_mib", "peak_anon_mib"):
+            per_round = [ra[key] / rb[key] for ra, rb in zip(results[a], results[b]) if ra[key] and rb[key]]
+            later = per_round[1:] if key == "first_step_s" and len(per_round) > 1 else per_round
+            table[f"{a}/{b}"][key] = statistics.median(later)
+    return table
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, bf16 native: {_bf16_native()}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["small", "1b"], choices=list(SIZES))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="Print the figures; leave docs/ alone.")
+    args = parser.parse_args(argv)
+
+    everything = {"machine": machine(), "command": "python examples/benchmark.py " + " ".join(argv or sys.argv[1:]),
+                  "settings": vars(args), "sizes": {}}
+    for size in args.sizes:
+        model = build_model(size)
+        cache_dir = OUT / "quantized-cache"
+        results = {config: [] for config in args.configs}
+        for round_index in range(args.rounds):
+            for config in args.configs:
+                result = run_once(config, model, args.steps, args.seq_len, args.batch, cache_dir)
+                results[config].append(result)
+                print(f"[{size} round {round_index + 1}] {config:12s} " + "  ".join(
+                    f"{k}={v:.2f}" for k, v in result.items() if v is not None), flush=True)
+        footprint = {"nf4+dq": four_bit_footprint_mib(model, True), "nf4": four_bit_footprint_mib(model, False)}
+        everything["sizes"][size] = {"runs": results, "summary": summarise(results), "ratios": ratios(results),
+                                     "four_bit_mib": footprint}
+        print(json.dumps(everything["sizes"][size]["ratios"], indent=2), flush=True)
+    (OUT / "results.json").write_text(json.dumps(everything, indent=2))
+    if not args.no_write:
+        from benchmark_report import write_report
+
+        write_report(everything, REPO / "docs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Quantize once: the streamed 4-bit cache is bit-identical to quantizing at load time, is reused, is keyed on
+content and settings, and is never left half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import TRAIN_FLAGS, run_python
+
+
+def _bnb_config(double_quant=True):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def _kwargs(double_quant=True):
+    return {"quantization_config": _bnb_config(double_quant), "dtype": torch.float32}
+
+
+def _dequantized(model) -> dict:
+    import bitsandbytes.functional as F
+
+    from qlora_plugin.report import four_bit_layers
+
+    return {id(layer): F.dequantize_4bit(layer.weight.data, layer.weight.quant_state) for layer in four_bit_layers(model)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])  # plain Linear, GPT-2 Conv1D (transposed), fused qkv
+def test_cached_base_is_bit_identical_to_load_time_quantization(tiny_models, arch):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_plugin.quantized_cache import cached_base
+    from qlora_plugin.report import four_bit_layers
+
+    entry = cached_base(tiny_models[arch], _kwargs())
+    assert entry and os.path.isfile(os.path.join(entry, "qlora_plugin_cache.json"))
+    direct = AutoModelForCausalLM.from_pretrained(tiny_models[arch], **_kwargs())
+    cached = AutoModelForCausalLM.from_pretrained(entry, dtype=torch.float32)
+    assert len(four_bit_layers(cached)) == len(four_bit_layers(direct)) > 0
+    a, b = direct.state_dict(), cached.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # packed codes, absmax, nested constants, unquantized tensors
+    ids = torch.arange(1, 17).unsqueeze(0)
+    assert torch.equal(direct(ids).logits, cached(ids).logits)
+
+
+def test_second_lookup_reuses_the_entry(tiny_models, monkeypatch):
+    from qlora_plugin import quantized_cache
+
+    entry = quantized_cache.cached_base(tiny_models["llama"], _kwargs())
+
+    def must_not_quantize(*args, **kwargs):
+        raise AssertionError("quantized again")
+
+    monkeypatch.setattr(quantized_cache, "_quantize_into", must_not_quantize)
+    assert quantized_cache.cached_base(tiny_models["llama"], _kwargs()) == entry
+
+
+def test_key_follows_content_and_settings(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qlora_plugin.quantized_cache import cached_base
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], source)
+    first = cached_base(str(source), _kwargs())
+    assert cached_base(str(source), _kwargs(double_quant=False)) != first
+    weights = load_file(source / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"] += 1.0
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    assert cached_base(str(source), _kwargs()) != first
+
+
+def test_failed_write_leaves_no_entry_and_falls_back(tiny_models, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from qlora_plugin import quantized_cache
+
+    monkeypatch.setenv("QLORA_PLUGIN_CACHE_DIR", str(tmp_path / "cache"))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    assert quantized_cache.cached_base(tiny_models["llama"], _kwargs()) is None
+    leftovers = [n for n in os.listdir(tmp_path / "cache") if n != "file-hashes.json"]
+    assert leftovers == []
+
+
+def test_checkpoint_with_foreign_names_is_not_cached(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qlora_plugin.quantized_cache import cached_base
+
+    source = tmp_path / "renamed"
+    shutil.copytree(tiny_models["llama"], source)
+    weights = load_file(source / "model.safetensors")
+    weights["legacy.gamma"] = weights.pop("model.norm.weight")  # a name only a loader's key mapping knows
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    before = set(os.listdir(os.environ["QLORA_PLUGIN_CACHE_DIR"]))
+    assert cached_base(str(source), _kwargs()) is None
+    assert set(os.listdir(os.environ["QLORA_PLUGIN_CACHE_DIR"])) == before
+
+
+def test_training_run_reuses_the_cache_and_records_the_real_base(tiny_models, dataset_dir, tmp_path):
+    model = tiny_models["llama_odd"]
+    reports = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        result = run_python(
+            ["-m", "trl.scripts.sft", "--model_name_or_path", model, "--dataset_name", dataset_dir,
+             "--strategy", "qlora", *TRAIN_FLAGS, "--output_dir", str(out)], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports.append(json.loads((out / "qlora_plugin_report.json").read_text()))
+    entry = reports[0]["quantization"]["cached_base"]
+    assert entry and entry == reports[1]["quantization"]["cached_base"]
+    assert "4-bit base loaded from" in result.stdout
+    assert reports[1]["model"]["name_or_path"] == model  # not the cache folder: adapters name their real base
+    # Same 4-bit weights, same data: the first step's loss agrees (later steps differ in the 4th digit between
+    # any two CPU runs, cached or not: threaded reductions are not bit-deterministic).
+    assert reports[1]["measured"]["first_loss"] == pytest.approx(reports[0]["measured"]["first_loss"], rel=1e-4)
+
+
+def test_cache_can_be_turned_off(tiny_models, dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_python(
+        ["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name", dataset_dir,
+         "--strategy", "qlora", "--quantized_cache", "false", *TRAIN_FLAGS, "--output_dir", str(out)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "qlora_plugin_report.json").read_text())["quantization"]["cached_base"] is None
