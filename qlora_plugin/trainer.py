@@ -43,9 +43,12 @@ def _load_model(pm, strategy, options, model_id, args, runtime, explicit):
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)  # the user's choice, never turned on by us
     source = None
     if options.quantized_cache and not runtime.shards_parameters:
+        from accelerate import PartialState
+
         from .quantized_cache import cached_base
 
-        source = cached_base(model_id, kwargs)
+        with PartialState().main_process_first():  # under DDP one rank quantizes, the others then read the cache
+            source = cached_base(model_id, kwargs)
     try:
         if source is None:
             return create_model_from_path(model_id, **kwargs), None
@@ -106,6 +109,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     """
     from .adapters import count_parameters
     from .cpu_compat import make_cpu_inference_safe
+    from .engine_checks import engine_warnings
     from .optimizer import CPU_PAGING_NOTE, optim_name
     from .recipe import apply_training_defaults, training_defaults, user_set
     from .report import StrategyReportCallback
@@ -168,6 +172,9 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
             optimizer_class = answer[0].__name__
     if runtime.device_type == "cpu" and optim_name(args).startswith("paged"):
         fallbacks.append(CPU_PAGING_NOTE)
+    for problem in engine_warnings(runtime, optim_name(args)):
+        logger.warning("%s.", problem)
+        fallbacks.append(problem)
 
     quantization = _quantization_facts(model)
     if quantization:

@@ -1,0 +1,165 @@
+"""Distributed engines through accelerate: DDP end to end on two CPU processes (gloo), and the settings the
+strategy produces under FSDP and DeepSpeed ZeRO-3 (those need GPUs; here their settings are unit-tested)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TRAIN_FLAGS, run_command
+
+from qlora_plugin.options import StrategyOptions
+from qlora_plugin.runtime import Runtime
+
+RANK_PROBE = '''
+import hashlib, json, os
+from transformers import TrainerCallback
+from qlora_plugin import hookimpl
+
+
+def _adapter_digest(model):
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class RankProbe(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = _adapter_digest(model)
+        self.batches = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.batches += 1
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        rank = int(os.environ.get("RANK", "0"))
+        with open(os.path.join(os.environ["PROBE_DIR"], f"rank{rank}.json"), "w") as f:
+            json.dump({"step": state.global_step, "batches": self.batches, "before": self.before,
+                       "after": _adapter_digest(model), "world": int(os.environ.get("WORLD_SIZE", "1"))}, f)
+
+
+@hookimpl
+def qlora_trainer_callbacks(training_args):
+    return [RankProbe()]
+'''
+
+
+def test_ddp_two_cpu_processes_every_rank_trains(tiny_models, dataset_dir, tmp_path):
+    hook = tmp_path / "rank_probe.py"
+    hook.write_text(RANK_PROBE)
+    out = tmp_path / "run"
+    result = run_command(
+        ["accelerate", "launch", "--config_file", str(REPO / "examples" / "accelerate" / "ddp.yaml"),
+         "-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name", dataset_dir,
+         "--strategy", "qlora", "--qlora_hooks", str(hook), *TRAIN_FLAGS, "--output_dir", str(out)],
+        cwd=tmp_path, env_extra={"PROBE_DIR": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for probe in ranks:
+        assert probe["world"] == 2 and probe["step"] == 3 and probe["batches"] == 3
+        assert probe["after"] != probe["before"]  # this rank's adapter moved
+    assert ranks[0]["after"] == ranks[1]["after"]  # gradients were all-reduced: the replicas agree
+    report = json.loads((out / "qlora_plugin_report.json").read_text())
+    assert report["runtime"]["engine"] == "ddp" and report["runtime"]["processes"] == 2
+    assert report["quantization"]["layers_4bit"] > 0
+
+
+GPU = dict(device_type="cuda", bf16_native=True)
+
+
+@pytest.mark.parametrize(
+    "engine, storage, device_map, reentrant",
+    [
+        ("none", torch.uint8, "unset", False),
+        ("ddp", torch.uint8, {"": 1}, False),
+        ("fsdp", torch.bfloat16, None, False),
+        ("deepspeed_zero3", torch.bfloat16, None, True),
+    ],
+)
+def test_engine_settings(engine, storage, device_map, reentrant):
+    from qlora_plugin.quantization import model_init_kwargs
+    from qlora_plugin.recipe import training_defaults
+
+    runtime = Runtime(**GPU, engine=engine, process_index=1, num_processes=1 if engine == "none" else 2)
+    kwargs = model_init_kwargs(StrategyOptions(), {}, runtime)
+    config = kwargs["quantization_config"]
+    assert kwargs["dtype"] == torch.bfloat16 and config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert config.bnb_4bit_quant_storage == storage  # FSDP/ZeRO-3 flatten it with the bf16 parameters
+    assert kwargs.get("device_map", "unset") == device_map  # never "auto" under DDP: one full copy per rank
+    defaults = training_defaults(10**9, runtime)
+    assert defaults["gradient_checkpointing_kwargs"] == {"use_reentrant": reentrant}
+    assert defaults["bf16"] is True
+
+
+@pytest.mark.parametrize("engine, upcast", [("none", True), ("fsdp", False), ("deepspeed_zero3", False)])
+def test_no_fp32_upcast_under_sharding_engines(tiny_models, engine, upcast):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_plugin.adapters import wrap_with_lora
+    from qlora_plugin.quantization import model_init_kwargs
+
+    runtime = Runtime("cpu", bf16_native=True, engine=engine)
+    options = StrategyOptions(bnb_4bit_compute_dtype="bfloat16")
+    kwargs = model_init_kwargs(options, {"dtype": "bfloat16"}, runtime)
+    model = wrap_with_lora(AutoModelForCausalLM.from_pretrained(tiny_models["llama"], **kwargs), options, runtime)
+    frozen_float = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()}
+    assert (torch.float32 in frozen_float) == upcast  # peft's k-bit preparation upcasts norms/embeddings to fp32
+
+
+def test_runtime_detection_reads_accelerate_state(monkeypatch):
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from qlora_plugin import runtime as runtime_module
+
+    class FakeState:
+        device = torch.device("cpu")
+        local_process_index = 1
+        num_processes = 2
+
+    for dist, engine in ((DistributedType.MULTI_CPU, "ddp"), (DistributedType.FSDP, "fsdp"),
+                         (DistributedType.NO, "none")):
+        state = FakeState()
+        state.distributed_type = dist
+        state.num_processes = 1 if dist == DistributedType.NO else 2
+        monkeypatch.setattr(accelerate, "PartialState", lambda s=state: s)
+        detected = runtime_module.detect_runtime()
+        assert detected.engine == engine and detected.process_index == 1
+
+
+@pytest.mark.parametrize("name, distributed_type", [("ddp", "MULTI_GPU"), ("fsdp_qlora", "FSDP"),
+                                                     ("deepspeed_zero3_qlora", "DEEPSPEED")])
+def test_shipped_accelerate_configs(name, distributed_type):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "examples" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.value == distributed_type
+    if name == "fsdp_qlora":
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_cpu_ram_efficient_loading"] and fsdp["fsdp_sync_module_states"]
+        assert fsdp["fsdp_use_orig_params"] is False
+    if name == "deepspeed_zero3_qlora":
+        assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_init_flag"]
+
+
+def test_launcher_settings_that_break_qlora_are_named(monkeypatch):
+    from qlora_plugin.engine_checks import engine_warnings
+
+    fsdp = Runtime(**GPU, engine="fsdp", num_processes=2)
+    monkeypatch.setenv("FSDP_USE_ORIG_PARAMS", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    found = engine_warnings(fsdp, "paged_adamw_8bit")
+    assert len(found) == 3 and any("fsdp_use_orig_params: false" in f for f in found)
+    monkeypatch.setenv("FSDP_USE_ORIG_PARAMS", "false")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    assert engine_warnings(fsdp, "paged_adamw_32bit") == []
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false")
+    assert engine_warnings(Runtime(**GPU, engine="deepspeed_zero3"), "paged_adamw_32bit")
+    assert engine_warnings(Runtime(**GPU, engine="ddp"), "paged_adamw_8bit") == []
