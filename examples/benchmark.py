@@ -162,15 +162,19 @@ def _bf16_native() -> bool:
 
 
 def four_bit_footprint_mib(model: Path, double_quant: bool) -> float:
-    """Bytes of the 4-bit linear layers as loaded (packed codes + constants), via transformers' own accounting."""
+    """MiB of the 4-bit linear layers as loaded: packed codes + absmax (+ nested constants)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from qlora_plugin.report import four_bit_layers
 
+    from qlora_plugin.quantized_cache import cached_base
+
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
-    loaded = AutoModelForCausalLM.from_pretrained(model, quantization_config=config, dtype=torch.float32)
+    os.environ["QLORA_PLUGIN_CACHE_DIR"] = str(OUT / "quantized-cache")  # bit-identical to load-time quantization
+    entry = cached_base(str(model), {"quantization_config": config, "dtype": torch.float32})
+    loaded = AutoModelForCausalLM.from_pretrained(entry, dtype=torch.float32)
     quantized = sum(layer.weight.numel() * layer.weight.element_size() for layer in four_bit_layers(loaded))
     constants = 0
     for layer in four_bit_layers(loaded):
