@@ -39,11 +39,15 @@ def main(adapter: str, merged: str, limit: int = 32) -> int:
     reference = logits(trained)
     with trained.disable_adapter():
         adapter_effect = (logits(trained) - reference).abs().max().item()
-    ours = (logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)) - reference).abs().max().item()
+    figures = {"held_out_tokens": int(mask.sum()), "logit_scale": round(reference.abs().max().item(), 3),
+               "adapter_effect": adapter_effect}
     naive_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
-    naive = (logits(naive_model.merge_and_unload()) - reference).abs().max().item()
-    print(json.dumps({"held_out_tokens": int(mask.sum()), "logit_scale": round(reference.abs().max().item(), 3),
-                      "adapter_effect": adapter_effect, "qlora_plugin_merge": ours, "naive_merge": naive}, indent=2))
+    for name, model in (("qlora_plugin_merge", AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)),
+                        ("naive_merge", naive_model.merge_and_unload())):
+        got = logits(model)
+        figures[f"{name}_max_abs_logit_diff"] = (got - reference).abs().max().item()
+        figures[f"{name}_top1_agreement"] = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    print(json.dumps(figures, indent=2))
     return 0
 
 

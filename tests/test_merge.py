@@ -83,6 +83,28 @@ def test_training_records_the_quantization_beside_every_adapter(trained_adapter)
         assert record["blocksize"] == 64 and record["weight_dtype"] == "float32" and record["layers_4bit"] == 14
 
 
+@pytest.mark.parametrize("arch", ["llama_odd", "gpt2"])
+def test_requantizing_the_base_reproduces_the_4bit_weights_bit_for_bit(arch, tiny_models):
+    """The claim merge rests on, on odd widths (blocks span rows) and on GPT-2's transposed Conv1D weights."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qlora_plugin.merging import load_config, model_layout, nf4_roundtrip
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], quantization_config=bnb_config(),
+                                                 dtype=torch.float32)
+    record = quantization_record(model)
+    layout = model_layout(load_config(tiny_models[arch]), record)
+    stored = load_file(Path(tiny_models[arch]) / "model.safetensors")
+    assert len(layout.quantized) == record["layers_4bit"] > 0
+    for name in layout.quantized:
+        layer = model.get_submodule(name.removesuffix(".weight"))
+        weight = stored[name].T if name in layout.conv1d else stored[name]
+        assert torch.equal(nf4_roundtrip(weight, record), dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+
+
 CASES = {
     # trained by the strategy: every linear layer of the blocks, r=8
     "llama, trained": None,
