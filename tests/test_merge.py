@@ -44,13 +44,14 @@ def logits(model, batch):
         return model(**batch).logits[batch["attention_mask"].bool()]
 
 
-def crafted_adapter(base, out, **lora):
-    """A peft adapter on the 4-bit base with every trainable tensor perturbed, so each part of the delta counts."""
+def crafted_adapter(base, out, four_bit=True, **lora):
+    """A peft adapter on the 4-bit (or 16-bit) base with every trainable tensor perturbed, so each part counts."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb_config(), dtype=torch.float32)
+    quantization = {"quantization_config": bnb_config()} if four_bit else {}
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **quantization)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM", **lora))
     torch.manual_seed(1)
     for param in model.parameters():
@@ -161,6 +162,20 @@ def test_merged_model_matches_the_4bit_model_it_was_trained_against(case, merged
     assert ours < BOUND
     assert effect > NAIVE_FACTOR * ours
     assert naive > NAIVE_FACTOR * ours
+
+
+def test_adapter_trained_on_a_16bit_base_merges_into_the_original_weights(tiny_models, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_models["phi3"]
+    adapter = crafted_adapter(base, tmp_path / "adapter", four_bit=False, target_modules="all-linear")
+    assert json.loads((Path(adapter) / RECORD_FILE).read_text())["load_in_4bit"] is False
+    assert cli.main(["merge", "--adapter", adapter, "--out", str(tmp_path / "model")]) == 0
+    batch = held_out_batch(base)
+    reference = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter), batch)
+    assert (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), batch) - reference).abs().max() < BOUND
 
 
 def test_output_is_a_plain_safetensors_model_that_loads_without_the_plugin(merged, tmp_path):

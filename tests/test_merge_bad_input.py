@@ -13,6 +13,8 @@ import pytest
 from conftest import run_command
 
 from qlora_plugin import cli
+from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.quant_record import RECORD_FILE
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +126,31 @@ def test_too_little_free_space_is_refused_before_writing(adapter, tmp_path, caps
     assert list(tmp_path.iterdir()) == []
 
 
-def test_command_line_exit_status(tmp_path):
-    proc = run_command(["qlora-plugin", "merge", "--adapter", str(tmp_path / "nope"), "--out",
-                        str(tmp_path / "merged")], tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "qlora-plugin: error: Adapter folder" in proc.stderr and not (tmp_path / "merged").exists()
+def test_unreachable_hub_base_from_the_command_line(adapter, tmp_path):
+    folder = copy_adapter(adapter, tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "nobody/no-such-model"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    proc = run_command(["qlora-plugin", "merge", "--adapter", str(folder), "--out", str(tmp_path / "merged")],
+                       tmp_path)  # offline: HF_HUB_OFFLINE=1
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "qlora-plugin: error: Base model 'nobody/no-such-model' is not a local folder" in proc.stderr
+    assert "--base" in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_quantization_settings_recorded_defaulted_and_overridden(adapter, tmp_path, capsys):
+    from qlora_plugin.merge_inputs import Adapter
+    from qlora_plugin.merging import quant_settings
+
+    bare = Adapter(str(tmp_path), {})
+    assert quant_settings(bare)["bnb_4bit_quant_type"] == "nf4" and quant_settings(bare)["bnb_4bit_use_double_quant"]
+    assert "has no qlora_plugin_quantization.json" in capsys.readouterr().out
+    (tmp_path / RECORD_FILE).write_text(json.dumps({"load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
+                                                    "bnb_4bit_use_double_quant": False, "blocksize": 64}))
+    assert quant_settings(bare)["bnb_4bit_quant_type"] == "fp4" and capsys.readouterr().out == ""
+    assert quant_settings(bare, "nf4", True)["bnb_4bit_quant_type"] == "nf4"
+    assert "training recorded bnb_4bit_quant_type=fp4; using nf4" in capsys.readouterr().out
+    (tmp_path / RECORD_FILE).write_text(json.dumps({"load_in_4bit": False}))
+    assert quant_settings(bare) is None
+    with pytest.raises(QLoRAPluginError, match="trained on a 16-bit base"):
+        quant_settings(bare, "nf4")
