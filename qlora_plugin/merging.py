@@ -123,9 +123,9 @@ def _math_shape(shape, transposed):
 def check_fit(adapter: Adapter, base: BaseCheckpoint, layout: Layout) -> dict:
     """Every adapter tensor must land on a base tensor of the right shape. Returns checkpoint shapes by name."""
     shapes = {}
-    for key, file in base.files.items():
+    for file in sorted(set(base.files.values())):
         with open_base_file(base, file) as f:
-            shapes[layout.name(key)] = tuple(f.get_slice(key).get_shape())
+            shapes.update({layout.name(key): tuple(f.get_slice(key).get_shape()) for key in f.keys()})
     for target, source in layout.tied.items():
         shapes.setdefault(target, shapes.get(source))
     where = f"the base {base.folder}" + (f" (the adapter records {adapter.base_name})" if adapter.base_name else "")
