@@ -1,4 +1,4 @@
-"""`qlora-plugin`: the plugin's own command line (`strategies`, `tiny-model`)."""
+"""`qlora-plugin`: the plugin's own command line (`strategies`, `options`, `tiny-model`, `merge`)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,27 @@ def _tiny_model(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from .merging import merge
+
+    summary = merge(args.adapter, args.out, args.base, args.dtype, args.force, args.bnb_4bit_quant_type,
+                    args.use_bnb_nested_quant, args.max_shard_size)
+    q = summary["quantization"]
+    into = (f"the dequantized {q['bnb_4bit_quant_type']}{' + double quant' if q['bnb_4bit_use_double_quant'] else ''}"
+            f" base ({summary['requantized_layers']} layers re-quantized)" if q else "the 16-bit base")
+    print(f"merged {summary['adapted_layers']} adapted layers into {into}; wrote {summary['bytes'] / 2**20:.1f} MiB "
+          f"of {summary['dtype']} in {summary['shards']} shard(s) to {summary['out']}")
+    return 0
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-plugin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +78,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--intermediate-size", type=int, default=None)
     p.set_defaults(func=_tiny_model)
+    p = sub.add_parser("merge", help="Merge a (Q)LoRA adapter into the dequantized base it was trained against "
+                       "and write an ordinary transformers model (see docs/merge.md).")
+    p.add_argument("--adapter", required=True, help="Adapter folder (a training output_dir or checkpoint-N).")
+    p.add_argument("--base", help="Base model folder or Hub id. Default: the base recorded in the adapter.")
+    p.add_argument("--out", required=True, help="Folder for the merged model (must not exist, or be empty).")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="Default: the base's dtype.")
+    p.add_argument("--force", action="store_true", help="Replace a non-empty --out.")
+    p.add_argument("--bnb_4bit_quant_type", choices=["nf4", "fp4"], help="Override the recorded 4-bit type.")
+    p.add_argument("--use_bnb_nested_quant", type=_bool, metavar="true|false",
+                   help="Override the recorded double quantization.")
+    p.add_argument("--max_shard_size", default="2GB", help="Largest output shard (default 2GB).")
+    p.set_defaults(func=_merge)
     return parser
 
 

@@ -111,6 +111,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     from .cpu_compat import make_cpu_inference_safe
     from .engine_checks import engine_warnings
     from .optimizer import CPU_PAGING_NOTE, optim_name
+    from .quant_record import QuantizationRecordCallback
     from .recipe import apply_training_defaults, training_defaults, user_set
     from .report import StrategyReportCallback
     from .runtime import detect_runtime
@@ -196,6 +197,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     }
     callbacks = list(kwargs.get("callbacks") or [])
     callbacks.append(StrategyReportCallback(facts))
+    callbacks.append(QuantizationRecordCallback())  # lets `qlora-plugin merge` rebuild the base training saw
     for extra in pm.hook.qlora_trainer_callbacks(strategy=strategy, options=options, training_args=args):
         callbacks.extend(extra or [])
     kwargs.update(model=model, args=args, callbacks=callbacks)

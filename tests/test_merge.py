@@ -1,0 +1,232 @@
+"""`qlora-plugin merge` fidelity: the merged model reproduces the 4-bit base + adapter that training used, far
+closer than the usual merge into the original 16-bit weights, and it loads with nothing of ours installed."""
+
+from __future__ import annotations
+
+import json
+import site
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA, TRAIN_FLAGS, run_python
+
+from qlora_plugin import cli
+from qlora_plugin.quant_record import RECORD_FILE, quantization_record
+
+BOUND = 1e-4  # max |logit difference|, merged model vs 4-bit base + adapter, fp32 (logits are of order 1-10)
+NAIVE_FACTOR = 1000  # the naive merge's error must be at least this many times larger than ours
+
+
+def bnb_config():
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def held_out_batch(model_dir):
+    """Prompts + completions from the held-out split, tokenized as one padded batch."""
+    from transformers import AutoTokenizer
+
+    rows = [json.loads(line) for line in (DATA / "test.jsonl").read_text().splitlines()[:8]]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return tokenizer([r["prompt"] + r["completion"] for r in rows], return_tensors="pt", padding=True)
+
+
+def logits(model, batch):
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits[batch["attention_mask"].bool()]
+
+
+def crafted_adapter(base, out, four_bit=True, **lora):
+    """A peft adapter on the 4-bit (or 16-bit) base with every trainable tensor perturbed, so each part counts."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    quantization = {"quantization_config": bnb_config()} if four_bit else {}
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **quantization)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM", **lora))
+    torch.manual_seed(1)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data += 0.05 * torch.randn_like(param)
+    model.save_pretrained(out)
+    (Path(out) / RECORD_FILE).write_text(json.dumps(quantization_record(model)))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_models, tmp_path_factory):
+    """A real `--strategy qlora` run (2 steps, high lr so the adapter matters), saving a checkpoint at step 2."""
+    out = tmp_path_factory.mktemp("merge") / "run"
+    flags = [f for f in TRAIN_FLAGS if f not in ("--max_steps", "3", "--save_strategy", "no")]
+    proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
+                       str(DATA), "--output_dir", str(out), "--strategy", "qlora", "--lora_r", "8",
+                       "--learning_rate", "1e-2", "--max_steps", "2", "--save_strategy", "steps", "--save_steps",
+                       "2", *flags], out.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_training_records_the_quantization_beside_every_adapter(trained_adapter):
+    for folder in (trained_adapter, trained_adapter / "checkpoint-2"):
+        assert (folder / "adapter_model.safetensors").is_file()
+        record = json.loads((folder / RECORD_FILE).read_text())
+        assert record["load_in_4bit"] is True
+        assert record["bnb_4bit_quant_type"] == "nf4" and record["bnb_4bit_use_double_quant"] is True
+        assert record["blocksize"] == 64 and record["weight_dtype"] == "float32" and record["layers_4bit"] == 14
+
+
+@pytest.mark.parametrize("arch", ["llama_odd", "gpt2"])
+def test_requantizing_the_base_reproduces_the_4bit_weights_bit_for_bit(arch, tiny_models):
+    """The claim merge rests on, on odd widths (blocks span rows) and on GPT-2's transposed Conv1D weights."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qlora_plugin.merging import load_config, model_layout, nf4_roundtrip
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], quantization_config=bnb_config(),
+                                                 dtype=torch.float32)
+    record = quantization_record(model)
+    layout = model_layout(load_config(tiny_models[arch]), record)
+    stored = load_file(Path(tiny_models[arch]) / "model.safetensors")
+    assert len(layout.quantized) == record["layers_4bit"] > 0
+    for name in layout.quantized:
+        layer = model.get_submodule(name.removesuffix(".weight"))
+        weight = stored[name].T if name in layout.conv1d else stored[name]
+        assert torch.equal(nf4_roundtrip(weight, record), dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+
+
+CASES = {
+    # trained by the strategy: every linear layer of the blocks, r=8
+    "llama, trained": None,
+    # Conv1D weights stored (in, out), tied embeddings, LoRA on the embedding (output must untie)
+    "gpt2, Conv1D + tied embedding LoRA": dict(arch="gpt2", target_modules=["c_attn", "c_proj", "c_fc", "wte"]),
+    # DoRA, rank-stabilised scaling, lm_head trained in full (modules_to_save)
+    "llama, DoRA + rslora + modules_to_save": dict(arch="llama", target_modules="all-linear", use_dora=True,
+                                                   use_rslora=True, modules_to_save=["lm_head"]),
+}
+
+
+@pytest.fixture(scope="session")
+def merged(request, tiny_models, trained_adapter, tmp_path_factory):
+    """Per case: (base folder, adapter folder, merged folder)."""
+    results = {}
+
+    def get(case):
+        if case not in results:
+            spec = CASES[case]
+            root = tmp_path_factory.mktemp("merged")
+            if spec is None:
+                base, adapter = tiny_models["llama"], str(trained_adapter)
+            else:
+                spec = dict(spec)
+                base = tiny_models[spec.pop("arch")]
+                adapter = crafted_adapter(base, root / "adapter", **spec)
+            out = root / "model"
+            assert cli.main(["merge", "--adapter", adapter, "--out", str(out), "--dtype", "float32"]) == 0
+            results[case] = (base, adapter, out)
+        return results[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merged_model_matches_the_4bit_model_it_was_trained_against(case, merged, capsys):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapter, out = merged(case)
+    batch = held_out_batch(base)
+    trained = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb_config(), dtype=torch.float32), adapter)
+    reference = logits(trained, batch)
+    with trained.disable_adapter():
+        effect = (logits(trained, batch) - reference).abs().max().item()  # what a merge that lost the adapter misses
+    ours = (logits(AutoModelForCausalLM.from_pretrained(out), batch) - reference).abs().max().item()
+    naive_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    naive = (logits(naive_model.merge_and_unload(), batch) - reference).abs().max().item()
+    with capsys.disabled():
+        print(f"\n[merge fidelity] {case}: max |logit diff| ours {ours:.2e}, naive {naive:.2e}; adapter effect "
+              f"{effect:.2e}, logit scale {reference.abs().max().item():.2f}")
+    assert ours < BOUND
+    assert effect > NAIVE_FACTOR * ours
+    assert naive > NAIVE_FACTOR * ours
+
+
+def test_adapter_trained_on_a_16bit_base_merges_into_the_original_weights(tiny_models, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_models["phi3"]
+    adapter = crafted_adapter(base, tmp_path / "adapter", four_bit=False, target_modules="all-linear")
+    assert json.loads((Path(adapter) / RECORD_FILE).read_text())["load_in_4bit"] is False
+    assert cli.main(["merge", "--adapter", adapter, "--out", str(tmp_path / "model")]) == 0
+    batch = held_out_batch(base)
+    reference = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter), batch)
+    assert (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), batch) - reference).abs().max() < BOUND
+
+
+def test_output_is_a_plain_safetensors_model_that_loads_without_the_plugin(merged, tmp_path):
+    base, _, out = merged("gpt2, Conv1D + tied embedding LoRA")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "float32" and "quantization_config" not in config
+    assert config["tie_word_embeddings"] is False  # the embedding changed, lm_head did not: no longer tied
+    # -S: no .pth files run, so neither the plugin's start-up hook nor its editable install is on the path.
+    script = (
+        "import importlib.util, json, sys; sys.path.append(sys.argv[1])\n"
+        "assert importlib.util.find_spec('qlora_plugin') is None\n"
+        "import torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[2]).eval(); t = AutoTokenizer.from_pretrained(sys.argv[2])\n"
+        "with torch.no_grad(): x = m(**t('Add 2 and 4. 6', return_tensors='pt')).logits\n"
+        "print(json.dumps({'plugin': 'qlora_plugin' in sys.modules, 'logits': x[0, -1, :5].tolist()}))\n"
+    )
+    proc = run_python(["-S", "-c", script, site.getsitepackages()[0], str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert loaded["plugin"] is False
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        here = model(**tokenizer("Add 2 and 4. 6", return_tensors="pt")).logits[0, -1, :5]
+    assert torch.allclose(torch.tensor(loaded["logits"]), here, atol=1e-5)
+
+
+def test_sharded_bfloat16_output_with_index(merged, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    _, adapter, full = merged("llama, trained")
+    out = tmp_path / "sharded"
+    assert cli.main(["merge", "--adapter", adapter, "--out", str(out), "--dtype", "bfloat16",
+                     "--max_shard_size", "100KB"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and sorted(p.name for p in out.glob("*.safetensors")) == shards
+    reference = load_file(full / "model.safetensors")
+    tensors = {k: v for shard in shards for k, v in load_file(out / shard).items()}
+    assert tensors.keys() == reference.keys() == index["weight_map"].keys()
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    assert all(torch.equal(tensors[k], reference[k].to(torch.bfloat16)) for k in tensors)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-s"]))
