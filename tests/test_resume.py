@@ -266,14 +266,17 @@ def test_second_signal_stops_at_once():
 
 
 def _sft(model, dataset_dir, out, *extra):
-    return ["-m", "trl.scripts.sft", "--model_name_or_path", model, "--dataset_name", dataset_dir, "--strategy",
+    return ["-m", "trl.scripts.sft", "--model_name_or_path", model, "--dataset_name", str(dataset_dir), "--strategy",
             "qlora", "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_length", "32",
             "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2", "--report_to", "none",
             "--use_cpu", "--disable_tqdm", "true", *extra]
 
 
-def test_sigterm_through_trl_script_saves_a_checkpoint_that_resumes(tiny_models, dataset_dir, tmp_path):
-    out = tmp_path / "out"
+def test_sigterm_through_trl_script_saves_a_checkpoint_that_resumes(tiny_models, tmp_path):
+    out, dataset_dir = tmp_path / "out", tmp_path / "data"
+    dataset_dir.mkdir()  # 64 rows of the bundled data: tokenizing all 2,000 twice would dominate the test
+    rows = (DATA / "train.jsonl").read_text().splitlines(keepends=True)[:64]
+    (dataset_dir / "train.jsonl").write_text("".join(rows))
     proc = start_python(_sft(tiny_models["llama"], dataset_dir, out, "--max_steps", "1000"), tmp_path)
     watchdog = threading.Timer(300, proc.kill)
     watchdog.start()
