@@ -40,4 +40,6 @@ def bitsandbytes_optimizer(training_args):
         "betas": (training_args.adam_beta1, training_args.adam_beta2),
         "eps": training_args.adam_epsilon,
     }
-    return getattr(bitsandbytes.optim, class_name), kwargs
+    from .paged_state import resumable
+
+    return resumable(getattr(bitsandbytes.optim, class_name)), kwargs  # paged state survives resume

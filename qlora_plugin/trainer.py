@@ -107,7 +107,10 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     The model is loaded and wrapped here (so `quantization_config`/`peft_config` are no longer passed on);
     a `peft_config` or `quantization_config` you pass yourself wins over the strategy's.
     """
+    from transformers import set_seed
+
     from .adapters import count_parameters
+    from .checkpointing import enable_resume
     from .cpu_compat import make_cpu_inference_safe
     from .engine_checks import engine_warnings
     from .optimizer import CPU_PAGING_NOTE, optim_name
@@ -126,6 +129,8 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     runtime = detect_runtime()
     fallbacks: list[str] = []
     cached_from = None
+    set_seed(args.seed)  # as SFTTrainer does before building the model: `--seed` fixes the LoRA initialisation
+    enable_resume(args)  # a bad --resume_from_checkpoint fails here, before the model loads
 
     user_quant = kwargs.pop("quantization_config", None)
     user_peft = kwargs.pop("peft_config", None)

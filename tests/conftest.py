@@ -70,6 +70,12 @@ def run_python(args, cwd, env_extra=None, timeout=600) -> subprocess.CompletedPr
                           timeout=timeout)
 
 
+def start_python(args, cwd, env_extra=None) -> subprocess.Popen:
+    """Start `python ARGS` like `run_python`, without waiting: output (stdout and stderr) as text lines."""
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=_env(env_extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 def run_command(argv, cwd, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
     """Run a console script installed beside this Python (`trl`, `qlora-plugin`)."""
     exe = str(Path(sys.executable).parent / argv[0])
