@@ -54,15 +54,22 @@ def lora_dropout(options: StrategyOptions, num_params: int) -> float:
 
 def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
     """Prepare a k-bit model for training (not under FSDP/ZeRO-3, which must not upcast) and add LoRA."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     check_target_modules(model, options.lora_target_modules)
     num_params = count_parameters(model)
     if getattr(model, "is_loaded_in_4bit", False) and not runtime.shards_parameters:
         # Upcasts norms/embeddings to fp32 for stable training; gradient checkpointing is left to the Trainer.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, lora_config(options, num_params))
+
+
+def lora_config(options: StrategyOptions, num_params: int, **extra):
+    """The strategy's `LoraConfig` (also what `plan` puts on its meta-device skeleton)."""
+    from peft import LoraConfig
+
     targets = options.lora_target_modules
-    config = LoraConfig(
+    return LoraConfig(
         r=options.lora_r,
         lora_alpha=options.lora_alpha,
         lora_dropout=lora_dropout(options, num_params),
@@ -72,5 +79,5 @@ def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
         use_rslora=options.use_rslora,
         task_type=options.lora_task_type,
         bias="none",
+        **extra,
     )
-    return get_peft_model(model, config)

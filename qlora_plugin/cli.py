@@ -1,4 +1,4 @@
-"""`qlora-plugin`: the plugin's own command line (`strategies`, `options`, `tiny-model`, `merge`)."""
+"""`qlora-plugin`: the plugin's own command line (`strategies`, `options`, `tiny-model`, `plan`, `merge`)."""
 
 from __future__ import annotations
 
@@ -90,15 +90,26 @@ def make_parser() -> argparse.ArgumentParser:
                    help="Override the recorded double quantization.")
     p.add_argument("--max_shard_size", default="2GB", help="Largest output shard (default 2GB).")
     p.set_defaults(func=_merge)
+    p = sub.add_parser("plan", add_help=False, help="Predict peak training memory from config.json (docs/plan.md).")
+    p.set_defaults(func=_plan)
     return parser
+
+
+def _plan(args, rest) -> int:
+    from .plan_cli import main as plan_main
+
+    return plan_main(rest)
 
 
 def main(argv=None) -> int:
     from .errors import QLoRAPluginError
 
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.func is not _plan and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return args.func(args)
+        return args.func(args, rest) if args.func is _plan else args.func(args)
     except QLoRAPluginError as err:
         print(f"qlora-plugin: error: {err}", file=sys.stderr)
         return 2

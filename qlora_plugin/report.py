@@ -58,6 +58,21 @@ def peak_memory() -> dict:
             "memory_kind": "process_peak_rss"}
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak (called when training begins, so the peak is training's, not loading's): the CUDA
+    allocator's peak, and on Linux the process's peak RSS (`/proc/self/clear_refs`, value 5)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the peak then includes loading
+
+
 def write_json_atomic(path: str, data: dict) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -129,6 +144,7 @@ class StrategyReportCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
+        reset_peak_memory()
 
     def on_train_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -147,6 +163,11 @@ class StrategyReportCallback(TrainerCallback):
             "final_loss": logs[-1]["loss"] if logs else None,
         }
         self.facts["measured"] = measured
+        memory = self.facts.get("memory")
+        if memory is not None:  # the plan's prediction beside what was measured
+            memory.update(measured_peak_bytes=measured["peak_memory_bytes"], memory_kind=measured["memory_kind"])
+            if memory.get("predicted_peak_bytes"):
+                memory["prediction_error"] = round(memory["predicted_peak_bytes"] / measured["peak_memory_bytes"] - 1, 4)
         path = os.path.join(args.output_dir, REPORT_FILE)
         write_json_atomic(path, self.facts)
         print(f"[qlora-plugin] report written to {path}", flush=True)

@@ -200,6 +200,10 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         "user_kept": kept,
         "fallbacks": fallbacks,
     }
+    from .planning import predict_for_run
+
+    facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type,
+                                      facts["adapter"]["dtype"])
     callbacks = list(kwargs.get("callbacks") or [])
     callbacks.append(StrategyReportCallback(facts))
     callbacks.append(QuantizationRecordCallback())  # lets `qlora-plugin merge` rebuild the base training saw

@@ -1,0 +1,167 @@
+"""`qlora-plugin plan`: the paper's headline from LLaMA-65B's config, the weights against real 4-bit loads, the
+predicted peak against a real training run, and the command's output and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import REPO, run_command
+
+sys.path.insert(0, str(REPO / "examples"))
+
+CONFIGS = REPO / "examples" / "configs"
+
+
+def plan_cli(argv, capsys) -> tuple[int, str, str]:
+    from qlora_plugin.cli import main
+
+    try:
+        code = main(["plan", *argv])
+    except SystemExit as exit_:  # argparse errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_llama_65b_fits_one_48gb_gpu_and_full_needs_over_780gb(capsys):
+    code, out, _ = plan_cli([str(CONFIGS / "llama-65b"), "--json", "--gpu-memory", "48GB"], capsys)
+    assert code == 0
+    plans = {p["strategy"]: p for p in json.loads(out)}
+    assert list(plans) == ["qlora", "lora", "full"]
+    qlora, lora, full = plans["qlora"], plans["lora"], plans["full"]
+    for p in plans.values():
+        assert p["total_bytes"] == sum(p["components"].values())
+        assert set(p["components"]) == {"weights", "adapters", "gradients", "optimizer", "activations", "runtime"}
+    print({name: round(p["total_bytes"] / 1e9, 1) for name, p in plans.items()}, "GB")
+    assert qlora["fits"] and qlora["total_bytes"] < 48e9
+    assert not lora["fits"]
+    assert full["total_bytes"] > 780e9
+    assert qlora["details"]["bits_per_4bit_param"] == pytest.approx(4.127, abs=0.001)
+    assert qlora["details"]["layers_4bit"] == 80 * 7  # every linear layer of the blocks, not lm_head
+    assert qlora["details"]["params"] == pytest.approx(65.3e9 + qlora["details"]["trainable_params"], rel=0.01)
+    # the recipe by size: paged AdamW 32-bit (8 bytes per trained parameter), checkpointing on
+    assert qlora["components"]["optimizer"] == 8 * qlora["details"]["trainable_params"]
+    assert qlora["details"]["gradient_checkpointing"] is True
+    assert qlora["details"]["activations_with_checkpointing"] < qlora["details"]["activations_without_checkpointing"]
+
+
+def test_double_quantization_arithmetic():
+    from qlora_plugin.planning import four_bit_bytes
+
+    n = 8192 * 22016  # LLaMA-65B's largest matrix
+    bits = {dq: 8 * sum(four_bit_bytes(n, dq).values()) / n for dq in (True, False)}
+    assert bits[True] == pytest.approx(4.127, abs=0.001)
+    assert bits[False] == pytest.approx(4.5, abs=0.001)
+    # quant storage in another dtype packs the same bytes
+    assert four_bit_bytes(n, True, storage_itemsize=2) == four_bit_bytes(n, True)
+
+
+@pytest.mark.parametrize("arch, double_quant", [("llama", True), ("gpt2", True), ("phi3", True), ("llama", False)])
+def test_weights_match_real_4bit_loads(tiny_models, arch, double_quant):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora_plugin.options import StrategyOptions
+    from qlora_plugin.planning import load_config, parameter_costs, quant_state_bytes, skeleton
+    from qlora_plugin.report import four_bit_layers
+
+    path = tiny_models[arch]
+    options = StrategyOptions(use_bnb_nested_quant=double_quant)
+    costs = parameter_costs(skeleton(load_config(path), True, False, options, "float32"), options)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
+    assert costs["layers_4bit"] == len(four_bit_layers(loaded))
+    # get_memory_footprint() sees the packed codes and the unquantized rest; the constants are extra
+    footprint = loaded.get_memory_footprint()
+    assert costs["packed"] + costs["other"] == pytest.approx(footprint, rel=0.01)
+    assert costs["constants"] == pytest.approx(quant_state_bytes(loaded), rel=0.01)
+    predicted = costs["packed"] + costs["constants"] + costs["other"]
+    print(f"{arch} (double quant {double_quant}): weights predicted {predicted:,} B, loaded {footprint + quant_state_bytes(loaded):,} B")
+
+
+def test_training_report_states_predicted_and_measured_peak(tmp_path):
+    """Wide enough (256) that the model's terms are not lost in the framework's ~600 MiB."""
+    from plan_accuracy import long_text_dataset, train_and_compare
+
+    from qlora_plugin.tiny_model import build_tiny_model
+
+    model = build_tiny_model(str(tmp_path / "model"), "llama", hidden_size=256, layers=2, intermediate_size=688)
+    data = long_text_dataset(str(tmp_path / "data"), rows=16)
+    memory = train_and_compare(model, data, str(tmp_path / "run"), "qlora", batch=8, seq=256,
+                               checkpointing=False, steps=2, extra=["--use_cpu"])
+    predicted, measured = memory["predicted_peak_bytes"], memory["measured_peak_bytes"]
+    assert memory["memory_kind"] == "process_peak_rss"
+    assert memory["predicted_for"] == {"batch_size": 8, "seq_len": 256, "gradient_checkpointing": False,
+                                       "optimizer": "paged_adamw_32bit", "device": "cpu", "compute_dtype": "float32"}
+    runtime = memory["predicted_components"]["runtime"]
+    print(f"predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB, "
+          f"model terms {(predicted - runtime) / 2**20:.0f} vs {(measured - runtime) / 2**20:.0f} MiB")
+    assert memory["prediction_error"] == pytest.approx(predicted / measured - 1, abs=1e-4)
+    assert abs(predicted / measured - 1) < 0.20
+    assert abs((predicted - runtime) / (measured - runtime) - 1) < 0.45  # beyond the framework baseline
+
+
+def test_table_and_plot(tiny_models, tmp_path, capsys):
+    plot = tmp_path / "memory.png"
+    code, out, _ = plan_cli([tiny_models["llama"], "--device", "cpu", "--plot", str(plot), "--gpu-memory", "t4"],
+                            capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1].split() == ["component", "qlora", "lora", "full"]
+    for name in ("weights", "adapters", "gradients", "optimizer", "activations", "runtime", "peak"):
+        assert any(line.startswith(name) for line in lines), name
+    assert "fits" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["memory.png"]  # no temporary file left behind
+
+
+def test_options_change_the_plan(tiny_models, capsys):
+    def plan(*flags):
+        code, out, _ = plan_cli([tiny_models["llama"], "--strategy", "qlora", "--json", *flags], capsys)
+        assert code == 0
+        return json.loads(out)
+
+    base = plan()
+    assert isinstance(base, dict) and base["strategy"] == "qlora"  # one strategy: one object
+    small = plan("--lora_r", "8")
+    assert small["components"]["adapters"] < base["components"]["adapters"]
+    eight_bit = plan("--optim", "paged_adamw_8bit")
+    assert eight_bit["components"]["optimizer"] < base["components"]["optimizer"]
+    no_dq = plan("--use_bnb_nested_quant", "false")  # on layers this small the nested code map costs more
+    assert no_dq["details"]["weights_4bit_constants_bytes"] != base["details"]["weights_4bit_constants_bytes"]
+    longer = plan("--seq-len", "1024", "--gradient_checkpointing", "false")
+    assert longer["components"]["activations"] > base["components"]["activations"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["/no/such/folder"], "No such model folder"),
+    (["{empty}"], "has no config.json"),
+    (["{model}", "--batch-size", "0"], "`batch_size` must be a positive integer"),
+    (["{model}", "--batch-size", "two"], "invalid int value"),
+    (["{model}", "--strategy", "qlroa"], "Did you mean 'qlora'"),
+    (["{model}", "--optim", "lion_8bit"], "not modelled by plan"),
+    (["{model}", "--lora_r", "0"], "`lora_r` must be a positive integer"),
+    (["{model}", "--gpu-memory", "lots"], "is not a size"),
+    (["{model}", "--plot", "/no/such/dir/memory.png"], "not a writable folder"),
+    (["{model}", "--plot", "{tmp}/memory.txt"], "use a .png"),
+    (["{model}", "--frobnicate", "3"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_input_is_a_clear_error(tiny_models, tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(model=tiny_models["llama"], empty=tmp_path / "empty", tmp=tmp_path) for a in argv]
+    code, out, err = plan_cli(argv, capsys)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and out == ""
+    assert sorted(os.listdir(tmp_path)) == ["empty"]  # nothing written
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    result = run_command(["qlora-plugin", "plan", str(tmp_path)], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "has no config.json" in result.stderr and "Traceback" not in result.stderr
