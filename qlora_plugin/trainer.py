@@ -35,18 +35,21 @@ def _init_kwargs(args, explicit) -> dict:
 def _load_model(pm, strategy, options, model_id, args, runtime, explicit):
     from trl.trainer.utils import create_model_from_path
 
+    from .model_checks import check_model_source, load_error
+
     kwargs = pm.hook.qlora_model_init_kwargs(
         strategy=strategy, options=options, model_id=model_id, init_kwargs=_init_kwargs(args, explicit),
         runtime=runtime,
     )
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)  # the user's choice, never turned on by us
+    check_model_source(model_id, options.load_in_4bit, bool(kwargs["trust_remote_code"]))
     try:
         return create_model_from_path(model_id, **kwargs)
-    except OSError as err:
-        raise QLoRAPluginError(
-            f"Could not load the model {model_id!r}: {err}. Pass a local folder with config.json and weights, "
-            "or a model id on a machine that reaches the Hub."
-        ) from None
+    except (OSError, ValueError) as err:
+        friendly = load_error(model_id, err)
+        if friendly is None:
+            raise
+        raise friendly from None
 
 
 def _quantization_facts(model) -> dict | None:
@@ -95,6 +98,8 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     """
     from .adapters import count_parameters
     from .cpu_compat import make_cpu_inference_safe
+    from .dataset_checks import check_sft_datasets
+    from .model_checks import check_model_argument
     from .optimizer import CPU_PAGING_NOTE, optim_name
     from .recipe import apply_training_defaults, training_defaults, user_set
     from .report import StrategyReportCallback
@@ -106,7 +111,9 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     options = build_options(dict(strategy.option_defaults), request.options)
     explicit = set(request.explicit_training_args)
     model = kwargs.get("model")
+    check_model_argument(model)
     args = kwargs.get("args") or _default_args(model)
+    check_sft_datasets(kwargs, args)  # before the model is loaded: a wrong column fails in seconds, not minutes
     runtime = detect_runtime()
     fallbacks: list[str] = []
 
