@@ -84,14 +84,36 @@ def test_misspelled_flag_gets_a_suggestion(tiny_models, tmp_path):
     assert "Did you mean --lora_r?" in proc.stderr and not out.exists()
 
 
-def test_qlora_plugin_command(monkeypatch, capsys):
-    """The plugin's own command: a user error is a message and status 2."""
+COMMAND = {
+    "strategies with a missing hook file": (["strategies", "--hooks", "missing.py"],
+                                            "Hook file 'missing.py' does not exist"),
+    "tiny-model with a missing data file": (["tiny-model", "out", "--data", "missing.jsonl"],
+                                            "Data file 'missing.jsonl' cannot be read"),
+    "tiny-model with a data file not JSONL": (["tiny-model", "out", "--data", "notes.jsonl"],
+                                              "Data file 'notes.jsonl', line 2: not a JSON object"),
+    "tiny-model with a zero size": (["tiny-model", "out", "--hidden-size", "0"],
+                                    "--hidden-size: must be a positive integer, got '0'"),
+    "tiny-model with a size the heads do not divide": (["tiny-model", "out", "--hidden-size", "66"],
+                                                       "hidden size 66 must be a multiple of the 4 attention heads"),
+}
+
+
+@pytest.mark.parametrize("case", COMMAND)
+def test_qlora_plugin_command(case, monkeypatch, capsys, tmp_path):
+    """The plugin's own command: a user error is a message and status 2, and no output folder."""
     monkeypatch.setattr(sys, "_qlora_plugin_own_cli", True, raising=False)  # what importing cli sets; undone after
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.jsonl").write_text('{"text": "fine"}\nnot json\n')
     from qlora_plugin import cli
 
-    assert cli.main(["strategies", "--hooks", "missing.py"]) == 2
+    argv, fragment = COMMAND[case]
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit_:  # argparse
+        status = exit_.code
     err = capsys.readouterr().err
-    assert "qlora-plugin: error: Hook file 'missing.py' does not exist" in err and "Traceback" not in err
+    assert status == 2 and "error: " in err and fragment in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.jsonl"]
 
 
 # --- YAML --config ------------------------------------------------------------------------------------------------
