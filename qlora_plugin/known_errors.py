@@ -72,7 +72,9 @@ def message(exc: BaseException, tb) -> str | None:
                 "the Hub.")
     if isinstance(exc, ValueError) and "doesn't support bf16/gpu" in text:
         return (f"{text.rstrip('.')}: this machine has no GPU with bf16, and TRL's SFTConfig asks for bf16 by "
-                "default. Add `--use_cpu` to train on the CPU (the strategy then computes in float32).")
+                "default. Add `--use_cpu` to train on the CPU (the strategy then uses bf16 only if the CPU runs it "
+                "natively, else float32).")
     if isinstance(exc, ValueError) and "Can't find a valid checkpoint at" in text:
-        return f"{text}. `--resume_from_checkpoint` takes a checkpoint folder that exists, e.g. OUTPUT_DIR/checkpoint-500."
+        return (f"{text}. `--resume_from_checkpoint` takes a checkpoint folder that exists, e.g. "
+                "OUTPUT_DIR/checkpoint-500.")
     return None

@@ -69,7 +69,7 @@ def check_config(config: dict, model_id: str, load_in_4bit: bool, trust_remote_c
         from transformers import CONFIG_MAPPING
 
         model_type = config.get("model_type")
-        if model_type not in CONFIG_MAPPING:
+        if model_type is not None and model_type not in CONFIG_MAPPING:  # missing: transformers guesses from the path
             import transformers
 
             raise QLoRAPluginError(

@@ -110,8 +110,8 @@ def test_no_code_sets_trust_remote_code():
 
 # --- where code is loaded from ------------------------------------------------------------------------------------
 
-PLUGIN = "from qlora_plugin import Strategy, hookimpl\n{marker}\n@hookimpl\ndef qlora_register_strategies(register):\n" \
-         "    register(Strategy({name!r}, 'test plugin', {{}}))\n"
+PLUGIN = ("from qlora_plugin import Strategy, hookimpl\n{marker}\n@hookimpl\n"
+          "def qlora_register_strategies(register):\n    register(Strategy({name!r}, 'test plugin', {{}}))\n")
 
 
 @pytest.fixture
@@ -156,9 +156,9 @@ def test_hook_files_in_the_working_folder_are_not_loaded(tmp_path, monkeypatch, 
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delattr(sys, "_qlora_plugin_own_cli", raising=False)
     monkeypatch.setattr(sys, "argv", ["sft.py", "--strategy", "sneaky"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         activation.activate_from_process()
-    assert "Unknown strategy 'sneaky'" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "Unknown strategy 'sneaky'" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.ran"))
 
 
