@@ -79,7 +79,7 @@ def test_misspelled_flag_gets_a_suggestion(tiny_models, tmp_path):
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
                        str(DATA), "--output_dir", str(out), "--strategy", "qlora", "--lora_rank", "8", *TRAIN_FLAGS],
                      tmp_path)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "qlora-plugin: error: Unknown argument(s) --lora_rank 8" in proc.stderr
     assert "Did you mean --lora_r?" in proc.stderr and not out.exists()
 
@@ -149,7 +149,7 @@ def test_yaml_misspelled_key(tiny_models, tmp_path):
     out = tmp_path / "out"
     proc = run_python(["-m", "trl.scripts.sft", "--config", "cfg.yaml", "--model_name_or_path", tiny_models["llama"],
                        "--dataset_name", str(DATA), "--output_dir", str(out), *TRAIN_FLAGS], tmp_path)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "Unknown key(s) in the YAML config" in proc.stderr and "lora_rank: Did you mean --lora_r?" in proc.stderr
     assert not out.exists()
 
@@ -330,7 +330,7 @@ def test_dataset_columns_in_a_script(tiny_models, tmp_path):
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
                        str(tmp_path / "data"), "--output_dir", str(out), "--strategy", "qlora", *TRAIN_FLAGS],
                       tmp_path)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "The train_dataset has columns ['question', 'answer']" in proc.stderr and not out.exists()
 
 
@@ -340,7 +340,7 @@ def test_dataset_path_missing(tiny_models, tmp_path):
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
                        str(tmp_path / "no_data"), "--output_dir", str(out), "--strategy", "qlora", *TRAIN_FLAGS],
                       tmp_path)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "qlora-plugin: error: The dataset could not be loaded: Couldn't find any data file" in proc.stderr
     assert "trl/scripts/sft.py" in proc.stderr and not out.exists()
 
