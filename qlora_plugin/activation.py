@@ -17,6 +17,7 @@ import sys
 from .errors import QLoRAPluginError, install_excepthook, report_and_exit
 from .options import OPTION_NAMES, StrategyOptions
 from .request import StrategyRequest
+from .yaml_config import read as read_yaml_config
 
 STRATEGY_ENV = "QLORA_PLUGIN_STRATEGY"
 OPTIONS_ENV = "QLORA_PLUGIN_OPTIONS"  # JSON, set for child processes
@@ -48,6 +49,7 @@ def _flag_parser() -> argparse.ArgumentParser:
 
     parser = HfArgumentParser((_ActivationFlags, StrategyOptions), prog="qlora-plugin", add_help=False)
     parser.allow_abbrev = False
+    parser.usage = "--strategy NAME [strategy options] (`qlora-plugin strategies` lists them)"
     for action in parser._actions:
         action.default = argparse.SUPPRESS  # the namespace then holds only what was given
         action.required = False
@@ -71,43 +73,27 @@ def given_flag_names(argv: list[str]) -> set[str]:
     return names
 
 
-def read_yaml_config(argv: list[str]) -> dict:
-    """The mapping in TRL's `--config FILE`, or {} (TRL itself reports unreadable files)."""
-    if "--config" not in argv:
-        return {}
-    index = argv.index("--config")
-    if index + 1 >= len(argv):
-        return {}
-    try:
-        import yaml
-
-        with open(argv[index + 1], encoding="utf-8") as f:
-            config = yaml.safe_load(f)
-    except (OSError, ValueError):
-        return {}
-    except Exception:  # yaml.YAMLError: TRL reports it with its own message
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
 def request_from_process(argv: list[str], environ) -> tuple[StrategyRequest | None, list[str]]:
     """Work out the request from a command line, its YAML config and the environment. Returns (request, new argv).
 
     Without a strategy anywhere, returns (None, argv unchanged).
     """
-    config = read_yaml_config(argv)
-    config_env = config.get("env") if isinstance(config.get("env"), dict) else {}
+    config, config_problem = read_yaml_config(argv)
+    config_env = config.get("env") or {}
     cli_strategy = _cli_strategy(argv)
     strategy = cli_strategy or config.get("strategy") or config_env.get(STRATEGY_ENV) or environ.get(STRATEGY_ENV)
     if not strategy:
         return None, argv
+    if config_problem:
+        raise QLoRAPluginError(config_problem)
     if not isinstance(strategy, str):
         raise QLoRAPluginError(f"`strategy` must be a name such as qlora; got {strategy!r}.")
+    _check_env_block(config_env)
     flags, rest = parse_own_flags(argv)
     source = "cli" if cli_strategy else "yaml" if config.get("strategy") or config_env.get(STRATEGY_ENV) else None
     source = source or environ.get(SOURCE_ENV, "env")
 
-    options = _options_from_env(environ)
+    options = _json_from_env(environ, OPTIONS_ENV, dict, 'a JSON object of strategy options, e.g. {"lora_r": 16}')
     options.update({k: v for k, v in config.items() if k in OPTION_NAMES})
     options.update({k: v for k, v in flags.items() if k in OPTION_NAMES})
     _check_contradictions({**config, **flags})
@@ -115,11 +101,13 @@ def request_from_process(argv: list[str], environ) -> tuple[StrategyRequest | No
     hooks = flags.get("qlora_hooks") or config.get(HOOKS_KEY) or []
     if isinstance(hooks, str):
         hooks = [hooks]
+    if not isinstance(hooks, list) or not all(isinstance(h, str) for h in hooks):
+        raise QLoRAPluginError(f"`{HOOKS_KEY}` must be a list of .py file paths; got {hooks!r}.")
     from .plugins import hook_files_from_env
 
     hook_files = tuple(dict.fromkeys([*hooks, *hook_files_from_env()]))
 
-    explicit = set(json.loads(environ.get(EXPLICIT_ENV, "[]")))
+    explicit = set(_json_from_env(environ, EXPLICIT_ENV, list, "a JSON list of argument names (set by the plugin)"))
     explicit |= given_flag_names(rest) | {k for k in config if k not in OWN_KEYS and k != "env"}
     return StrategyRequest(strategy, options, frozenset(explicit), hook_files, source), rest
 
@@ -127,25 +115,41 @@ def request_from_process(argv: list[str], environ) -> tuple[StrategyRequest | No
 def _cli_strategy(argv: list[str]) -> str | None:
     for i, token in enumerate(argv):
         if token == "--strategy":
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--") or not argv[i + 1]:
                 raise QLoRAPluginError("`--strategy` needs a name, e.g. `--strategy qlora`.")
             return argv[i + 1]
         if token.startswith("--strategy="):
+            if token == "--strategy=":
+                raise QLoRAPluginError("`--strategy` needs a name, e.g. `--strategy qlora`.")
             return token.split("=", 1)[1]
     return None
 
 
-def _options_from_env(environ) -> dict:
-    raw = environ.get(OPTIONS_ENV)
+def _json_from_env(environ, name: str, kind: type, what: str):
+    """A JSON value of type `kind` from an environment variable (empty or unset: an empty one)."""
+    raw = environ.get(name)
     if not raw:
-        return {}
+        return kind()
     try:
-        options = json.loads(raw)
+        value = json.loads(raw)
     except ValueError:
-        raise QLoRAPluginError(f"{OPTIONS_ENV} must be a JSON object of strategy options; got {raw!r}.") from None
-    if not isinstance(options, dict):
-        raise QLoRAPluginError(f"{OPTIONS_ENV} must be a JSON object of strategy options; got {raw!r}.")
-    return options
+        value = None
+    if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+        raise QLoRAPluginError(f"{name} must be {what}; got {raw!r}. Fix or unset it.")
+    return value
+
+
+def _check_env_block(config_env: dict) -> None:
+    """Only QLORA_PLUGIN_STRATEGY works in a YAML `env:` block: TRL applies the block after the plugin has read
+    its settings, so anything else there would be silently ignored."""
+    misplaced = sorted(str(k) for k in config_env
+                       if k in OWN_KEYS or (str(k).startswith("QLORA_PLUGIN_") and k != STRATEGY_ENV))
+    if misplaced:
+        raise QLoRAPluginError(
+            f"{', '.join(misplaced)} in the YAML `env:` block would be ignored: only {STRATEGY_ENV} is read there. "
+            "Put strategy options and `qlora_hooks` at the top level of the YAML file (e.g. `lora_r: 16`), and "
+            "other QLORA_PLUGIN_* variables in the shell environment."
+        )
 
 
 def _check_contradictions(given: dict) -> None:

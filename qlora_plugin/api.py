@@ -9,7 +9,16 @@ or, to keep constructing the trainer yourself: `SFTTrainer(**apply_strategy(kwar
 
 from __future__ import annotations
 
+from .errors import QLoRAPluginError
 from .request import StrategyRequest
+
+
+def _hook_file_list(hook_files) -> tuple:
+    """A path or a list of paths (a bare string is one file, not a sequence of characters)."""
+    files = (hook_files,) if isinstance(hook_files, str) else hook_files
+    if not isinstance(files, (list, tuple)) or not all(isinstance(f, str) for f in files):
+        raise QLoRAPluginError(f"`hook_files` must be a list of .py file paths; got {hook_files!r}.")
+    return tuple(files)
 
 
 def apply_strategy(trainer_kwargs: dict, strategy: str = "qlora", options: dict | None = None,
@@ -22,7 +31,13 @@ def apply_strategy(trainer_kwargs: dict, strategy: str = "qlora", options: dict 
     """
     from .trainer import prepare_trainer_kwargs
 
-    request = StrategyRequest(strategy, dict(options or {}), frozenset(), tuple(hook_files), "api")
+    if not isinstance(strategy, str):
+        raise QLoRAPluginError(f"`strategy` must be a strategy name such as 'qlora'; got {strategy!r}.")
+    if not isinstance(options or {}, dict):
+        raise QLoRAPluginError(f"`options` must be a dict of strategy options, e.g. {{'lora_r': 16}}; got {options!r}.")
+    if not isinstance(trainer_kwargs, dict):
+        raise QLoRAPluginError(f"`trainer_kwargs` must be a dict of SFTTrainer arguments; got {trainer_kwargs!r}.")
+    request = StrategyRequest(strategy, dict(options or {}), frozenset(), _hook_file_list(hook_files), "api")
     return prepare_trainer_kwargs(request, trainer_kwargs, pm=plugin_manager)
 
 

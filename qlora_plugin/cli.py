@@ -62,6 +62,12 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-plugin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,9 +80,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--arch", default="llama", choices=["llama", "gpt2", "phi3"])
     p.add_argument("--data", nargs="*", default=[], help="JSONL files to train the tokenizer on.")
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--intermediate-size", type=int, default=None)
+    p.add_argument("--hidden-size", type=_positive_int, default=128)
+    p.add_argument("--layers", type=_positive_int, default=2)
+    p.add_argument("--intermediate-size", type=_positive_int, default=None)
     p.set_defaults(func=_tiny_model)
     p = sub.add_parser("merge", help="Merge a (Q)LoRA adapter into the dequantized base it was trained against "
                        "and write an ordinary transformers model (see docs/merge.md).")

@@ -23,7 +23,8 @@ def report_and_exit(err: BaseException) -> None:
 
 
 def install_excepthook() -> None:
-    """Show `QLoRAPluginError` (and a training child's failure) as a message in scripts, not a traceback.
+    """Show `QLoRAPluginError`, bad input a library reported (`known_errors`) and a training child's failure as a
+    message in scripts, not a traceback.
 
     Called when a strategy is activated in a script process; every other exception keeps Python's hook.
     """
@@ -34,6 +35,12 @@ def install_excepthook() -> None:
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, QLoRAPluginError):
             print(f"qlora-plugin: error: {exc}", file=sys.stderr)
+            return
+        from .known_errors import message
+
+        known = message(exc, tb)
+        if known is not None:  # bad input a library reported: its words, without the traceback
+            print(f"qlora-plugin: error: {known}", file=sys.stderr)
             return
         if exc_type.__name__ == "CalledProcessError" and getattr(exc, "cmd", None):
             # `trl sft` / `accelerate launch` re-raise the training child's exit; the child already said why.

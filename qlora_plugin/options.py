@@ -82,6 +82,7 @@ class StrategyOptions:
             self.lora_target_modules = [self.lora_target_modules]
         if isinstance(self.lora_modules_to_save, str):
             self.lora_modules_to_save = [self.lora_modules_to_save]
+        _check_types(self)
         for name, allowed in (
             ("bnb_4bit_quant_type", ("nf4", "fp4")),
             ("bnb_4bit_compute_dtype", DTYPE_CHOICES),
@@ -106,14 +107,54 @@ class StrategyOptions:
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(StrategyOptions))
 
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _accepts(annotation, value) -> bool:
+    """Does `value` have the type `annotation` (bool, int, float, str, list[...], X | None) says? No coercion."""
+    import typing
+
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list:
+        return isinstance(value, list) and all(_accepts(args[0], v) for v in value)
+    if args:  # X | None
+        return any(_accepts(a, value) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation in (int, float):
+        return isinstance(value, (int, float) if annotation is float else int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _kind(annotation) -> str:
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list:
+        return "a list of strings"
+    return _kind(args[0]) if args else _KINDS[annotation]
+
+
+def _check_types(options: StrategyOptions) -> None:
+    """Each value has its field's type (a YAML `lora_r: eight` or `use_dora: 3` is refused, not coerced)."""
+    import typing
+
+    for name, annotation in typing.get_type_hints(type(options)).items():
+        value = getattr(options, name)
+        if not _accepts(annotation, value):
+            raise QLoRAPluginError(f"`{name}` must be {_kind(annotation)}; got {value!r} ({type(value).__name__}).")
 
 
 def build_options(strategy_defaults: dict, explicit: dict) -> StrategyOptions:
     """Options for one run: dataclass defaults, then the strategy's defaults, then what the user set."""
-    unknown = sorted(set(explicit) - set(OPTION_NAMES))
+    unknown = sorted(map(str, set(explicit) - set(OPTION_NAMES)))
     if unknown:
+        import difflib
+
+        close = [m for name in unknown for m in difflib.get_close_matches(name, OPTION_NAMES, n=1, cutoff=0.75)]
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise QLoRAPluginError(
-            f"Unknown strategy option(s): {', '.join(unknown)}. Allowed: {', '.join(OPTION_NAMES)}."
+            f"Unknown strategy option(s): {', '.join(unknown)}.{hint} Allowed: {', '.join(OPTION_NAMES)}."
         )
     values = {**strategy_defaults, **explicit}
     try:

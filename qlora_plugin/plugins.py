@@ -33,19 +33,64 @@ def get_plugin_manager(hook_files=(), load_entrypoints: bool = True) -> pluggy.P
     if load_entrypoints:
         _load_entrypoints(pm)
     for path in hook_files:
-        pm.register(load_hook_file(path), name=f"hook-file:{Path(path).resolve()}")
-    pm.check_pending()
+        name = f"hook-file:{Path(path).expanduser().resolve()}"
+        if pm.has_plugin(name):
+            continue  # the same file named twice (e.g. on the command line and in QLORA_PLUGIN_HOOKS)
+        module = load_hook_file(path)
+        _check_undecorated_hooks(module, path)
+        try:
+            pm.register(module, name=name)
+        except pluggy.PluginValidationError as err:
+            raise QLoRAPluginError(f"Hook file {path!r}: {err}. {_hooks_help()}") from None
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as err:
+        raise QLoRAPluginError(f"{err}. {_hooks_help()}") from None
     return pm
 
 
+def _hooks_help() -> str:
+    import inspect
+
+    specs = [f"{name}({', '.join(inspect.signature(fn).parameters)})"
+             for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("qlora_")]
+    return f"The hooks are: {'; '.join(specs)} (an implementation may take fewer arguments). See docs/hooks.md."
+
+
+def _check_undecorated_hooks(module, path) -> None:
+    """A function named like a hook but without `@hookimpl` would never run: say so instead of ignoring it."""
+    marker = f"{ENTRY_POINT_GROUP}_impl"
+    forgotten = sorted(name for name in vars(hookspecs) if name.startswith("qlora_")
+                       and callable(getattr(module, name, None)) and not hasattr(getattr(module, name), marker))
+    if forgotten:
+        raise QLoRAPluginError(
+            f"Hook file {path!r} defines {', '.join(forgotten)} without `@hookimpl`, so it would never be called. "
+            "Decorate it: `from qlora_plugin import hookimpl` then `@hookimpl` above the function."
+        )
+
+
 def _load_entrypoints(pm: pluggy.PluginManager) -> None:
+    """Installed plugins (the `qlora_plugin` entry-point group), all or those named in QLORA_PLUGIN_LOAD."""
+    from importlib.metadata import entry_points
+
+    installed = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
     allowed = os.environ.get(LOAD_ENV)
-    if allowed is None:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        return
-    names = {n.strip() for n in allowed.split(",") if n.strip()}
-    for name in sorted(names):
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+    names = installed if allowed is None else sorted({n.strip() for n in allowed.split(",") if n.strip()})
+    missing = [name for name in names if name not in installed]
+    if missing:
+        raise QLoRAPluginError(
+            f"{LOAD_ENV} names {', '.join(missing)}, which no installed package provides (entry-point group "
+            f"`{ENTRY_POINT_GROUP}`). Installed: {', '.join(installed) or 'none'}. Install the plugin's package, or "
+            f"set {LOAD_ENV} to a comma-separated list of installed ones (empty: none)."
+        )
+    for name in names:
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+        except Exception as err:  # a broken third-party package: name it rather than show its traceback
+            raise QLoRAPluginError(
+                f"The installed plugin {name!r} failed to load ({type(err).__name__}: {err}). Upgrade or uninstall "
+                f"it, or leave it out with {LOAD_ENV}=<comma-separated plugins to load>."
+            ) from None
 
 
 def hook_files_from_env() -> list[str]:

@@ -22,7 +22,11 @@ def require_bitsandbytes() -> None:
 def _dtype(name):
     import torch
 
-    return name if isinstance(name, torch.dtype) else getattr(torch, name)
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in ("bfloat16", "float16", "float32"):
+        raise QLoRAPluginError(f"`dtype` must be one of auto, bfloat16, float16, float32; got {name!r}.")
+    return getattr(torch, name)
 
 
 def compute_dtype(options: StrategyOptions, runtime: Runtime, load_dtype=None):

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+
+from .errors import QLoRAPluginError
 
 ARCHITECTURES = ("llama", "gpt2", "phi3")
 
@@ -15,10 +18,18 @@ ARCHITECTURES = ("llama", "gpt2", "phi3")
 def _corpus(data_files) -> list[str]:
     texts = []
     for path in data_files:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                texts.append(" ".join(str(row[k]) for k in ("prompt", "completion", "text") if k in row))
+        try:
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    row = json.loads(line)
+                    texts.append(" ".join(str(row[k]) for k in ("prompt", "completion", "text") if k in row))
+        except OSError as err:
+            raise QLoRAPluginError(f"Data file {path!r} cannot be read ({err.strerror or err}).") from None
+        except (ValueError, TypeError) as err:  # not JSON, or a line that is not an object
+            raise QLoRAPluginError(
+                f"Data file {path!r}, line {number}: not a JSON object ({err}). Pass JSONL files with one object "
+                "per line (prompt/completion or text fields)."
+            ) from None
     return texts
 
 
@@ -45,7 +56,9 @@ def model_config(arch: str, vocab_size: int, hidden_size: int = 128, layers: int
     from transformers import GPT2Config, LlamaConfig, Phi3Config
 
     if arch not in ARCHITECTURES:
-        raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}; got {arch!r}")
+        raise QLoRAPluginError(f"arch must be one of {', '.join(ARCHITECTURES)}; got {arch!r}.")
+    if hidden_size % heads:
+        raise QLoRAPluginError(f"hidden size {hidden_size} must be a multiple of the {heads} attention heads.")
     intermediate_size = intermediate_size or 2 * hidden_size
     special = {}
     if tokenizer is not None:
@@ -74,7 +87,12 @@ def build_tiny_model(out_dir: str, arch: str = "llama", data_files=(), hidden_si
     config = model_config(arch, len(tokenizer), hidden_size, layers, intermediate_size, heads, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".tiny-model-") as tmp:  # never a half-written folder
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.makedirs(out_dir, exist_ok=True)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     return out_dir

@@ -36,11 +36,14 @@ def _load_model(pm, strategy, options, model_id, args, runtime, explicit):
     """The model and, when the 4-bit base came from the quantized-base cache, the cache folder."""
     from trl.trainer.utils import create_model_from_path
 
+    from .model_checks import check_model_source, load_error
+
     kwargs = pm.hook.qlora_model_init_kwargs(
         strategy=strategy, options=options, model_id=model_id, init_kwargs=_init_kwargs(args, explicit),
         runtime=runtime,
     )
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)  # the user's choice, never turned on by us
+    check_model_source(model_id, options.load_in_4bit, bool(kwargs["trust_remote_code"]))
     source = None
     if options.quantized_cache and not runtime.shards_parameters:
         from accelerate import PartialState
@@ -56,11 +59,11 @@ def _load_model(pm, strategy, options, model_id, args, runtime, explicit):
         model = create_model_from_path(source, **kwargs)
         model.config._name_or_path = model.name_or_path = model_id  # what the adapter records as its base
         return model, source
-    except OSError as err:
-        raise QLoRAPluginError(
-            f"Could not load the model {model_id!r}: {err}. Pass a local folder with config.json and weights, "
-            "or a model id on a machine that reaches the Hub."
-        ) from None
+    except (OSError, ValueError) as err:
+        friendly = load_error(model_id, err)
+        if friendly is None:
+            raise
+        raise friendly from None
 
 
 def _quantization_facts(model) -> dict | None:
@@ -113,6 +116,8 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     from .checkpointing import enable_resume
     from .cpu_compat import make_cpu_inference_safe
     from .engine_checks import engine_warnings
+    from .dataset_checks import check_sft_datasets
+    from .model_checks import check_model_argument
     from .optimizer import CPU_PAGING_NOTE, optim_name
     from .quant_record import QuantizationRecordCallback
     from .recipe import apply_training_defaults, training_defaults, user_set
@@ -125,7 +130,9 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     options = build_options(dict(strategy.option_defaults), request.options)
     explicit = set(request.explicit_training_args)
     model = kwargs.get("model")
+    check_model_argument(model)
     args = kwargs.get("args") or _default_args(model)
+    check_sft_datasets(kwargs, args)  # before the model is loaded: a wrong column fails in seconds, not minutes
     runtime = detect_runtime()
     fallbacks: list[str] = []
     cached_from = None

@@ -2,7 +2,7 @@
 
 - `SFTTrainer.__init__`: its arguments go through `trainer.prepare_trainer_kwargs` first.
 - `TrlParser.set_defaults_with_config`: the plugin's YAML keys are taken out, so TRL neither drops them silently
-  nor hands them to `accelerate launch` as unknown flags.
+  nor hands them to `accelerate launch` as unknown flags; a misspelled plugin key (`lora_rank`) is an error.
 Both patches pass straight through when no strategy is active.
 """
 
@@ -51,11 +51,16 @@ def patch_trl_parser(module) -> None:
 
     @functools.wraps(original)
     def set_defaults_with_config(self, **kwargs):
-        from .activation import OWN_KEYS, active_request
+        from .activation import OWN_KEYS, active_request, publish
+        from .known_errors import check_unused_yaml_keys
 
-        if active_request() is not None:
-            kwargs = {k: v for k, v in kwargs.items() if k not in OWN_KEYS}
-        return original(self, **kwargs)
+        request = active_request()
+        if request is None:
+            return original(self, **kwargs)
+        remaining = original(self, **{k: v for k, v in kwargs.items() if k not in OWN_KEYS})
+        check_unused_yaml_keys(remaining[::2])  # `lora_rank: 8` would otherwise be dropped silently
+        publish(request)  # TRL has just applied the YAML's `env:` block; child processes get the request
+        return remaining
 
     set_defaults_with_config._qlora_plugin = True
     cls.set_defaults_with_config = set_defaults_with_config

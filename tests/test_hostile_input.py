@@ -1,0 +1,404 @@
+"""Hostile input, one case per row of docs/troubleshooting.md: each gets a message naming what was wrong and what
+is allowed, a non-zero exit (status 2 at activation) and no traceback.
+
+Most cases run the activation in-process (`activation.activate_from_process`, exactly what a script runs when it
+imports `trl`); the cases whose error comes later in the script run as real processes (`run_python`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA, TRAIN_FLAGS, run_python
+
+from qlora_plugin import QLoRAPluginError, activation
+
+
+@pytest.fixture
+def activate(monkeypatch, capsys, tmp_path):
+    """Run the activation of a script started as `python sft.py ARGV` with `env`; return its stderr."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delattr(sys, "_qlora_plugin_own_cli", raising=False)
+
+    def run(argv, env=None):
+        monkeypatch.setattr(sys, "argv", ["sft.py", *argv])
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as exit_:
+            activation.activate_from_process()
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2
+        assert "Traceback" not in err and "qlora-plugin: error" in err, err
+        assert activation.active_request() is None
+        return err
+
+    return run
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return path.name
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+CLI = {
+    "negative rank": (["--lora_r", "-3"], "`lora_r` must be a positive integer"),
+    "fractional rank": (["--lora_r", "8.5"], "invalid int value: '8.5'"),
+    "zero alpha": (["--lora_alpha", "0"], "`lora_alpha` must be a positive number"),
+    "bad quant storage": (["--bnb_4bit_quant_storage", "int3"], "invalid choice: 'int3'"),
+    "bad boolean": (["--use_dora", "maybe"], "Truthy value expected"),
+    "target modules without names": (["--lora_target_modules"], "expected at least one argument"),
+    "empty strategy": (["--strategy="], "`--strategy` needs a name"),
+}
+
+
+@pytest.mark.parametrize("case", CLI)
+def test_command_line(case, activate):
+    argv, fragment = CLI[case]
+    assert fragment in activate(["--strategy", "qlora", *argv] if case != "empty strategy" else argv)
+
+
+def test_trl_dtype_choice_is_trls_message(capsys):
+    """`--dtype fp8` is TRL's flag: TRL's parser refuses it (status 2, its own message, no traceback)."""
+    from trl.scripts.sft import make_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        make_parser().parse_args_and_config(["--dtype", "fp8", "--output_dir", "o"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --dtype: invalid choice: 'fp8'" in err and "Traceback" not in err
+
+
+def test_misspelled_flag_gets_a_suggestion(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
+                       str(DATA), "--output_dir", str(out), "--strategy", "qlora", "--lora_rank", "8", *TRAIN_FLAGS],
+                     tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "qlora-plugin: error: Unknown argument(s) --lora_rank 8" in proc.stderr
+    assert "Did you mean --lora_r?" in proc.stderr and not out.exists()
+
+
+COMMAND = {
+    "strategies with a missing hook file": (["strategies", "--hooks", "missing.py"],
+                                            "Hook file 'missing.py' does not exist"),
+    "tiny-model with a missing data file": (["tiny-model", "out", "--data", "missing.jsonl"],
+                                            "Data file 'missing.jsonl' cannot be read"),
+    "tiny-model with a data file not JSONL": (["tiny-model", "out", "--data", "notes.jsonl"],
+                                              "Data file 'notes.jsonl', line 2: not a JSON object"),
+    "tiny-model with a zero size": (["tiny-model", "out", "--hidden-size", "0"],
+                                    "--hidden-size: must be a positive integer, got '0'"),
+    "tiny-model with a size the heads do not divide": (["tiny-model", "out", "--hidden-size", "66"],
+                                                       "hidden size 66 must be a multiple of the 4 attention heads"),
+}
+
+
+@pytest.mark.parametrize("case", COMMAND)
+def test_qlora_plugin_command(case, monkeypatch, capsys, tmp_path):
+    """The plugin's own command: a user error is a message and status 2, and no output folder."""
+    monkeypatch.setattr(sys, "_qlora_plugin_own_cli", True, raising=False)  # what importing cli sets; undone after
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    from qlora_plugin import cli
+
+    argv, fragment = COMMAND[case]
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit_:  # argparse
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2 and "error: " in err and fragment in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.jsonl"]
+
+
+# --- YAML --config ------------------------------------------------------------------------------------------------
+
+YAML = {
+    "unreadable file": (None, "cannot be read (No such file or directory)"),
+    "invalid YAML": ("strategy: qlora\nlora_r: [8\n", "is not valid YAML"),
+    "not a mapping": ("- strategy\n- qlora\n", "must hold a YAML mapping"),
+    "wrong type": ("strategy: qlora\nlora_r: eight\n", "`lora_r` must be an integer; got 'eight'"),
+    "list option not a list": ("strategy: qlora\nlora_target_modules: 5\n", "`lora_target_modules` must be a list"),
+    "unknown strategy": ("strategy: qlroa\n", "Unknown strategy 'qlroa'. Did you mean 'qlora'?"),
+    "strategy not a name": ("strategy: [qlora]\n", "`strategy` must be a name"),
+    "option in env block": ("strategy: qlora\nenv:\n  lora_r: 16\n", "lora_r in the YAML `env:` block"),
+    "plugin variable in env block": ("env:\n  QLORA_PLUGIN_STRATEGY: qlora\n  QLORA_PLUGIN_OPTIONS: '{}'\n",
+                                     "QLORA_PLUGIN_OPTIONS in the YAML `env:` block would be ignored"),
+    "env block not a mapping": ("strategy: qlora\nenv: 5\n", "`env` in the config file 'cfg.yaml' must be a mapping"),
+    "hooks not a list": ("strategy: qlora\nqlora_hooks: 5\n", "`qlora_hooks` must be a list of .py file paths"),
+}
+
+
+@pytest.mark.parametrize("case", YAML)
+def test_yaml_config(case, activate, tmp_path):
+    text, fragment = YAML[case]
+    if text is not None:
+        write(tmp_path / "cfg.yaml", text)
+    strategy = [] if "strateg" in case else ["--strategy", "qlora"]  # those cases are about the YAML's strategy
+    assert fragment in activate([*strategy, "--config", "cfg.yaml"])
+
+
+def test_yaml_misspelled_key(tiny_models, tmp_path):
+    """TRL's sft.py drops unknown YAML keys silently; one that looks like a plugin key is an error instead."""
+    write(tmp_path / "cfg.yaml", "strategy: qlora\nlora_rank: 8\n")
+    out = tmp_path / "out"
+    proc = run_python(["-m", "trl.scripts.sft", "--config", "cfg.yaml", "--model_name_or_path", tiny_models["llama"],
+                       "--dataset_name", str(DATA), "--output_dir", str(out), *TRAIN_FLAGS], tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Unknown key(s) in the YAML config" in proc.stderr and "lora_rank: Did you mean --lora_r?" in proc.stderr
+    assert not out.exists()
+
+
+# --- environment variables ----------------------------------------------------------------------------------------
+
+ENV = {
+    "unknown strategy": ({"QLORA_PLUGIN_STRATEGY": "qlroa"}, "Unknown strategy 'qlroa'"),
+    "options not an object": ({"QLORA_PLUGIN_OPTIONS": "[8]"}, "QLORA_PLUGIN_OPTIONS must be a JSON object"),
+    "unknown option": ({"QLORA_PLUGIN_OPTIONS": '{"lora_rank": 8}'},
+                       "Unknown strategy option(s): lora_rank. Did you mean lora_r?"),
+    "option of the wrong type": ({"QLORA_PLUGIN_OPTIONS": '{"lora_r": "8"}'}, "`lora_r` must be an integer"),
+    "missing hook file": ({"QLORA_PLUGIN_HOOKS": "missing.py"}, "Hook file 'missing.py' does not exist"),
+    "plugin not installed": ({"QLORA_PLUGIN_LOAD": "nope"},
+                             "QLORA_PLUGIN_LOAD names nope, which no installed package provides"),
+    "corrupt explicit args": ({"QLORA_PLUGIN_EXPLICIT_ARGS": "{"}, "QLORA_PLUGIN_EXPLICIT_ARGS must be a JSON list"),
+}
+
+
+@pytest.mark.parametrize("case", ENV)
+def test_environment(case, activate):
+    env, fragment = ENV[case]
+    assert fragment in activate([], {"QLORA_PLUGIN_STRATEGY": "qlora", **env})
+
+
+# --- hook files ---------------------------------------------------------------------------------------------------
+
+HOOKS = {
+    "syntax error": ("def broken(:\n", "failed to import: SyntaxError"),
+    "raises on import": ("raise RuntimeError('boom')\n", "failed to import: RuntimeError: boom"),
+    "unknown hook name": ("from qlora_plugin import hookimpl\n\n@hookimpl\ndef qlora_wrap_modle(model):\n"
+                          "    return model\n", "unknown hook 'qlora_wrap_modle'"),
+    "wrong hook arguments": ("from qlora_plugin import hookimpl\n\n@hookimpl\ndef qlora_wrap_model(modle):\n"
+                             "    return modle\n", "Argument(s) {'modle'} are declared in the hookimpl"),
+    "hook without @hookimpl": ("def qlora_trainer_callbacks(training_args):\n    return []\n",
+                               "defines qlora_trainer_callbacks without `@hookimpl`"),
+    "registers a non-strategy": ("from qlora_plugin import hookimpl\n\n@hookimpl\n"
+                                 "def qlora_register_strategies(register):\n    register('fast')\n",
+                                 "registered 'fast', not a Strategy"),
+    "strategy name taken": ("from qlora_plugin import Strategy, hookimpl\n\n@hookimpl\n"
+                            "def qlora_register_strategies(register):\n    register(Strategy('qlora', 'mine'))\n",
+                            "Strategy 'qlora' is registered twice"),
+}
+
+
+@pytest.mark.parametrize("case", HOOKS)
+def test_hook_file(case, activate, tmp_path):
+    text, fragment = HOOKS[case]
+    name = write(tmp_path / f"hook_{case.replace(' ', '_').replace('@', '')}.py", text)
+    err = activate(["--strategy", "qlora", "--qlora_hooks", name])
+    assert fragment in err
+    if "hook" in case:
+        assert "The hooks are: qlora_create_optimizer(" in err or "@hookimpl" in err
+
+
+# --- Python API ---------------------------------------------------------------------------------------------------
+
+API = {
+    "strategy not a name": (dict(strategy=None), "`strategy` must be a strategy name"),
+    "unknown strategy": (dict(strategy="qlroa"), "Unknown strategy 'qlroa'"),
+    "options not a dict": (dict(options=[("lora_r", 8)]), "`options` must be a dict"),
+    "unknown option": (dict(options={"lora_rank": 8}), "Did you mean lora_r?"),
+    "option of the wrong type": (dict(options={"lora_dropout": "high"}), "`lora_dropout` must be a number"),
+    "hook files not paths": (dict(hook_files=[3]), "`hook_files` must be a list of .py file paths"),
+    "model not a model": (dict(model=42), "`model` must be a model id or folder"),
+    "dtype not a dtype": (dict(dtype="fp8"), "`dtype` must be one of auto, bfloat16, float16, float32"),
+}
+
+
+@pytest.mark.parametrize("case", API)
+def test_python_api(case, tiny_models, tmp_path):
+    from trl import SFTConfig
+
+    from qlora_plugin import apply_strategy
+
+    arguments = dict(strategy="qlora", options=None, hook_files=(), model=tiny_models["llama"], dtype=None)
+    arguments.update(API[case][0])
+    dtype = arguments.pop("dtype")
+    args = SFTConfig(str(tmp_path / "out"), report_to="none", use_cpu=True,
+                     model_init_kwargs={"dtype": dtype} if dtype else None)
+    with pytest.raises(QLoRAPluginError) as err:
+        apply_strategy({"model": arguments.pop("model"), "args": args}, **arguments)
+    assert API[case][1] in str(err.value)
+
+
+# --- model folders ------------------------------------------------------------------------------------------------
+
+
+def model_folder(tmp_path, source, config_changes=None, weights=True, config=True) -> str:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if config:
+        data = json.loads((Path(source) / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**data, **(config_changes or {})}))
+    if weights:
+        shutil.copy(Path(source) / "model.safetensors", folder)
+    return str(folder)
+
+
+MODELS = {
+    "folder missing": (None, "does not exist"),
+    "path is a file": ("file", "is a file, not a model folder"),
+    "no config.json": (dict(config=False), "has no config.json"),
+    "config not JSON": ("badjson", "is not valid JSON"),
+    "no weights": (dict(weights=False), "no file named model.safetensors"),
+    "unknown model_type": (dict(config_changes={"model_type": "mystery"}), "model_type 'mystery', which transformers"),
+    "8-bit checkpoint": (dict(config_changes={"quantization_config": {"quant_method": "bitsandbytes",
+                                                                      "load_in_8bit": True}}),
+                         "already quantized (bitsandbytes 8-bit"),
+    "GPTQ checkpoint": (dict(config_changes={"quantization_config": {"quant_method": "gptq", "bits": 4}}),
+                        "already quantized (gptq"),
+}
+
+
+@pytest.mark.parametrize("case", MODELS)
+def test_model_folder(case, tiny_models, tmp_path):
+    from trl import SFTConfig
+
+    from qlora_plugin import apply_strategy
+
+    spec, fragment = MODELS[case]
+    if spec is None:
+        path = str(tmp_path / "no" / "such" / "model")
+    elif spec == "file":
+        path = str(tmp_path / "model.safetensors")
+        shutil.copy(Path(tiny_models["llama"]) / "model.safetensors", path)
+    elif spec == "badjson":
+        path = model_folder(tmp_path, tiny_models["llama"], config=False)
+        (Path(path) / "config.json").write_text("{not json")
+    else:
+        path = model_folder(tmp_path, tiny_models["llama"], **spec)
+    with pytest.raises(QLoRAPluginError) as err:
+        apply_strategy({"model": path, "args": SFTConfig(str(tmp_path / "out"), report_to="none", use_cpu=True)})
+    assert fragment in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_4bit_checkpoint_with_the_16bit_strategy(tiny_models, tmp_path):
+    from trl import SFTConfig
+
+    from qlora_plugin import apply_strategy
+
+    path = model_folder(tmp_path, tiny_models["llama"], {"quantization_config": {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}})
+    with pytest.raises(QLoRAPluginError, match="use `--strategy qlora` for a 4-bit checkpoint"):
+        apply_strategy({"model": path, "args": SFTConfig(str(tmp_path / "out"), report_to="none", use_cpu=True)},
+                       "lora")
+
+
+# --- datasets -----------------------------------------------------------------------------------------------------
+
+DATASETS = {
+    "no text column": ({"foo": ["a"], "bar": ["b"]}, "has columns ['foo', 'bar']; SFTTrainer needs `text`"),
+    "prompt without completion": ({"prompt": ["a"]}, "`prompt` + `completion`"),
+}
+
+
+@pytest.mark.parametrize("case", DATASETS)
+def test_dataset_columns(case, tiny_models, tmp_path, monkeypatch):
+    """Refused from the column names, before the model is loaded."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from qlora_plugin import apply_strategy, trainer
+
+    monkeypatch.setattr(trainer, "_load_model", lambda *a: pytest.fail("the model was loaded"))
+    columns, fragment = DATASETS[case]
+    with pytest.raises(QLoRAPluginError) as err:
+        apply_strategy({"model": tiny_models["llama"], "train_dataset": Dataset.from_dict(columns),
+                        "args": SFTConfig(str(tmp_path / "out"), report_to="none", use_cpu=True)})
+    assert fragment in str(err.value) and "--dataset_text_field" in str(err.value)
+
+
+def test_dataset_columns_in_a_script(tiny_models, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"question": "a", "answer": "b"}\n' * 4)
+    out = tmp_path / "out"
+    proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
+                       str(tmp_path / "data"), "--output_dir", str(out), "--strategy", "qlora", *TRAIN_FLAGS],
+                      tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "The train_dataset has columns ['question', 'answer']" in proc.stderr and not out.exists()
+
+
+def test_dataset_path_missing(tiny_models, tmp_path):
+    """`datasets` raises in the user's script; the active strategy's excepthook says it without the traceback."""
+    out = tmp_path / "out"
+    proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
+                       str(tmp_path / "no_data"), "--output_dir", str(out), "--strategy", "qlora", *TRAIN_FLAGS],
+                      tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "qlora-plugin: error: The dataset could not be loaded: Couldn't find any data file" in proc.stderr
+    assert "trl/scripts/sft.py" in proc.stderr and not out.exists()
+
+
+# --- errors libraries raise in the user's script, shown by the excepthook --------------------------------------
+
+
+@pytest.fixture
+def excepthook(monkeypatch, capsys):
+    """The excepthook an active strategy installs; returns what it prints for an exception."""
+    from qlora_plugin.errors import install_excepthook
+
+    monkeypatch.setattr(sys, "excepthook", lambda *exc_info: pytest.fail(f"not handled: {exc_info[1]!r}"))
+    install_excepthook()
+
+    def show(excinfo) -> str:
+        sys.excepthook(excinfo.type, excinfo.value, excinfo.tb)
+        return capsys.readouterr().err
+
+    return show
+
+
+def test_bf16_on_a_machine_without_it(excepthook, monkeypatch, tmp_path):
+    """TRL asks for bf16 by default; on a CPU-only machine transformers refuses it unless `--use_cpu`."""
+    import transformers.training_args
+    from trl import SFTConfig
+
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: False)
+    with pytest.raises(ValueError) as err:
+        SFTConfig(str(tmp_path / "out"), report_to="none")
+    assert "qlora-plugin: error: Your setup doesn't support bf16/gpu" in excepthook(err)
+    assert "Add `--use_cpu`" in excepthook(err)
+
+
+def test_resume_from_missing_checkpoint(tiny_models, tmp_path, excepthook):
+    """Trainer's ValueError for a checkpoint that is not there."""
+    from datasets import load_dataset
+    from trl import SFTConfig
+
+    from qlora_plugin import make_trainer
+
+    trainer = make_trainer("qlora", model=tiny_models["llama"], train_dataset=load_dataset(str(DATA))["train"],
+                           args=SFTConfig(str(tmp_path / "out"), report_to="none", use_cpu=True, max_steps=1,
+                                          max_length=32))
+    with pytest.raises(ValueError) as err:
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-9"))
+    stderr = excepthook(err)
+    assert "qlora-plugin: error: Can't find a valid checkpoint at" in stderr and "OUTPUT_DIR/checkpoint-500" in stderr
+
+
+def test_unknown_exceptions_keep_their_traceback(monkeypatch, capsys):
+    """Only bad input is shortened: any other exception (perhaps a bug) goes to Python's own hook."""
+    from qlora_plugin.errors import install_excepthook
+
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda *exc_info: seen.append(exc_info[1]))
+    install_excepthook()
+    with pytest.raises(KeyError) as err:
+        {}["text"]
+    sys.excepthook(err.type, err.value, err.tb)
+    assert seen == [err.value] and capsys.readouterr().err == ""
