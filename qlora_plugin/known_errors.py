@@ -1,8 +1,8 @@
 """Bad input that libraries report with a traceback in the user's script, said as one message instead.
 
 Used by the excepthook `errors.install_excepthook` sets while a strategy is active: an unknown flag (transformers'
-`HfArgumentParser`), a dataset that cannot be loaded (`datasets`), bf16 asked for on a machine without it, a
-checkpoint to resume from that is not there (`Trainer`). Anything not recognised here keeps Python's traceback:
+`HfArgumentParser`), a dataset that cannot be loaded (`datasets`), bf16 asked for on a machine without it
+(a missing resume checkpoint is caught earlier, by `checkpointing.resolve_checkpoint`). Anything not recognised here keeps Python's traceback:
 it may be a bug, and then the traceback is what helps.
 """
 
@@ -74,7 +74,4 @@ def message(exc: BaseException, tb) -> str | None:
         return (f"{text.rstrip('.')}: this machine has no GPU with bf16, and TRL's SFTConfig asks for bf16 by "
                 "default. Add `--use_cpu` to train on the CPU (the strategy then uses bf16 only if the CPU runs it "
                 "natively, else float32).")
-    if isinstance(exc, ValueError) and "Can't find a valid checkpoint at" in text:
-        return (f"{text}. `--resume_from_checkpoint` takes a checkpoint folder that exists, e.g. "
-                "OUTPUT_DIR/checkpoint-500.")
     return None
