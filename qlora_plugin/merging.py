@@ -88,9 +88,9 @@ def load_config(folder: str):
 
 
 def model_layout(config, settings: dict | None) -> Layout:
-    """Build an empty copy of the model and let transformers' bitsandbytes quantizer pick the 4-bit layers."""
+    """Build an empty copy of the model; the 4-bit layers are the ones transformers' bitsandbytes rule picks."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     try:
@@ -102,16 +102,9 @@ def model_layout(config, settings: dict | None) -> Layout:
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     quantized = set()
     if settings is not None:
-        import bitsandbytes as bnb
-        from transformers.quantizers import AutoHfQuantizer
+        from .quantization import four_bit_module_names
 
-        bnb_config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=settings["bnb_4bit_quant_type"],
-            bnb_4bit_use_double_quant=settings["bnb_4bit_use_double_quant"],
-            llm_int8_skip_modules=settings.get("llm_int8_skip_modules"),
-        )
-        AutoHfQuantizer.from_config(bnb_config, pre_quantized=False).preprocess_model(model, device_map={"": "cpu"})
-        quantized = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        quantized = {f"{n}.weight" for n in four_bit_module_names(model, settings.get("llm_int8_skip_modules"))}
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     return Layout(params, quantized, conv1d, tied, getattr(model, "base_model_prefix", ""))
 

@@ -148,21 +148,6 @@ def _standin_class():
     return Linear4bitStandIn
 
 
-def quantized_module_names(model, options: StrategyOptions) -> list[str]:
-    """Names of the linear layers transformers' bitsandbytes integration turns into `Linear4bit`."""
-    import torch
-    from transformers import BitsAndBytesConfig
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.bnb_4bit_quant_type)
-    skip = HfQuantizer.get_modules_to_not_convert(model, bnb.llm_int8_skip_modules, model._keep_in_fp32_modules)
-    return [name for name, module in model.named_modules()
-            if name and should_convert_module(name, skip)
-            and (isinstance(module, Conv1D) or type(module) is torch.nn.Linear)]
-
-
 def skeleton(config, strategy_quantized: bool, full: bool, options: StrategyOptions, compute: str,
              trust_remote_code: bool = False):
     """The model as the strategy trains it, on the meta device: 4-bit stand-ins, dtypes, LoRA, trainable flags."""
@@ -182,7 +167,9 @@ def skeleton(config, strategy_quantized: bool, full: bool, options: StrategyOpti
     if full:
         model.requires_grad_(True)
         return model
-    quantized = quantized_module_names(model, options) if strategy_quantized else []
+    from .quantization import four_bit_module_names
+
+    quantized = four_bit_module_names(model) if strategy_quantized else []
     if quantized:
         standin = _standin_class()
         model.to(torch.float32)  # prepare_model_for_kbit_training upcasts everything that is not 4-bit

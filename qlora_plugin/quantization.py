@@ -77,3 +77,20 @@ def model_init_kwargs(options: StrategyOptions, init_kwargs: dict, runtime: Runt
     elif runtime.engine in ("fsdp", "deepspeed_zero3", "deepspeed"):
         kwargs["device_map"] = None
     return kwargs
+
+
+def four_bit_module_names(model, skip_modules=None) -> list[str]:
+    """Names of the layers transformers' bitsandbytes integration turns into `Linear4bit`, by its own rule: every
+    `nn.Linear` and GPT-2 `Conv1D` except the output head, tied and fp32-kept modules, and `skip_modules`.
+
+    One answer for everything that must agree with a real 4-bit load: `plan`, the quantized-base cache, `merge`.
+    Works on a skeleton on the meta device."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = HfQuantizer.get_modules_to_not_convert(model, skip_modules, model._keep_in_fp32_modules)
+    return [name for name, module in model.named_modules()
+            if name and should_convert_module(name, skip)
+            and (isinstance(module, Conv1D) or type(module) is torch.nn.Linear)]

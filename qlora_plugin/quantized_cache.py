@@ -97,12 +97,13 @@ def _entry_name(folder: str, fingerprint: dict, settings: dict) -> str:
 
 def _quantized_layout(folder: str, quantization_config, dtype, trust_remote_code: bool):
     """Names of the linear weights transformers would quantize, and which of them are GPT-2 `Conv1D` (stored
-    transposed), from a skeleton on the meta device with transformers' own module replacement."""
+    transposed), from a skeleton on the meta device and transformers' own rule (`four_bit_module_names`)."""
     import transformers
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers import AutoHfQuantizer
+
+    from .quantization import four_bit_module_names
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     # The class TRL's `create_model_from_path` will load, so the skeleton has the same modules.
@@ -114,9 +115,7 @@ def _quantized_layout(folder: str, quantization_config, dtype, trust_remote_code
             skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     names = set(skeleton.state_dict())
     conv1d = {name for name, module in skeleton.named_modules() if isinstance(module, Conv1D)}
-    quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
-    quantizer.preprocess_model(skeleton, device_map=None, dtype=dtype)
-    layers = {name for name, module in skeleton.named_modules() if type(module).__name__ == "Linear4bit"}
+    layers = four_bit_module_names(skeleton, quantization_config.llm_int8_skip_modules)
     return config, names, {f"{n}.weight" for n in layers}, {f"{n}.weight" for n in conv1d}
 
 
@@ -177,6 +176,9 @@ def cached_base(model_id: str, init_kwargs: dict) -> str | None:
     config = init_kwargs.get("quantization_config")
     if config is None or not getattr(config, "load_in_4bit", False) or not os.path.isdir(model_id):
         return None
+    with open(os.path.join(model_id, "config.json"), encoding="utf-8") as f:
+        if "auto_map" in json.load(f):  # custom modelling code: its files and loading are its own
+            return None
     fingerprint = source_fingerprint(model_id)
     if fingerprint is None:
         return None
