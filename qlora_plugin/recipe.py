@@ -66,4 +66,20 @@ def apply_training_defaults(args, defaults: dict, explicit_names) -> dict:
             continue  # fp16 was asked for
         setattr(args, name, converters[name](value) if name in converters else value)
         applied[name] = value
+    if "bf16" in applied:
+        _sync_mixed_precision(args)
     return applied
+
+
+def _sync_mixed_precision(args) -> None:
+    """`TrainingArguments.__post_init__` derives `mixed_precision` (what the Accelerator's autocast uses) from
+    `bf16`; changing `bf16` afterwards must update it the same way, or bf16 autocast stays on."""
+    import os
+
+    if not hasattr(args, "mixed_precision"):
+        return
+    args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if args.fp16:
+        args.mixed_precision = "fp16"
+    elif args.bf16:
+        args.mixed_precision = "bf16"

@@ -128,3 +128,16 @@ def test_user_quantization_config_wins(tiny_models, tmp_path):
                            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4"))
     layer = trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert layer.weight.quant_state.quant_type == "fp4"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_autocast_follows_the_recipe_bf16(tiny_models, tmp_path, monkeypatch, native):
+    """TRL asks for bf16; without native bf16 the strategy turns it off, and the Accelerator's autocast with it
+    (transformers derives `mixed_precision` at config time: a stale "bf16" ran every matmul emulated, 5x slower)."""
+    from qlora_plugin import make_trainer, runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    trainer = make_trainer("qlora", model=tiny_models["llama"], args=sft_config(tmp_path),
+                           train_dataset=train_split())
+    assert trainer.args.bf16 is native
+    assert trainer.accelerator.mixed_precision == ("bf16" if native else "no")
