@@ -55,11 +55,9 @@ def _merge(args) -> int:
 
 
 def _bool(value: str) -> bool:
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    from transformers.hf_argparser import string_to_bool  # the parser TRL's own flags go through
+
+    return string_to_bool(value)
 
 
 def _positive_int(text: str) -> int:

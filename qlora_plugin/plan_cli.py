@@ -39,11 +39,9 @@ def parse_memory(text: str) -> int:
 
 
 def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    from transformers.hf_argparser import string_to_bool  # the parser TRL's own flags go through
+
+    return string_to_bool(text)
 
 
 def make_parser() -> argparse.ArgumentParser:

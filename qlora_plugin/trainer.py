@@ -119,6 +119,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     from .dataset_checks import check_sft_datasets
     from .model_checks import check_model_argument
     from .optimizer import CPU_PAGING_NOTE, optim_name
+    from .planning import predict_for_run
     from .quant_record import QuantizationRecordCallback
     from .recipe import apply_training_defaults, training_defaults, user_set
     from .report import StrategyReportCallback
@@ -207,8 +208,6 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         "user_kept": kept,
         "fallbacks": fallbacks,
     }
-    from .planning import predict_for_run
-
     facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type,
                                       facts["adapter"]["dtype"])
     callbacks = list(kwargs.get("callbacks") or [])
