@@ -12,6 +12,7 @@ Four configurations, run alternately in every round so that drift on the machine
                   gradient checkpointing, the compute dtype the strategy picks on this machine)
   (c) trl-default TRL's own QLoRA switch and nothing else: --load_in_4bit --use_peft
   (d) lora        --strategy lora (16-bit base + LoRA, same recipe)
+  (a') qlora-reuse --strategy qlora --reuse_dequantized_weights true (the opt-in dequantization reuse)
 
 Each run is a fresh process. Measured from outside, the same way for all four: time from process start to the
 end of the first optimizer step (first loss log line), median step time (gaps between successive loss logs,
@@ -58,8 +59,10 @@ CONFIGS = {
     "trl-recipe": RECIPE_BY_HAND,
     "trl-default": ["--load_in_4bit", "--use_peft"],
     "lora": ["--strategy", "lora"],
+    "qlora-reuse": ["--strategy", "qlora", "--reuse_dequantized_weights", "true"],
 }
-PAIRS = [("qlora", "trl-recipe"), ("qlora", "lora"), ("qlora", "trl-default")]
+PAIRS = [("qlora", "trl-recipe"), ("qlora", "lora"), ("qlora", "trl-default"), ("qlora-reuse", "qlora"),
+         ("qlora-reuse", "trl-default")]
 
 
 def build_model(size: str) -> Path:

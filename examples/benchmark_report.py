@@ -16,6 +16,7 @@ LABELS = {
     "trl-recipe": "(b) TRL flags, paper recipe by hand",
     "trl-default": "(c) TRL `--load_in_4bit --use_peft`",
     "lora": "(d) `--strategy lora` (16-bit)",
+    "qlora-reuse": "(a') (a) + `--reuse_dequantized_weights true`",
 }
 
 
@@ -58,7 +59,7 @@ def plot(everything: dict, path: Path) -> None:
             medians = [summary[c][key]["median"] for c in configs]
             errors = [[m - summary[c][key]["min"] for c, m in zip(configs, medians)],
                       [summary[c][key]["max"] - m for c, m in zip(configs, medians)]]
-            ax.bar(configs, medians, yerr=errors, capsize=3, color=["#2a7", "#59c", "#aab", "#d84"][: len(configs)])
+            ax.bar(configs, medians, yerr=errors, capsize=3, color=["#2a7", "#59c", "#aab", "#d84", "#7c5"][: len(configs)])
             ax.set_title(f"{size}: {title}", fontsize=9)
             ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()

@@ -57,6 +57,21 @@ class StrategyOptions:
             "~/.cache/qlora_plugin. Keyed on the files' SHA-256 and the quantization settings."
         },
     )
+    release_memory_after_load: bool = field(
+        default=True,
+        metadata={
+            "help": "When training starts, return the memory that loading freed to the operating system "
+            "(glibc malloc_trim; the process otherwise keeps it for the whole run)."
+        },
+    )
+    reuse_dequantized_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Under gradient checkpointing, keep each 4-bit weight dequantized by the recomputation for the "
+            "backward that follows (2 dequantizations per layer per step instead of 3; bit-identical). Costs one "
+            "block's weights in the compute dtype."
+        },
+    )
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float | None = field(

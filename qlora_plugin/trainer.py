@@ -120,6 +120,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     from .model_checks import check_model_argument
     from .optimizer import CPU_PAGING_NOTE, optim_name
     from .planning import predict_for_run
+    from .host_memory import ReleaseMemoryAfterLoad
     from .quant_record import QuantizationRecordCallback
     from .recipe import apply_training_defaults, training_defaults, user_set
     from .report import StrategyReportCallback
@@ -211,6 +212,8 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type,
                                       facts["adapter"]["dtype"])
     callbacks = list(kwargs.get("callbacks") or [])
+    if options.release_memory_after_load:
+        callbacks.append(ReleaseMemoryAfterLoad(facts))  # before the report's callback starts the peak
     callbacks.append(StrategyReportCallback(facts))
     callbacks.append(QuantizationRecordCallback())  # lets `qlora-plugin merge` rebuild the base training saw
     for extra in pm.hook.qlora_trainer_callbacks(strategy=strategy, options=options, training_args=args):

@@ -1,0 +1,57 @@
+"""The benchmark harness's arithmetic and report (examples/benchmark.py, benchmark_report.py), on made-up runs:
+the figures in docs/benchmarks.md are only as right as these."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from conftest import REPO
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(first, step, rss, anon=None, loss=1.0):
+    return {"first_step_s": first, "step_s": step, "peak_rss_mib": rss, "peak_anon_mib": anon or rss,
+            "final_loss": loss}
+
+
+RESULTS = {
+    "qlora": [_run(60, 10, 100), _run(20, 12, 110), _run(22, 11, 90)],
+    "trl-recipe": [_run(40, 20, 100), _run(40, 20, 100), _run(44, 24, 100)],
+    "trl-default": [_run(30, 10, 200), _run(30, 10, 200), _run(30, 11, 200)],
+    "lora": [_run(20, 10, 400), _run(20, 10, 400), _run(20, 10, 400)],
+    "qlora-reuse": [_run(20, 9, 100), _run(20, 9, 100), _run(20, 9, 100)],
+}
+
+
+def test_medians_and_ranges():
+    bench = _load("benchmark")
+    summary = bench.summarise(RESULTS)
+    assert summary["qlora"]["step_s"] == {"median": 11, "min": 10, "max": 12}
+    assert summary["trl-recipe"]["first_step_s"]["median"] == 40
+
+
+def test_ratios_are_taken_round_by_round_and_start_up_skips_the_cache_filling_round():
+    bench = _load("benchmark")
+    ratios = bench.ratios(RESULTS)
+    assert ratios["qlora/trl-recipe"]["step_s"] == 0.5  # median of 10/20, 12/20, 11/24
+    assert ratios["qlora/trl-recipe"]["first_step_s"] == (20 / 40 + 22 / 44) / 2  # round 1 (60 s) left out
+    assert ratios["qlora/lora"]["peak_rss_mib"] == 0.25
+    assert ratios["qlora-reuse/qlora"]["step_s"] == 9 / 11
+
+
+def test_report_has_a_row_for_every_configuration_and_pair(tmp_path):
+    bench = _load("benchmark")
+    report = _load("benchmark_report")
+    size = {"summary": bench.summarise(RESULTS), "ratios": bench.ratios(RESULTS)}
+    table = report.table(size)
+    for label in report.LABELS.values():
+        assert label in table
+    assert "| qlora-reuse/trl-default | " in report.ratio_table(size)
