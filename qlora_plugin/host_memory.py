@@ -1,10 +1,10 @@
 """Hand the memory that loading freed back to the operating system before training starts.
 
-Why: loading the base, tokenizing the dataset and wrapping the model allocate and free hundreds of MB. glibc keeps
-freed blocks in its heap for reuse, so the process stays that much larger (measured on the 1.1B benchmark model:
-916 MiB free inside a 1265 MiB heap once the trainer was built). That resident memory is what a container limit or
-the OOM killer counts, and on a CPU run it is the headroom training needs. `malloc_trim(0)` returns free heap pages
-to the kernel; training then takes back only what it uses. One call, milliseconds.
+Why: loading the base, tokenizing the dataset and wrapping the model allocate and free memory that glibc keeps in
+its heap for reuse, so the process stays that much larger for the whole run (95 MiB on the 1.1B benchmark model).
+Resident memory is what a container limit or the OOM killer counts, and on a CPU run it is the headroom training
+needs. `malloc_trim(0)` returns free heap pages to the kernel; training then takes back only what it uses. One
+call, milliseconds.
 
 glibc only (Linux); on other C libraries this does nothing. Off with `release_memory_after_load: false`.
 """
