@@ -4,7 +4,7 @@ SFT script, on models built locally from a config (no Hub).
     python examples/benchmark.py                       # small + ~1B model, 3 rounds; writes docs/benchmarks.md
     python examples/benchmark.py --sizes small --rounds 2 --steps 4 --no-write   # a quick look
 
-Four configurations, run alternately in every round so that drift on the machine hits all of them alike:
+The configurations, run alternately in every round so that drift on the machine hits all of them alike:
 
   (a) qlora       --strategy qlora
   (b) trl-recipe  TRL's flags wired by hand to the same recipe (NF4, double quant, all-linear r=64 alpha=16,
@@ -13,6 +13,8 @@ Four configurations, run alternately in every round so that drift on the machine
   (c) trl-default TRL's own QLoRA switch and nothing else: --load_in_4bit --use_peft
   (d) lora        --strategy lora (16-bit base + LoRA, same recipe)
   (a') qlora-reuse --strategy qlora --reuse_dequantized_weights true (the opt-in dequantization reuse)
+  (a-) qlora-bnb-matmul --strategy qlora --cpu_dequant_buffer false (bitsandbytes' own CPU dequantization, to
+                  show what the default buffer changes)
 
 Each run is a fresh process. Measured from outside, the same way for all four: time from process start to the
 end of the first optimizer step (first loss log line), median step time (gaps between successive loss logs,
@@ -60,9 +62,10 @@ CONFIGS = {
     "trl-default": ["--load_in_4bit", "--use_peft"],
     "lora": ["--strategy", "lora"],
     "qlora-reuse": ["--strategy", "qlora", "--reuse_dequantized_weights", "true"],
+    "qlora-bnb-matmul": ["--strategy", "qlora", "--cpu_dequant_buffer", "false"],
 }
 PAIRS = [("qlora", "trl-recipe"), ("qlora", "lora"), ("qlora", "trl-default"), ("qlora-reuse", "qlora"),
-         ("qlora-reuse", "trl-default")]
+         ("qlora-reuse", "trl-default"), ("qlora", "qlora-bnb-matmul")]
 
 
 def build_model(size: str) -> Path:

@@ -9,8 +9,9 @@ compute dtype, held at a time.
 When it applies: `reuse_dequantized_weights` (off by default), to 4-bit layers inside a transformers
 `GradientCheckpointingLayer` whose checkpointing is on, while training with grad enabled. The first forward keeps
 nothing (checkpointing drops what it saves); the recomputation keeps one block's weights until its backward has
-used them. Layers outside a checkpointed block, and all layers outside training, run bitsandbytes' own forward,
-so the option can never hold a dequantized copy of the whole model.
+used them. Other calls (outside a checkpointed block, or outside training) take the other paths of
+`linear4bit_forward` (the CPU buffer, or bitsandbytes' own forward), so the option can never hold a dequantized
+copy of the whole model.
 
 Results are bit-identical to bitsandbytes' path: the same dequantization ops feed the same matmuls
 (`tests/test_dequant_reuse.py` compares losses, gradients and trained adapters with `torch.equal`).
@@ -18,7 +19,6 @@ Results are bit-identical to bitsandbytes' path: the same dequantization ops fee
 
 from __future__ import annotations
 
-import types
 import weakref
 
 import torch
@@ -40,55 +40,40 @@ class _ReusedDequantMatMul4Bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        from .linear4bit_forward import input_and_bias_grads
+
         (weight,) = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[3]:
-            grad_bias = grad_output.sum(0, dtype=ctx.bias_dtype)
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(grad_output, weight.to(grad_output.dtype))
+        grad_x, grad_bias = input_and_bias_grads(ctx, grad_output, lambda: weight)
         return grad_x, None, None, grad_bias
 
 
-def _checkpointed(layer) -> bool:
-    block = layer._qlora_checkpointed_block()
+def applies(layer) -> bool:
+    """Whether this call of `layer` runs inside the recomputation or forward of a block being checkpointed."""
+    ref = getattr(layer, "_qlora_checkpointed_block", None)
+    block = ref() if ref is not None else None
     return block is not None and block.gradient_checkpointing and block.training and torch.is_grad_enabled()
 
 
-def _forward_reusing_dequant(self, x: torch.Tensor):
-    """`Linear4bit.forward`, through `_ReusedDequantMatMul4Bit` while its block is being checkpointed."""
-    if not _checkpointed(self) or x.numel() == 0:
-        return type(self).forward(self, x)
-    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
-    fix_4bit_weight_quant_state_from_module(self)
-    if not self.compute_type_is_set:
-        self.set_compute_type(x)
-        self.compute_type_is_set = True
-    inp_dtype = x.dtype
-    if self.compute_dtype is not None:
-        x = x.to(self.compute_dtype)
-    bias = self.bias
-    if bias is not None:  # as bitsandbytes does
-        if bias.dtype != x.dtype:
-            bias.data = bias.data.to(x.dtype)
-        bias = bias.to(self.compute_dtype)
-    return _ReusedDequantMatMul4Bit.apply(x, self.weight, self.weight.quant_state, bias).to(inp_dtype)
+def matmul(x, packed, quant_state, bias):
+    return _ReusedDequantMatMul4Bit.apply(x, packed, quant_state, bias)
 
 
 def install(model) -> int:
-    """Route the 4-bit layers inside checkpointable blocks through the reusing forward; returns how many."""
+    """Route the 4-bit layers inside checkpointable blocks through the reusing path; returns how many."""
     from bitsandbytes.nn import Linear4bit
     from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from .linear4bit_forward import route
 
     count = 0
     for block in model.modules():
         if not isinstance(block, GradientCheckpointingLayer):
             continue
         for layer in block.modules():
-            if isinstance(layer, Linear4bit) and "forward" not in vars(layer):
+            if isinstance(layer, Linear4bit):
                 # A weak reference: an attribute holding a module would register it as a submodule (a cycle).
                 layer._qlora_checkpointed_block = weakref.ref(block)
-                layer.forward = types.MethodType(_forward_reusing_dequant, layer)
+                route(layer)
                 count += 1
     return count
 

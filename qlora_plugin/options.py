@@ -64,6 +64,14 @@ class StrategyOptions:
             "(glibc malloc_trim; the process otherwise keeps it for the whole run)."
         },
     )
+    cpu_dequant_buffer: bool = field(
+        default=True,
+        metadata={
+            "help": "On CPU, dequantize 4-bit weights of 32 MiB and more into one reused buffer instead of fresh "
+            "memory at every matmul (bit-identical; a 1.1B model's 46 MiB MLP weight dequantizes in 6.5 ms instead "
+            "of 19 ms). Costs one buffer the size of the largest weight."
+        },
+    )
     reuse_dequantized_weights: bool = field(
         default=False,
         metadata={

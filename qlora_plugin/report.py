@@ -98,6 +98,9 @@ def format_summary(facts: dict) -> str:
             f"{' + double quant' if q['double_quant'] else ''} ({q['bits_per_param']:.3f} bits/param), "
             f"compute {q['compute_dtype']}, storage {q['quant_storage']}"
         )
+        if q.get("dequant_buffer_layers"):
+            lines.append(f"  dequantize : {q['dequant_buffer_layers']} large 4-bit layers into one reused buffer "
+                         "(cpu_dequant_buffer)")
         if q.get("cached_base"):
             lines.append(f"  cached     : 4-bit base loaded from {q['cached_base']}")
     else:

@@ -67,6 +67,7 @@ def _load_model(pm, strategy, options, model_id, args, runtime, explicit):
 
 
 def _quantization_facts(model) -> dict | None:
+    from .dequant_buffer import buffered_layers
     from .report import four_bit_layers, quantized_bits_per_param
 
     layers = four_bit_layers(model)
@@ -81,6 +82,7 @@ def _quantization_facts(model) -> dict | None:
         "bits_per_param": quantized_bits_per_param(model),
         "compute_dtype": str(first.compute_dtype).replace("torch.", ""),
         "quant_storage": str(first.weight.quant_storage).replace("torch.", ""),
+        "dequant_buffer_layers": buffered_layers(model),
     }
 
 
@@ -121,6 +123,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     from .optimizer import CPU_PAGING_NOTE, optim_name
     from .planning import predict_for_run
     from .host_memory import ReleaseMemoryAfterLoad
+    from .linear4bit_forward import inactive_path_notes
     from .quant_record import QuantizationRecordCallback
     from .recipe import apply_training_defaults, training_defaults, user_set
     from .report import StrategyReportCallback
@@ -187,6 +190,8 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
             optimizer_class = answer[0].__name__
     if runtime.device_type == "cpu" and optim_name(args).startswith("paged"):
         fallbacks.append(CPU_PAGING_NOTE)
+    fallbacks.extend(inactive_path_notes(options, request.options, bool(args.gradient_checkpointing),
+                                         runtime.device_type))
     for problem in engine_warnings(runtime, optim_name(args)):
         logger.warning("%s.", problem)
         fallbacks.append(problem)

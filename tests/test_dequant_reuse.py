@@ -47,7 +47,7 @@ def _one_backward(trainer):
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_training_is_bit_identical_to_bitsandbytes_path(tiny_models, tmp_path, arch):
-    variants = {"bitsandbytes": {}, "reuse": {"reuse_dequantized_weights": True}}
+    variants = {"bitsandbytes": {"cpu_dequant_buffer": False}, "reuse": {"reuse_dequantized_weights": True}}
     runs = {}
     for name, options in variants.items():
         trainer = _trainer(tiny_models[arch], tmp_path / name, options)
@@ -98,6 +98,6 @@ def test_option_installs_on_the_blocks_4bit_layers_only_when_asked(tiny_models, 
     for reuse in (False, True):
         trainer = _trainer(tiny_models["llama"], tmp_path / str(reuse), {"reuse_dequantized_weights": reuse})
         layers = [m for m in trainer.model.modules() if isinstance(m, Linear4bit)]
-        patched = [m for m in layers if "forward" in vars(m)]
-        assert layers and len(patched) == (len(layers) if reuse else 0)
-        assert all(m._qlora_checkpointed_block() is not None for m in patched)
+        marked = [m for m in layers if hasattr(m, "_qlora_checkpointed_block")]
+        assert layers and len(marked) == (len(layers) if reuse else 0)
+        assert all(m._qlora_checkpointed_block() is not None and "forward" in vars(m) for m in marked)
