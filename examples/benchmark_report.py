@@ -17,7 +17,7 @@ LABELS = {
     "trl-default": "(c) TRL `--load_in_4bit --use_peft`",
     "lora": "(d) `--strategy lora` (16-bit)",
     "qlora-reuse": "(a') (a) + `--reuse_dequantized_weights true`",
-    "qlora-bnb-matmul": "(a-) (a) + `--cpu_dequant_buffer false`",
+    "qlora-buffer": "(a'') (a) + `--cpu_dequant_buffer true`",
 }
 
 

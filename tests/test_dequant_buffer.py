@@ -91,7 +91,7 @@ def test_buffer_holds_one_weight_and_only_large_layers_use_it(tiny_models, tmp_p
     from qlora_plugin import dequant_buffer
     from qlora_plugin.report import four_bit_layers
 
-    trainer = _trainer(tiny_models["llama"], tmp_path / "default", {}, steps=1)
+    trainer = _trainer(tiny_models["llama"], tmp_path / "default", {"cpu_dequant_buffer": True}, steps=1)
     layers = four_bit_layers(trainer.model)
     assert all(getattr(layer, "_qlora_dequant_buffer", None) is not None for layer in layers)
     assert dequant_buffer.buffered_layers(trainer.model) == 0  # tiny weights: bitsandbytes' path is as fast
@@ -106,7 +106,8 @@ def test_buffer_holds_one_weight_and_only_large_layers_use_it(tiny_models, tmp_p
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             held.append(four_bit_layers(model)[0]._qlora_dequant_buffer.nbytes())
 
-    trainer = _trainer(tiny_models["llama"], tmp_path / "half", {}, steps=2, callbacks=[BeforeOptimizerStep()])
+    trainer = _trainer(tiny_models["llama"], tmp_path / "half", {"cpu_dequant_buffer": True}, steps=2,
+                       callbacks=[BeforeOptimizerStep()])
     expected = sum(layer.weight.quant_state.shape.numel() * 4 >= threshold for layer in layers)
     assert 0 < dequant_buffer.buffered_layers(trainer.model) == expected < len(layers)
     trainer.train()
@@ -116,10 +117,10 @@ def test_buffer_holds_one_weight_and_only_large_layers_use_it(tiny_models, tmp_p
     assert four_bit_layers(trainer.model)[0]._qlora_dequant_buffer.nbytes() == 0  # freed for the optimizer step
 
 
-def test_option_off_leaves_bitsandbytes_forward(tiny_models, tmp_path):
+def test_off_by_default_leaving_bitsandbytes_forward(tiny_models, tmp_path):
     from qlora_plugin.report import four_bit_layers
 
-    trainer = _trainer(tiny_models["llama"], tmp_path, {"cpu_dequant_buffer": False}, steps=1)
+    trainer = _trainer(tiny_models["llama"], tmp_path, {}, steps=1)
     for layer in four_bit_layers(trainer.model):
         assert not hasattr(layer, "_qlora_dequant_buffer")
         assert "forward" not in vars(layer)
