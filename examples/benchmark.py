@@ -14,6 +14,8 @@ The configurations, run alternately in every round so that drift on the machine 
   (d) lora        --strategy lora (16-bit base + LoRA, same recipe)
   (a') qlora-reuse --strategy qlora --reuse_dequantized_weights true (the opt-in dequantization reuse)
   (a'') qlora-buffer --strategy qlora --cpu_dequant_buffer true (the opt-in dequantization buffer)
+  (a-) qlora-glibc --strategy qlora --cpu_malloc_tunables false (glibc's default malloc settings, as before the
+                  strategy turned its small-block caches off on CPU)
 
 Each run is a fresh process. Measured from outside, the same way for all four: time from process start to the
 end of the first optimizer step (first loss log line), median step time (gaps between successive loss logs,
@@ -62,9 +64,11 @@ CONFIGS = {
     "lora": ["--strategy", "lora"],
     "qlora-reuse": ["--strategy", "qlora", "--reuse_dequantized_weights", "true"],
     "qlora-buffer": ["--strategy", "qlora", "--cpu_dequant_buffer", "true"],
+    "qlora-glibc": ["--strategy", "qlora", "--cpu_malloc_tunables", "false"],
 }
 PAIRS = [("qlora", "trl-recipe"), ("qlora", "lora"), ("qlora", "trl-default"), ("qlora-reuse", "qlora"),
-         ("qlora-reuse", "trl-default"), ("qlora-buffer", "qlora")]
+         ("qlora-reuse", "trl-default"), ("qlora-buffer", "qlora"),
+         ("qlora", "qlora-glibc")]
 
 
 def build_model(size: str) -> Path:

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from . import malloc_tunables
 from .errors import QLoRAPluginError, install_excepthook, report_and_exit
 from .options import OPTION_NAMES, StrategyOptions
 from .request import StrategyRequest
@@ -204,6 +205,20 @@ def deactivate() -> None:
     _active = None
 
 
+def _use_cpu(argv: list[str]) -> bool:
+    """`--use_cpu` given and true, on the command line or in the YAML `--config` (TRL's own flag)."""
+    value = read_yaml_config(argv)[0].get("use_cpu", False)
+    for i, arg in enumerate(argv):
+        if arg in ("--use_cpu", "--use-cpu"):
+            following = argv[i + 1] if i + 1 < len(argv) else ""
+            value = following if following and not following.startswith("-") else True
+        elif arg.startswith(("--use_cpu=", "--use-cpu=")):
+            value = arg.split("=", 1)[1]
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "t", "yes", "y", "1")
+    return bool(value)
+
+
 def activate_from_process() -> None:
     """Called when `trl` is first imported. User errors end the script with a message and status 2."""
     if getattr(sys, "_qlora_plugin_own_cli", False):
@@ -212,6 +227,8 @@ def activate_from_process() -> None:
         request, argv = request_from_process(sys.argv[1:], os.environ)
         if request is None:
             return
+        # Before the strategy and its libraries load (3 s here), so a re-execution repeats as little as possible.
+        malloc_tunables.apply_at_activation(malloc_tunables.wanted(request.options), _use_cpu(argv))
         validate(request)
     except QLoRAPluginError as err:
         report_and_exit(err)

@@ -64,6 +64,15 @@ class StrategyOptions:
             "(glibc malloc_trim; the process otherwise keeps it for the whole run)."
         },
     )
+    cpu_malloc_tunables: bool = field(
+        default=True,
+        metadata={
+            "help": "On CPU-only runs started from a command line under glibc (Linux), re-execute the script once "
+            "at start with GLIBC_TUNABLES=glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0, so freed tensor "
+            "blocks merge instead of fragmenting the heap (1.1B model: 2.9 instead of 4.6 GiB peak). Your own "
+            "GLIBC_TUNABLES malloc settings win."
+        },
+    )
     cpu_dequant_buffer: bool = field(
         default=False,
         metadata={

@@ -110,6 +110,9 @@ def format_summary(facts: dict) -> str:
         f"({', '.join(a['target_modules'])}); trainable {a['trainable_params']:,} of {a['total_params']:,} "
         f"params ({100 * a['trainable_params'] / max(a['total_params'], 1):.2f}%)"
     )
+    malloc = facts.get("runtime", {}).get("malloc_tunables", "")
+    if malloc.startswith("applied"):
+        lines.append("  host malloc: glibc tcache and fastbins off, set at start (cpu_malloc_tunables)")
     lines.append(f"  optimizer  : {o['name']}" + (f" ({o['class']})" if o.get("class") else ""))
     if facts["recipe_applied"]:
         lines.append("  recipe     : " + ", ".join(f"{k}={v}" for k, v in facts["recipe_applied"].items()))

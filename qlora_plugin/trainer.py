@@ -124,6 +124,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     from .planning import predict_for_run
     from .host_memory import ReleaseMemoryAfterLoad
     from .linear4bit_forward import inactive_path_notes
+    from . import malloc_tunables
     from .quant_record import QuantizationRecordCallback
     from .recipe import apply_training_defaults, training_defaults, user_set
     from .report import StrategyReportCallback
@@ -192,6 +193,9 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         fallbacks.append(CPU_PAGING_NOTE)
     fallbacks.extend(inactive_path_notes(options, request.options, bool(args.gradient_checkpointing),
                                          runtime.device_type))
+    malloc_fact = malloc_tunables.summary_fact()
+    if request.options.get("cpu_malloc_tunables") is True and malloc_fact.startswith("not applied"):
+        fallbacks.append("cpu_malloc_tunables " + malloc_fact)
     for problem in engine_warnings(runtime, optim_name(args)):
         logger.warning("%s.", problem)
         fallbacks.append(problem)
@@ -206,7 +210,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         "model": {"name_or_path": getattr(model.config, "_name_or_path", None), "params": num_params,
                   "dtype": str(model.dtype).replace("torch.", "")},
         "runtime": {"device": runtime.device_type, "bf16_native": runtime.bf16_native, "engine": runtime.engine,
-                    "processes": runtime.num_processes},
+                    "processes": runtime.num_processes, "malloc_tunables": malloc_fact},
         "quantization": quantization,
         "adapter": _adapter_facts(model, quantization),
         "optimizer": {"name": optim_name(args), "class": optimizer_class},

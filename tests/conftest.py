@@ -10,10 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from qlora_plugin import malloc_tunables
+
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "examples" / "data" / "skills"
 PLUGIN_ENV = ("QLORA_PLUGIN_STRATEGY", "QLORA_PLUGIN_OPTIONS", "QLORA_PLUGIN_EXPLICIT_ARGS", "QLORA_PLUGIN_SOURCE",
               "QLORA_PLUGIN_HOOKS", "QLORA_PLUGIN_DISABLE", "QLORA_PLUGIN_LOAD")
+
+# `cpu_malloc_tunables` re-executes a CPU training script at activation. Tests activate strategies inside this
+# pytest process, which must never re-execute itself: give the settings up front (as a user may), so activation
+# keeps them. Scripts started by tests inherit them; tests/test_malloc_tunables.py clears them to see the re-exec.
+_tunables = malloc_tunables.with_settings(os.environ.get(malloc_tunables.TUNABLES_ENV))
+if _tunables is not None:
+    os.environ[malloc_tunables.TUNABLES_ENV] = _tunables
 
 # Widths chosen so bitsandbytes' CPU repacking (out % 32, in % 64) would fail on them: see test_cpu_compat.
 ARCHS = {
