@@ -5,13 +5,17 @@ neighbours such blocks still count as in use. Training on CPU frees large tensor
 cached small block sits between two of them they cannot merge, and the next dequantized weight or activation
 that no longer fits in either half is taken from fresh memory at the top of the heap. Measured in the first
 step of the 1.1B benchmark model (`mallinfo2`, 20 ms samples): the heap grew to 3.0 GiB with 0.5 GiB of it in
-use, for a 4.5 GiB resident peak; with `glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0` the same run peaked
-at 2.9 GiB resident (docs/benchmarks.md has the round-by-round figures).
+use, for a 4.6 GiB resident peak. With both caches off the blocks merge, but the merged memory then reaches
+the heap's top and glibc hands it back to the kernel, only to fault it in again for the next layer (12.2 million
+page faults instead of 4.0 million in 4 steps, 20% slower); keeping up to 512 MiB at the top stops that. With
+all four settings below the same run peaked at 2.9–3.1 GiB with steps as fast as glibc's defaults
+(docs/benchmarks.md has the round-by-round figures).
 
 How: glibc reads `GLIBC_TUNABLES` only when a process starts. So when a strategy activates in a script on a
 CPU-only run, the plugin re-executes the same command once, before anything is loaded, with the two settings
 added to the environment. `execv` keeps the process id, open files and arguments (launchers that wait on the
-process see no difference); the cost is importing Python packages a second time (about 2 s).
+process see no difference); the cost is importing Python packages a second time: about 1 s with `--use_cpu`,
+2 s without (torch is imported to see that no accelerator is in use).
 
 Never done: inside an interactive session or notebook, for a script read from stdin, when a GPU (or another
 accelerator) is in use, off glibc, or when `GLIBC_TUNABLES` already sets either of these (your settings win).
@@ -28,7 +32,16 @@ import sys
 logger = logging.getLogger(__name__)
 
 TUNABLES_ENV = "GLIBC_TUNABLES"
-SETTINGS = (("glibc.malloc.tcache_count", "0"), ("glibc.malloc.mxfast", "0"))
+# Both small-block caches off, so freed blocks merge with their neighbours at once; up to 512 MiB kept free at
+# the heap's top instead of returned and faulted in again; and the mmap threshold fixed at 32 MiB, the ceiling of
+# glibc's moving threshold (setting trim_threshold stops it moving, and at its 128 KiB start every tensor would
+# be mapped afresh).
+SETTINGS = (
+    ("glibc.malloc.tcache_count", "0"),
+    ("glibc.malloc.mxfast", "0"),
+    ("glibc.malloc.trim_threshold", str(512 * 2**20)),
+    ("glibc.malloc.mmap_threshold", str(32 * 2**20)),
+)
 REEXEC_MARK_ENV = "QLORA_PLUGIN_MALLOC_REEXEC"  # set in the re-executed process: never re-execute twice
 
 outcome: str | None = None  # what `apply_at_activation` decided in this process
@@ -99,7 +112,7 @@ def decide(enabled: bool, environ, use_cpu: bool, orig_argv: list[str] | None) -
         return False, "not applied: glibc only (Linux); no effect here"
     if with_settings(environ.get(TUNABLES_ENV)) is None:
         return False, f"yours kept: {TUNABLES_ENV}={environ.get(TUNABLES_ENV)}"
-    if orig_argv is None or _interactive() or _script_from_stdin(orig_argv):
+    if not orig_argv or not sys.executable or _interactive() or _script_from_stdin(orig_argv):
         return False, (f"not applied: not a script started from a command line; set {TUNABLES_ENV}="
                        f"{with_settings(None)} before starting Python to get it")
     device = accelerator_in_use(use_cpu)
@@ -135,4 +148,5 @@ def apply_at_activation(enabled: bool, use_cpu: bool, environ=os.environ) -> Non
 
 def summary_fact() -> str:
     """What the report records for this process (`host.malloc_tunables`)."""
-    return outcome or "not applied: the strategy was not started from a script's command line (Python API)"
+    return outcome or (f"not applied: the strategy was not started from a script's command line (Python API); "
+                       f"set {TUNABLES_ENV}={with_settings(None)} before Python starts to get it")

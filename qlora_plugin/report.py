@@ -112,7 +112,8 @@ def format_summary(facts: dict) -> str:
     )
     malloc = facts.get("runtime", {}).get("malloc_tunables", "")
     if malloc.startswith("applied"):
-        lines.append("  host malloc: glibc tcache and fastbins off, set at start (cpu_malloc_tunables)")
+        lines.append("  host malloc: glibc small-block caches off, 512 MiB kept at the heap top; set at start "
+                     "(cpu_malloc_tunables)")
     lines.append(f"  optimizer  : {o['name']}" + (f" ({o['class']})" if o.get("class") else ""))
     if facts["recipe_applied"]:
         lines.append("  recipe     : " + ", ".join(f"{k}={v}" for k, v in facts["recipe_applied"].items()))

@@ -10,7 +10,8 @@ import pytest
 from conftest import TRAIN_FLAGS, run_python
 from qlora_plugin import activation, malloc_tunables as mt
 
-OURS = "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"
+OURS = ("glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0:glibc.malloc.trim_threshold=536870912:"
+        "glibc.malloc.mmap_threshold=33554432")
 SCRIPT = ["train.py", "--strategy", "qlora"]
 
 
@@ -20,6 +21,7 @@ SCRIPT = ["train.py", "--strategy", "qlora"]
     ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:" + OURS),
     ("glibc.malloc.tcache_count=7", None),  # the user chose: nothing added, nothing changed
     ("glibc.malloc.mxfast=64:glibc.pthread.rseq=0", None),
+    ("glibc.malloc.trim_threshold=1", None),
 ])
 def test_settings_are_added_unless_the_user_set_them(current, expected):
     assert mt.with_settings(current) == expected
@@ -153,7 +155,7 @@ def test_training_script_reports_the_settings(tiny_models, dataset_dir, tmp_path
                        dataset_dir, "--strategy", "qlora", "--output_dir", str(out), *TRAIN_FLAGS], tmp_path,
                       {"GLIBC_TUNABLES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "host malloc: glibc tcache and fastbins off, set at start (cpu_malloc_tunables)" in proc.stdout + proc.stderr
+    assert "host malloc: glibc small-block caches off" in proc.stdout + proc.stderr
     report = json.loads((out / "qlora_plugin_report.json").read_text())
     assert report["runtime"]["malloc_tunables"] == f"applied: GLIBC_TUNABLES={OURS} (set by the plugin at start)"
 
