@@ -4,11 +4,11 @@ Why: glibc keeps small freed blocks (up to 1 KiB) in per-thread caches (tcache) 
 neighbours such blocks still count as in use. Training on CPU frees large tensor blocks all the time; when a
 cached small block sits between two of them they cannot merge, and the next dequantized weight or activation
 that no longer fits in either half is taken from fresh memory at the top of the heap. Measured in the first
-step of the 1.1B benchmark model (`mallinfo2`, 20 ms samples): the heap grew to 3.0 GiB with 0.5 GiB of it in
-use, for a 4.6 GiB resident peak. With both caches off the blocks merge, but the merged memory then reaches
+step of the 1.1B benchmark model (`mallinfo2`, 20 ms samples): the heap grew to 2996 MiB with 493 MiB of it in
+use, for a 4582 MiB resident peak. With both caches off the blocks merge, but the merged memory then reaches
 the heap's top and glibc hands it back to the kernel, only to fault it in again for the next layer (12.2 million
 page faults instead of 4.0 million in 4 steps, 20% slower); keeping up to 512 MiB at the top stops that. With
-all four settings below the same run peaked at 2.9–3.1 GiB with steps as fast as glibc's defaults
+all four settings below the same run peaked at 2806–3067 MiB with steps as fast as glibc's defaults
 (docs/benchmarks.md has the round-by-round figures).
 
 How: glibc reads `GLIBC_TUNABLES` only when a process starts. So when a strategy activates in a script on a

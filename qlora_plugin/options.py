@@ -69,8 +69,8 @@ class StrategyOptions:
         metadata={
             "help": "On CPU-only runs started from a command line under glibc (Linux), re-execute the script once "
             "at start with GLIBC_TUNABLES set so freed tensor blocks merge instead of fragmenting the heap "
-            "(small-block caches off, 512 MiB kept at the heap top; 1.1B model: 2.9-3.1 instead of 4.1-4.8 GiB "
-            "peak, same step time). Your own GLIBC_TUNABLES malloc settings win."
+            "(small-block caches off, 512 MiB kept at the heap top; 1.1B model: 2806-3067 instead of "
+            "4013-4641 MiB peak, same step time). Your own GLIBC_TUNABLES malloc settings win."
         },
     )
     cpu_dequant_buffer: bool = field(
