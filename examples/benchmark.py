@@ -16,6 +16,8 @@ The configurations, run alternately in every round so that drift on the machine 
   (a'') qlora-buffer --strategy qlora --cpu_dequant_buffer true (the opt-in dequantization buffer)
   (a-) qlora-glibc --strategy qlora --cpu_malloc_tunables false (glibc's default malloc settings, as before the
                   strategy turned its small-block caches off on CPU)
+  (a*) qlora-torch-dropout --strategy qlora --cpu_fast_dropout false (torch's own dropout masks, as before the
+                  strategy drew them with a faster generator on CPU)
 
 Each run is a fresh process. Measured from outside, the same way for all four: time from process start to the
 end of the first optimizer step (first loss log line), median step time (gaps between successive loss logs,
@@ -65,10 +67,11 @@ CONFIGS = {
     "qlora-reuse": ["--strategy", "qlora", "--reuse_dequantized_weights", "true"],
     "qlora-buffer": ["--strategy", "qlora", "--cpu_dequant_buffer", "true"],
     "qlora-glibc": ["--strategy", "qlora", "--cpu_malloc_tunables", "false"],
+    "qlora-torch-dropout": ["--strategy", "qlora", "--cpu_fast_dropout", "false"],
 }
 PAIRS = [("qlora", "trl-recipe"), ("qlora", "lora"), ("qlora", "trl-default"), ("qlora-reuse", "qlora"),
          ("qlora-reuse", "trl-default"), ("qlora-buffer", "qlora"),
-         ("qlora", "qlora-glibc")]
+         ("qlora", "qlora-glibc"), ("qlora", "qlora-torch-dropout"), ("qlora-torch-dropout", "trl-default")]
 
 
 def build_model(size: str) -> Path:

@@ -19,6 +19,7 @@ LABELS = {
     "qlora-reuse": "(a') (a) + `--reuse_dequantized_weights true`",
     "qlora-buffer": "(a'') (a) + `--cpu_dequant_buffer true`",
     "qlora-glibc": "(a-) (a) + `--cpu_malloc_tunables false`",
+    "qlora-torch-dropout": "(a*) (a) + `--cpu_fast_dropout false`",
 }
 
 

@@ -78,6 +78,15 @@ def main() -> int:
     for name, path in paths.items():
         predicted, measured = weights_vs_loaded(path)
         print(f"| {name} | {predicted:,} | {measured:,} | {predicted / measured - 1:+.2%} |")
+    baseline = build_tiny_model(os.path.join(root, "baseline"), data_files=[str(HERE / "data" / "skills" /
+                                                                               "train.jsonl")],
+                                arch="llama", hidden_size=64, layers=1, intermediate_size=128)
+    for run in range(2):  # the `runtime` term: a run whose model terms are about 1 MiB
+        memory = train_and_compare(baseline, data, os.path.join(root, f"baseline-{run}"), "qlora", 1, 16, False,
+                                   extra=["--use_cpu"])
+        model_terms = sum(v for k, v in memory["predicted_components"].items() if k != "runtime")
+        print(f"runtime baseline: measured {memory['measured_peak_bytes'] / 2**20:,.0f} MiB with "
+              f"{model_terms / 2**20:.1f} MiB of predicted model terms", flush=True)
     print("\n| model | strategy | batch x seq | checkpointing | predicted MiB | measured MiB | error |")
     print("|---|---|---|---|---|---|---|")
     runs = [("llama-256x4", "qlora", 8, 256, False), ("llama-256x4", "qlora", 8, 256, True),

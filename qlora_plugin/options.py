@@ -73,6 +73,15 @@ class StrategyOptions:
             "4013-4641 MiB peak, same step time). Your own GLIBC_TUNABLES malloc settings win."
         },
     )
+    cpu_fast_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "On CPU, draw LoRA dropout masks with numpy's SFC64 generator, seeded from torch's (one 32-bit "
+            "draw per element), instead of torch's bernoulli_: the same drop rate (to within 2^-32) and 1/(1-p) "
+            "scaling, a bool mask kept for the backward; torch's dropout took 4.1 s of a 37 s 1.1B step. Same seed, "
+            "same masks, but not torch's masks: false keeps torch's dropout, as stock peft draws it."
+        },
+    )
     cpu_dequant_buffer: bool = field(
         default=False,
         metadata={

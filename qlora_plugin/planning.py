@@ -28,9 +28,10 @@ FULL = "full"  # 16-bit full fine-tuning: a plan-only comparison, not a strategy
 COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "runtime")
 DEVICES = ("cuda", "cpu")
 # Process RSS of python + torch + transformers + trl + peft + bitsandbytes + datasets imported and a trainer's
-# data pipeline running, on the CPU development machine (measured, see docs/plan.md). The CUDA context is not in
-# `torch.cuda.max_memory_allocated`, so the cuda plan has no runtime term.
-CPU_RUNTIME_BYTES = 600 * 2**20
+# data pipeline running, on the CPU development machine: a 1-layer, 64-wide model trained at 1 x 16 tokens peaks
+# at 511-528 MiB with about 1 MiB of model terms (`examples/plan_accuracy.py` prints it; docs/plan.md). The CUDA
+# context is not in `torch.cuda.max_memory_allocated`, so the cuda plan has no runtime term.
+CPU_RUNTIME_BYTES = 520 * 2**20
 
 # Optimizer state in bytes per trainable element: "fp32" (two fp32 moments), "param" (two moments in the
 # parameter's dtype, as torch's AdamW allocates them), "8bit" (bitsandbytes blockwise: two uint8 moments + an
@@ -149,8 +150,9 @@ def _standin_class():
 
 
 def skeleton(config, strategy_quantized: bool, full: bool, options: StrategyOptions, compute: str,
-             trust_remote_code: bool = False):
-    """The model as the strategy trains it, on the meta device: 4-bit stand-ins, dtypes, LoRA, trainable flags."""
+             trust_remote_code: bool = False, device: str = "cpu"):
+    """The model as the strategy trains it on `device`, built on the meta device: 4-bit stand-ins, dtypes, LoRA
+    (with the CPU dropout where `cpu_fast_dropout` gives it one), trainable flags."""
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -182,7 +184,12 @@ def skeleton(config, strategy_quantized: bool, full: bool, options: StrategyOpti
                 new.bias = torch.nn.Parameter(old.bias.detach().to(dtype), requires_grad=False)
             model.set_submodule(name, new)
     model.requires_grad_(False)
-    return _with_lora(model, options, compute)
+    model = _with_lora(model, options, compute)
+    if device == "cpu" and options.cpu_fast_dropout:
+        from .cpu_dropout import install
+
+        install(model)
+    return model
 
 
 def _with_lora(model, options: StrategyOptions, compute: str):
@@ -296,7 +303,7 @@ def plan_strategy(config, strategy: str, quantized: bool, options: StrategyOptio
     full = strategy == FULL
     quantized = quantized and not full
     compute = compute_dtype_name(settings, options)
-    model = skeleton(config, quantized, full, options, compute, settings.trust_remote_code)
+    model = skeleton(config, quantized, full, options, compute, settings.trust_remote_code, settings.device)
     num_params = count_parameters(model)
     runtime = Runtime(settings.device, compute == "bfloat16", "none")
     defaults = training_defaults(num_params, runtime)
@@ -309,7 +316,7 @@ def plan_strategy(config, strategy: str, quantized: bool, options: StrategyOptio
     layers_4bit, params_4bit = costs["layers_4bit"], costs["params_4bit"]
     adapters = sum(p.numel() * p.element_size() for p in trainable)
     acts = activation_bytes(config, lambda cfg: skeleton(cfg, quantized, full, options, compute,
-                                                         settings.trust_remote_code),
+                                                         settings.trust_remote_code, settings.device),
                             settings.batch_size, settings.seq_len, checkpointing)
     components = {
         "weights": weights + packed + constants + (adapters if full else 0),  # full: the trained set is the base

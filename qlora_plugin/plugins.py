@@ -25,13 +25,14 @@ LOAD_ENV = "QLORA_PLUGIN_LOAD"  # comma-separated entry-point names to load; emp
 
 def get_plugin_manager(hook_files=(), load_entrypoints: bool = True) -> pluggy.PluginManager:
     """Build a manager: the built-in plugin, then installed entry points, then `hook_files` in order."""
-    from . import builtin, dequant_buffer, dequant_reuse
+    from . import builtin, cpu_dropout, dequant_buffer, dequant_reuse
 
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     pm.register(builtin, name="qlora_plugin.builtin")
     pm.register(dequant_reuse, name="qlora_plugin.dequant_reuse")
     pm.register(dequant_buffer, name="qlora_plugin.dequant_buffer")
+    pm.register(cpu_dropout, name="qlora_plugin.cpu_dropout")
     if load_entrypoints:
         _load_entrypoints(pm)
     for path in hook_files:

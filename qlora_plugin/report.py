@@ -110,6 +110,9 @@ def format_summary(facts: dict) -> str:
         f"({', '.join(a['target_modules'])}); trainable {a['trainable_params']:,} of {a['total_params']:,} "
         f"params ({100 * a['trainable_params'] / max(a['total_params'], 1):.2f}%)"
     )
+    if a.get("fast_dropout_layers"):
+        lines.append(f"  dropout    : masks for {a['fast_dropout_layers']} LoRA layers drawn with one 32-bit draw per "
+                     "element (cpu_fast_dropout)")
     malloc = facts.get("runtime", {}).get("malloc_tunables", "")
     if malloc.startswith("applied"):
         lines.append("  host malloc: glibc small-block caches off, 512 MiB kept at the heap top; set at start "

@@ -87,6 +87,7 @@ def _quantization_facts(model) -> dict | None:
 
 
 def _adapter_facts(model, quantization) -> dict:
+    from .cpu_dropout import installed
     from .report import trainable_parameters
 
     trainable, total = trainable_parameters(model)
@@ -97,6 +98,7 @@ def _adapter_facts(model, quantization) -> dict:
         "r": getattr(config, "r", None),
         "alpha": getattr(config, "lora_alpha", None),
         "dropout": getattr(config, "lora_dropout", None),
+        "fast_dropout_layers": installed(model),
         "use_dora": getattr(config, "use_dora", False),
         "dtype": quantization["compute_dtype"] if quantization else str(model.dtype).replace("torch.", ""),
         "target_modules": targets,
@@ -124,7 +126,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     from .planning import predict_for_run
     from .host_memory import ReleaseMemoryAfterLoad
     from .linear4bit_forward import inactive_path_notes
-    from . import malloc_tunables
+    from . import cpu_dropout, malloc_tunables
     from .quant_record import QuantizationRecordCallback
     from .recipe import apply_training_defaults, training_defaults, user_set
     from .report import StrategyReportCallback
@@ -203,6 +205,11 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     quantization = _quantization_facts(model)
     if quantization:
         quantization["cached_base"] = cached_from
+    adapter = _adapter_facts(model, quantization)
+    dropout_note = cpu_dropout.inactive_note(request.options, runtime.device_type, adapter["dropout"],
+                                             adapter["fast_dropout_layers"])
+    if dropout_note:
+        fallbacks.append(dropout_note)
     facts = {
         "strategy": strategy.name,
         "plugin": strategy.plugin,
@@ -212,7 +219,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         "runtime": {"device": runtime.device_type, "bf16_native": runtime.bf16_native, "engine": runtime.engine,
                     "processes": runtime.num_processes, "malloc_tunables": malloc_fact},
         "quantization": quantization,
-        "adapter": _adapter_facts(model, quantization),
+        "adapter": adapter,
         "optimizer": {"name": optim_name(args), "class": optimizer_class},
         "recipe_applied": applied,
         "user_kept": kept,

@@ -85,7 +85,7 @@ def test_weights_match_real_4bit_loads(tiny_models, arch, double_quant):
 
 
 def test_training_report_states_predicted_and_measured_peak(tmp_path):
-    """Wide enough (256) that the model's terms are not lost in the framework's ~600 MiB."""
+    """Wide enough (256) that the model's terms are not lost in the framework's ~520 MiB."""
     from plan_accuracy import long_text_dataset, train_and_compare
 
     from qlora_plugin.tiny_model import build_tiny_model
