@@ -3,6 +3,8 @@ SFT script, on models built locally from a config (no Hub).
 
     python examples/benchmark.py                       # small + ~1B model, 3 rounds; writes docs/benchmarks.md
     python examples/benchmark.py --sizes small --rounds 2 --steps 4 --no-write   # a quick look
+    python examples/benchmark.py --device cuda --sizes 8b --rounds 1 --steps 6 --seq-len 1024 \
+        --configs qlora lora trl-default                    # on one GPU: beside the published figures
 
 The configurations, run alternately in every round so that drift on the machine hits all of them alike:
 
@@ -49,6 +51,9 @@ SIZES = {
     # TinyLlama-1.1B's shape: 22 layers, hidden 2048, GQA 32/4 heads, vocab 32000; stored in bf16 as on the Hub.
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000),
+    # Llama 3.1 8B's shape, for the GPU run beside torchtune's and litgpt's published 7-8B figures.
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=8, vocab_size=32000),
 }
@@ -128,23 +133,67 @@ class MemorySampler(threading.Thread):
 LOSS = re.compile(r"'loss': '?([0-9.eE+-]+)")
 
 
-def run_once(config: str, model: Path, steps: int, seq_len: int, batch: int, cache_dir: Path) -> dict:
-    out_dir = OUT / "runs" / f"{model.name}-{config}"
+def gpu_mib_of(pid: int, query_output: str) -> float:
+    """MiB of GPU memory `pid` holds, from `nvidia-smi --query-compute-apps=pid,used_memory` CSV output."""
+    total = 0.0
+    for line in query_output.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(pid) and fields[1].replace(".", "", 1).isdigit():
+            total += float(fields[1])
+    return total
+
+
+class GpuSampler(threading.Thread):
+    """Polls nvidia-smi for the GPU memory a process holds (its CUDA context included), keeping the peak."""
+
+    QUERY = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak_mib = 0.0
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.is_set():
+            try:
+                output = subprocess.run(self.QUERY, capture_output=True, text=True, timeout=10).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                output = ""
+            self.peak_mib = max(self.peak_mib, gpu_mib_of(self.pid, output))
+            self.stopped.wait(self.interval)
+
+
+def sft_command(config: str, model: Path, steps: int, seq_len: int, batch: int, out_dir: Path,
+                device: str = "cpu") -> list[str]:
+    """TRL's SFT script with one configuration's flags; on CPU without native bf16, fp32 as the strategy picks."""
     command = [
         sys.executable, "-m", "trl.scripts.sft", "--model_name_or_path", str(model), "--dataset_name", str(DATA),
         *CONFIGS[config],
         "--max_steps", str(steps), "--per_device_train_batch_size", str(batch), "--max_length", str(seq_len),
         "--packing", "--packing_strategy", "wrapped", "--logging_steps", "1", "--save_strategy", "no",
-        "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--seed", "0", "--output_dir", str(out_dir),
+        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", "--output_dir", str(out_dir),
     ]
-    if config.startswith("trl-") and not _bf16_native():
-        command += ["--dtype", "float32", "--bf16", "false"]  # what the strategy picks here; TRL would emulate bf16
+    if device == "cpu":
+        command.append("--use_cpu")
+        if config.startswith("trl-") and not _bf16_native():
+            command += ["--dtype", "float32", "--bf16", "false"]  # what the strategy picks here; TRL would emulate
+    return command
+
+
+def run_once(config: str, model: Path, steps: int, seq_len: int, batch: int, cache_dir: Path,
+             device: str = "cpu") -> dict:
+    out_dir = OUT / "runs" / f"{model.name}-{config}"
+    command = sft_command(config, model, steps, seq_len, batch, out_dir, device)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONUNBUFFERED": "1", "QLORA_PLUGIN_CACHE_DIR": str(cache_dir)}
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = MemorySampler(proc.pid)
     sampler.start()
+    gpu = GpuSampler(proc.pid) if device == "cuda" else None
+    if gpu:
+        gpu.start()
     stamps, losses, tail = [], [], []
     for line in proc.stdout:
         tail = (tail + [line])[-40:]
@@ -155,16 +204,22 @@ def run_once(config: str, model: Path, steps: int, seq_len: int, batch: int, cac
     code = proc.wait()
     sampler.stopped.set()
     sampler.join()
+    if gpu:
+        gpu.stopped.set()
+        gpu.join()
     if code != 0 or not stamps:
         raise RuntimeError(f"{config} on {model.name} failed (exit {code}):\n{''.join(tail)}")
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {
+    result = {
         "first_step_s": stamps[0],
         "step_s": statistics.median(gaps) if gaps else None,
         "peak_rss_mib": sampler.peak_rss_kib / 1024,
         "peak_anon_mib": sampler.peak_anon_kib / 1024,
         "final_loss": losses[-1],
     }
+    if gpu:
+        result["peak_gpu_mib"] = gpu.peak_mib
+    return result
 
 
 def _bf16_native() -> bool:
@@ -215,7 +270,9 @@ def ratios(results: dict) -> dict:
         if a not in results or b not in results:
             continue
         table[f"{a}/{b}"] = {}
-        for key in ("first_step_s", "step_s", "peak_rss_mib", "peak_anon_mib"):
+        for key in ("first_step_s", "step_s", "peak_rss_mib", "peak_anon_mib", "peak_gpu_mib"):
+            if key not in results[a][0] or key not in results[b][0]:
+                continue
             per_round = [ra[key] / rb[key] for ra, rb in zip(results[a], results[b]) if ra[key] and rb[key]]
             later = per_round[1:] if key == "first_step_s" and len(per_round) > 1 else per_round
             table[f"{a}/{b}"][key] = statistics.median(later)
@@ -231,7 +288,8 @@ def machine() -> str:
         pass
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, bf16 native: {_bf16_native()}"
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, bf16 native (CPU): {_bf16_native()}"
 
 
 def main(argv=None) -> int:
@@ -242,6 +300,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: every run gets --use_cpu. cuda: runs on the GPU; peak GPU memory is sampled too.")
     parser.add_argument("--no-write", action="store_true", help="Print the figures; leave docs/ alone.")
     args = parser.parse_args(argv)
 
@@ -253,7 +313,7 @@ def main(argv=None) -> int:
         results = {config: [] for config in args.configs}
         for round_index in range(args.rounds):
             for config in args.configs:
-                result = run_once(config, model, args.steps, args.seq_len, args.batch, cache_dir)
+                result = run_once(config, model, args.steps, args.seq_len, args.batch, cache_dir, args.device)
                 results[config].append(result)
                 print(f"[{size} round {round_index + 1}] {config:12s} " + "  ".join(
                     f"{k}={v:.2f}" for k, v in result.items() if v is not None), flush=True)

@@ -9,7 +9,16 @@ METRICS = [
     ("step_s", "step time (s)"),
     ("peak_rss_mib", "peak RSS (MiB)"),
     ("peak_anon_mib", "peak anon (MiB)"),
+    ("peak_gpu_mib", "peak GPU (MiB)"),  # --device cuda only
     ("final_loss", "final loss"),
+]
+# Published peer figures for 7-8B QLoRA on one GPU (../shared/REFERENCE.md), printed beside a GPU run's own.
+PUBLISHED = [
+    "torchtune, Llama 3.1 8B QLoRA on one RTX 4090: 7.4 GiB peak, 2413 tokens/s; Llama-2-7B peak LoRA 15.57 GB "
+    "against QLoRA 9.29 GB",
+    "litgpt, Llama-2-7B on an A100: 16-bit LoRA 21.30 GB / 2.36 min against NF4 with double quantization "
+    "13.84 GB / 3.83 min",
+    "Unsloth, Mistral 7B on an A100: 19.4 GB with HF + FlashAttention-2 against 12.4 GB with Unsloth",
 ]
 LABELS = {
     "qlora": "(a) `--strategy qlora`",
@@ -29,16 +38,41 @@ def _cell(stats: dict, key: str) -> str:
     return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
+def _measured(size_result: dict) -> list[tuple[str, str]]:
+    """The metrics this run has (peak GPU memory only where it ran on a GPU)."""
+    first = next(iter(size_result["summary"].values()))
+    return [(key, label) for key, label in METRICS if key in first]
+
+
 def table(size_result: dict) -> str:
-    rows = ["| configuration | " + " | ".join(label for _, label in METRICS) + " |",
-            "|---|" + "---|" * len(METRICS)]
+    metrics = _measured(size_result)
+    rows = ["| configuration | " + " | ".join(label for _, label in metrics) + " |",
+            "|---|" + "---|" * len(metrics)]
     for config, stats in size_result["summary"].items():
-        rows.append(f"| {LABELS[config]} | " + " | ".join(_cell(stats, key) for key, _ in METRICS) + " |")
+        rows.append(f"| {LABELS[config]} | " + " | ".join(_cell(stats, key) for key, _ in metrics) + " |")
     return "\n".join(rows)
 
 
+def published_beside(size_result: dict, settings: dict) -> str:
+    """A GPU run's (a) and (d) beside the peers' published 7-8B figures (different GPUs, batches and lengths:
+    a reference point, not a like-for-like comparison)."""
+    summary = size_result["summary"]
+    tokens = settings["batch"] * settings["seq_len"]
+    lines = ["Published figures, beside this run's (different GPUs, batch sizes and sequence lengths: a reference "
+             "point, not a like-for-like comparison):", ""]
+    lines += [f"- {figure}" for figure in PUBLISHED]
+    for config in ("qlora", "lora"):
+        if config in summary and "peak_gpu_mib" in summary[config]:
+            stats = summary[config]
+            lines.append(f"- this run, {LABELS[config]}: {stats['peak_gpu_mib']['median'] / 1024:.2f} GiB peak "
+                         f"(nvidia-smi, CUDA context included), {tokens / stats['step_s']['median']:.0f} tokens/s "
+                         f"at batch {settings['batch']} x {settings['seq_len']}")
+    return "\n".join(lines)
+
+
 def ratio_table(size_result: dict) -> str:
-    keys = ["first_step_s", "step_s", "peak_rss_mib", "peak_anon_mib"]
+    first = next(iter(size_result["ratios"].values()), {})
+    keys = [k for k in ("first_step_s", "step_s", "peak_rss_mib", "peak_anon_mib", "peak_gpu_mib") if k in first]
     rows = ["| pair | " + " | ".join(dict(METRICS)[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for pair, values in size_result["ratios"].items():
         rows.append(f"| {pair} | " + " | ".join(f"{values[k]:.2f}x" for k in keys) + " |")
@@ -130,6 +164,8 @@ def write_report(everything: dict, docs: Path) -> None:
         ]
         if size == TARGET_SIZE:
             parts += ["Against the issue's targets (set for the ~1B model):", "", targets_table(result), ""]
+        if "peak_gpu_mib" in next(iter(result["summary"].values())):
+            parts += [published_beside(result, settings), ""]
         parts += [
             f"4-bit linear layers as stored: {footprint['nf4+dq']:.1f} MiB with double quantization (a, b), "
             f"{footprint['nf4']:.1f} MiB without (c).",

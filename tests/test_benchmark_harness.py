@@ -73,3 +73,41 @@ def test_targets_table_says_met_or_not():
     assert rows["(a) vs (c): not slower"].endswith("| 1.100x | **no** |")  # median of 10/10, 12/10, 11/10
     assert rows["(a') vs (c): not slower"].endswith("| 0.900x | yes |")
     assert rows["(a) vs (c): final loss no worse"].endswith("| yes |")
+
+
+def test_cpu_runs_get_use_cpu_and_cuda_runs_do_not(tmp_path):
+    bench = _load("benchmark")
+    cpu = bench.sft_command("qlora", tmp_path, 4, 512, 1, tmp_path / "out", "cpu")
+    cuda = bench.sft_command("trl-default", tmp_path, 4, 512, 1, tmp_path / "out", "cuda")
+    assert "--use_cpu" in cpu and "--use_cpu" not in cuda
+    assert "--bf16" not in cuda  # on a GPU TRL's own default (bf16 where supported) stands
+    assert cuda[cuda.index("--max_length") + 1] == "512" and "--load_in_4bit" in cuda
+
+
+def test_gpu_memory_of_one_process_from_nvidia_smi():
+    bench = _load("benchmark")
+    output = "4242, 10240\n17, 999\n4242, 512\nnot a row\n"
+    assert bench.gpu_mib_of(4242, output) == 10752  # every context of the process, summed
+    assert bench.gpu_mib_of(5, output) == 0
+    assert bench.gpu_mib_of(17, "17, [N/A]\n") == 0
+
+
+def test_gpu_run_report_has_the_gpu_column_and_the_published_figures(tmp_path):
+    bench = _load("benchmark")
+    report = _load("benchmark_report")
+    runs = {name: [{**r, "peak_gpu_mib": 8192.0 * (2 if name == "lora" else 1)} for r in RESULTS[name][:1]]
+            for name in ("qlora", "lora", "trl-default")}
+    size = {"summary": bench.summarise(runs), "ratios": bench.ratios(runs), "four_bit_mib": {"nf4+dq": 1, "nf4": 1}}
+    assert "peak GPU (MiB)" in report.table(size)
+    assert size["ratios"]["qlora/lora"]["peak_gpu_mib"] == 0.5
+    assert "peak GPU (MiB)" in report.ratio_table(size)
+    text = report.published_beside(size, {"batch": 2, "seq_len": 1024})
+    assert "torchtune" in text and "litgpt" in text
+    assert "(a) `--strategy qlora`: 8.00 GiB peak" in text and "205 tokens/s at batch 2 x 1024" in text  # 2048 / 10 s
+    everything = {"machine": "test", "command": "python examples/benchmark.py --device cuda",
+                  "settings": {"rounds": 1, "batch": 2, "seq_len": 1024, "steps": 6}, "sizes": {"8b": size}}
+    report.write_report(everything, tmp_path)
+    written = (tmp_path / "benchmarks.md").read_text()
+    assert "Published figures" in written and (tmp_path / "benchmarks.png").exists()
+    cpu_only = {"summary": bench.summarise(RESULTS), "ratios": bench.ratios(RESULTS)}
+    assert "peak GPU" not in report.table(cpu_only) and "peak GPU" not in report.ratio_table(cpu_only)
