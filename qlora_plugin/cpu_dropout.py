@@ -32,14 +32,14 @@ from .hookspecs import hookimpl
 _SPAN = 2**32
 
 
-def keep_mask(shape: torch.Size, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
     """A bool mask of `shape`, each element True with probability `1 - p` (to within 2**-32).
 
-    One 32-bit draw per element from numpy's SFC64, seeded by one draw from `generator` (torch's default CPU
-    generator when None), so torch's seeding and RNG-state restores decide the mask.
+    One 32-bit draw per element from numpy's SFC64, seeded by one draw from torch's default CPU generator, so
+    torch's seeding and RNG-state restores decide the mask.
     """
     count = shape.numel()
-    seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+    seed = int(torch.empty((), dtype=torch.int64).random_())
     draws = np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]
     threshold = np.uint32(min(round((1.0 - p) * _SPAN), _SPAN - 1))
     return torch.from_numpy(draws < threshold).view(shape)

@@ -29,7 +29,7 @@ COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "r
 DEVICES = ("cuda", "cpu")
 # Process RSS of python + torch + transformers + trl + peft + bitsandbytes + datasets imported and a trainer's
 # data pipeline running, on the CPU development machine: a 1-layer, 64-wide model trained at 1 x 16 tokens peaks
-# at 511-528 MiB with about 1 MiB of model terms (`examples/plan_accuracy.py` prints it; docs/plan.md). The CUDA
+# at 511-543 MiB with under 2 MiB of model terms (`examples/plan_accuracy.py` prints it; docs/plan.md). The CUDA
 # context is not in `torch.cuda.max_memory_allocated`, so the cuda plan has no runtime term.
 CPU_RUNTIME_BYTES = 520 * 2**20
 
