@@ -2,22 +2,29 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint clean
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
+# Re-runs when pyproject.toml changes (new dependencies, entry points, the start-up .pth).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first: an unpinned `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 	$(PY) -m pip install -q -e ".[test,plot]"
+	touch $(STAMP)
 
-setup: $(PY)
+setup: $(STAMP)
 
-demo: $(PY)
+demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(PY)
+# The layer contracts (pyproject.toml, docs/architecture.md), then the suite.
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q tests
 
 clean:

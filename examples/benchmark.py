@@ -233,9 +233,9 @@ def four_bit_footprint_mib(model: Path, double_quant: bool) -> float:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_plugin.report import four_bit_layers
+    from qlora_plugin.quant.layers import four_bit_layers
 
-    from qlora_plugin.quantized_cache import cached_base
+    from qlora_plugin.quant.cache import cached_base
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)

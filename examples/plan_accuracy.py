@@ -53,7 +53,8 @@ def weights_vs_loaded(model: str) -> tuple[int, int]:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_plugin.planning import qlora_base_bytes, quant_state_bytes
+    from qlora_plugin.plan.estimate import qlora_base_bytes
+    from qlora_plugin.quant.layers import quant_state_bytes
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)

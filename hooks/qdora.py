@@ -1,23 +1,6 @@
-"""QDoRA = QLoRA + DoRA: the 4-bit NF4 base of `qlora`, with weight-decomposed LoRA adapters.
+"""The packaged `qdora` hook as a hook file, for `--qlora_hooks hooks/qdora.py` from a clone of this repository.
 
-Enable it by path, then ask for it by name:
-
-    QLORA_PLUGIN_HOOKS=hooks/qdora.py python -m trl.scripts.sft ... --strategy qdora
-    python -m trl.scripts.sft ... --qlora_hooks hooks/qdora.py --strategy qdora
-    # YAML: qlora_hooks: [hooks/qdora.py] and strategy: qdora
-
-It only registers a strategy: loading, wrapping and the optimizer are the built-in hooks', driven by the options.
+Installed users name it instead: `--qlora_hooks qdora`. The code is `qlora_plugin/hooks/qdora.py`.
 """
 
-from qlora_plugin import Strategy, hookimpl
-
-
-@hookimpl
-def qlora_register_strategies(register):
-    register(
-        Strategy(
-            "qdora",
-            "QDoRA: qlora's NF4 base with DoRA (weight-decomposed) adapters on every linear layer.",
-            {"load_in_4bit": True, "use_dora": True},
-        )
-    )
+from qlora_plugin.hooks.qdora import *  # noqa: F401,F403 (its @hookimpl functions are this file's hooks)

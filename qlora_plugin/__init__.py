@@ -6,11 +6,11 @@ Importing this package is cheap: no torch, transformers or TRL until you use som
 __version__ = "0.1.0"
 
 _LAZY = {
-    "apply_strategy": ".api",
-    "make_trainer": ".api",
-    "get_plugin_manager": ".plugins",
-    "make_cpu_inference_safe": ".cpu_compat",
-    "hookimpl": ".hookspecs",
+    "apply_strategy": ".integration.api",
+    "make_trainer": ".integration.api",
+    "get_plugin_manager": ".plugin.manager",
+    "make_cpu_inference_safe": ".quant.cpu_guard",
+    "hookimpl": ".plugin.specs",
     "Strategy": ".strategy",
     "StrategyOptions": ".options",
     "QLoRAPluginError": ".errors",

@@ -8,11 +8,15 @@ import sys
 
 sys._qlora_plugin_own_cli = True  # our own flags (e.g. --strategy) are never taken as an activation
 
+from qlora_plugin.errors import QLoRAPluginError  # noqa: E402 (after the flag above, which must come first)
+from qlora_plugin.flags import parse_bool  # noqa: E402
+from qlora_plugin.options import StrategyOptions, options_reference_markdown  # noqa: E402
+from qlora_plugin.plugin.manager import (  # noqa: E402
+    collect_strategies, get_plugin_manager, hook_files_from_env, packaged_hooks,
+)
+
 
 def _strategies(args) -> int:
-    from .options import StrategyOptions
-    from .plugins import collect_strategies, get_plugin_manager, hook_files_from_env
-
     pm = get_plugin_manager([*hook_files_from_env(), *(args.hooks or [])])
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in dataclasses.fields(StrategyOptions)}
@@ -23,18 +27,19 @@ def _strategies(args) -> int:
             value = strategy.option_defaults.get(name, default)
             print(f"    --{name} (default: {value})")
         print()
+    print("packaged hooks (load with --qlora_hooks NAME, the YAML key qlora_hooks, or QLORA_PLUGIN_HOOKS=NAME):")
+    for name, summary in packaged_hooks().items():
+        print(f"  {name}: {summary}")
     return 0
 
 
 def _options(args) -> int:
-    from .options import options_reference_markdown
-
     print(options_reference_markdown(), end="")
     return 0
 
 
 def _tiny_model(args) -> int:
-    from .tiny_model import build_tiny_model
+    from qlora_plugin.tiny_model import build_tiny_model  # each command loads only its own stack
 
     path = build_tiny_model(args.out, args.arch, args.data, args.hidden_size, args.layers, args.intermediate_size)
     print(f"tiny {args.arch} model and tokenizer written to {path}")
@@ -42,7 +47,7 @@ def _tiny_model(args) -> int:
 
 
 def _merge(args) -> int:
-    from .merging import merge
+    from qlora_plugin.merge.merging import merge  # each command loads only its own stack
 
     summary = merge(args.adapter, args.out, args.base, args.dtype, args.force, args.bnb_4bit_quant_type,
                     args.use_bnb_nested_quant, args.max_shard_size)
@@ -52,12 +57,6 @@ def _merge(args) -> int:
     print(f"merged {summary['adapted_layers']} adapted layers into {into}; wrote {summary['bytes'] / 2**20:.1f} MiB "
           f"of {summary['dtype']} in {summary['shards']} shard(s) to {summary['out']}")
     return 0
-
-
-def _bool(value: str) -> bool:
-    from transformers.hf_argparser import string_to_bool  # the parser TRL's own flags go through
-
-    return string_to_bool(value)
 
 
 def _positive_int(text: str) -> int:
@@ -90,7 +89,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="Default: the base's dtype.")
     p.add_argument("--force", action="store_true", help="Replace a non-empty --out.")
     p.add_argument("--bnb_4bit_quant_type", choices=["nf4", "fp4"], help="Override the recorded 4-bit type.")
-    p.add_argument("--use_bnb_nested_quant", type=_bool, metavar="true|false",
+    p.add_argument("--use_bnb_nested_quant", type=parse_bool, metavar="true|false",
                    help="Override the recorded double quantization.")
     p.add_argument("--max_shard_size", default="2GB", help="Largest output shard (default 2GB).")
     p.set_defaults(func=_merge)
@@ -100,14 +99,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _plan(args, rest) -> int:
-    from .plan_cli import main as plan_main
+    from qlora_plugin.plan.cli import main as plan_main  # each command loads only its own stack
 
     return plan_main(rest)
 
 
 def main(argv=None) -> int:
-    from .errors import QLoRAPluginError
-
     parser = make_parser()
     args, rest = parser.parse_known_args(argv)
     if args.func is not _plan and rest:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .errors import QLoRAPluginError
+from qlora_plugin.errors import QLoRAPluginError
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 STORAGE_CHOICES = ("auto", "uint8", "bfloat16", "float16", "float32")
@@ -69,8 +69,8 @@ class StrategyOptions:
         metadata={
             "help": "On CPU-only runs started from a command line under glibc (Linux), re-execute the script once "
             "at start with GLIBC_TUNABLES set so freed tensor blocks merge instead of fragmenting the heap "
-            "(small-block caches off, 512 MiB kept at the heap top; 1.1B model: 2806-3067 instead of "
-            "4013-4641 MiB peak, same step time). Your own GLIBC_TUNABLES malloc settings win."
+            "(small-block caches off, 512 MiB kept at the heap top; measured in docs/benchmarks.md). Your own "
+            "GLIBC_TUNABLES malloc settings win."
         },
     )
     cpu_fast_dropout: bool = field(
@@ -78,7 +78,7 @@ class StrategyOptions:
         metadata={
             "help": "On CPU, draw LoRA dropout masks with numpy's SFC64 generator, seeded from torch's (one 32-bit "
             "draw per element), instead of torch's bernoulli_: the same drop rate (to within 2^-32) and 1/(1-p) "
-            "scaling, a bool mask kept for the backward; torch's dropout took 4.1 s of a 37 s 1.1B step. Same seed, "
+            "scaling, a bool mask kept for the backward (measured in docs/benchmarks.md). Same seed, "
             "same masks, but not torch's masks: false keeps torch's dropout, as stock peft draws it."
         },
     )
@@ -86,8 +86,8 @@ class StrategyOptions:
         default=False,
         metadata={
             "help": "On CPU, dequantize 4-bit weights of 32 MiB and more into one reused buffer instead of fresh "
-            "memory at every matmul (bit-identical; a 1.1B model's 46 MiB MLP weight dequantizes in 6.5 ms instead "
-            "of 19 ms, but whole steps were not measurably faster on the dev machine). Costs one buffer the size "
+            "memory at every matmul (bit-identical; faster dequantization, but whole steps were not measurably "
+            "faster in docs/benchmarks.md). Costs one buffer the size "
             "of the largest weight, freed before each optimizer step."
         },
     )
@@ -148,6 +148,10 @@ class StrategyOptions:
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(StrategyOptions))
+HOOKS_KEY = "qlora_hooks"  # hook files or packaged hook names, on the command line and in YAML
+# TRL ModelConfig flags a strategy answers for: `use_peft` is implied, `load_in_8bit` contradicts every strategy.
+TRL_ANSWERED_FLAGS = ("use_peft", "load_in_8bit")
+OWN_KEYS = frozenset(("strategy", HOOKS_KEY, *OPTION_NAMES, *TRL_ANSWERED_FLAGS))  # taken out of the script's argv
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 

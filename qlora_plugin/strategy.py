@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from .errors import QLoRAPluginError
-from .options import OPTION_NAMES
+from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.options import OPTION_NAMES
 
 
 @dataclass(frozen=True)

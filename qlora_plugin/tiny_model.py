@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 
-from .errors import QLoRAPluginError
+from qlora_plugin.errors import QLoRAPluginError
 
 ARCHITECTURES = ("llama", "gpt2", "phi3")
 

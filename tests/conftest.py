@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_plugin import malloc_tunables
+from qlora_plugin.perf import malloc_tunables
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "examples" / "data" / "skills"
@@ -58,7 +58,7 @@ def clean_plugin_state(monkeypatch):
     for name in PLUGIN_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("QLORA_PLUGIN_LOAD", "")
-    from qlora_plugin import activation
+    from qlora_plugin.integration import activation
 
     activation.deactivate()
     yield

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qlora_plugin import QLoRAPluginError
-from qlora_plugin.activation import request_from_process
+from qlora_plugin.integration.activation import request_from_process
 
 
 def test_no_strategy_leaves_argv_alone():

@@ -15,7 +15,7 @@ from datasets import load_dataset
 from torch import nn
 
 from conftest import DATA
-from qlora_plugin.cpu_dropout import CpuLoraDropout, inactive_note, install, installed, keep_mask
+from qlora_plugin.perf.cpu_dropout import CpuLoraDropout, inactive_note, install, installed, keep_mask
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
@@ -174,7 +174,7 @@ def _facts(kwargs) -> dict:
 
 
 def test_strategy_installs_it_on_cpu_and_says_so(tiny_models, tmp_path, capsys):
-    from qlora_plugin.report import format_summary
+    from qlora_plugin.training.report import format_summary
 
     kwargs = _strategy_kwargs(tiny_models["llama"], tmp_path, {})
     layers = sum(1 for name, _ in kwargs["model"].named_modules() if name.endswith(".lora_A"))

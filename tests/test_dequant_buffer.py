@@ -36,7 +36,7 @@ def _op_calls(fn, op: str) -> int:
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_training_is_bit_identical_to_bitsandbytes_path(tiny_models, tmp_path, monkeypatch, arch):
-    from qlora_plugin import dequant_buffer
+    from qlora_plugin.perf import dequant_buffer
 
     monkeypatch.setattr(dequant_buffer, "MIN_BYTES", 0)
     variants = {
@@ -67,7 +67,7 @@ def test_training_is_bit_identical_to_bitsandbytes_path(tiny_models, tmp_path, m
 def test_row_blocks_reassemble_bitsandbytes_dequantization(monkeypatch, shape, quant_type, nested, storage, dtype):
     import bitsandbytes.functional as bnbf
 
-    from qlora_plugin import dequant_buffer
+    from qlora_plugin.perf import dequant_buffer
 
     monkeypatch.setattr(dequant_buffer, "_BLOCK_BYTES", 1024)  # many row blocks, and a ragged last one
     torch.manual_seed(0)
@@ -88,8 +88,8 @@ def test_row_blocks_reassemble_bitsandbytes_dequantization(monkeypatch, shape, q
 
 
 def test_buffer_holds_one_weight_and_only_large_layers_use_it(tiny_models, tmp_path, monkeypatch):
-    from qlora_plugin import dequant_buffer
-    from qlora_plugin.report import four_bit_layers
+    from qlora_plugin.perf import dequant_buffer
+    from qlora_plugin.quant.layers import four_bit_layers
 
     trainer = _trainer(tiny_models["llama"], tmp_path / "default", {"cpu_dequant_buffer": True}, steps=1)
     layers = four_bit_layers(trainer.model)
@@ -98,7 +98,8 @@ def test_buffer_holds_one_weight_and_only_large_layers_use_it(tiny_models, tmp_p
     assert _op_calls(trainer.train, "bitsandbytes::gemm_4bit") > 0
 
     largest = max(layer.weight.quant_state.shape.numel() for layer in layers)
-    threshold = largest * 4  # only the largest layers (the MLP's) reach it
+    itemsize = layers[0].compute_dtype.itemsize  # bf16 where the CPU has it natively, else fp32
+    threshold = largest * itemsize  # only the largest layers (the MLP's) reach it
     monkeypatch.setattr(dequant_buffer, "MIN_BYTES", threshold)
     held = []
 
@@ -108,17 +109,17 @@ def test_buffer_holds_one_weight_and_only_large_layers_use_it(tiny_models, tmp_p
 
     trainer = _trainer(tiny_models["llama"], tmp_path / "half", {"cpu_dequant_buffer": True}, steps=2,
                        callbacks=[BeforeOptimizerStep()])
-    expected = sum(layer.weight.quant_state.shape.numel() * 4 >= threshold for layer in layers)
+    expected = sum(layer.weight.quant_state.shape.numel() * itemsize >= threshold for layer in layers)
     assert 0 < dequant_buffer.buffered_layers(trainer.model) == expected < len(layers)
     trainer.train()
     report = json.loads((tmp_path / "half" / "qlora_plugin_report.json").read_text())
     assert report["quantization"]["dequant_buffer_layers"] == expected
-    assert held == [largest * 4] * 2  # float32 compute on this CPU; one weight, never one per layer
+    assert held == [largest * itemsize] * 2  # one weight in the compute dtype, never one per layer
     assert four_bit_layers(trainer.model)[0]._qlora_dequant_buffer.nbytes() == 0  # freed for the optimizer step
 
 
 def test_off_by_default_leaving_bitsandbytes_forward(tiny_models, tmp_path):
-    from qlora_plugin.report import four_bit_layers
+    from qlora_plugin.quant.layers import four_bit_layers
 
     trainer = _trainer(tiny_models["llama"], tmp_path, {}, steps=1)
     for layer in four_bit_layers(trainer.model):
@@ -129,8 +130,8 @@ def test_off_by_default_leaving_bitsandbytes_forward(tiny_models, tmp_path):
 def test_a_forward_replaced_by_someone_else_is_kept_and_not_counted(tiny_models, monkeypatch):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_plugin import dequant_buffer
-    from qlora_plugin.report import four_bit_layers
+    from qlora_plugin.perf import dequant_buffer
+    from qlora_plugin.quant.layers import four_bit_layers
 
     monkeypatch.setattr(dequant_buffer, "MIN_BYTES", 0)
     model = AutoModelForCausalLM.from_pretrained(
@@ -146,13 +147,15 @@ def test_an_option_this_run_cannot_use_is_reported_not_ignored(tiny_models, tmp_
     from trl import SFTConfig
 
     from qlora_plugin import make_trainer
-    from qlora_plugin.linear4bit_forward import inactive_path_notes
     from qlora_plugin.options import StrategyOptions
+    from qlora_plugin.perf import dequant_buffer, dequant_reuse
 
     asked = {"cpu_dequant_buffer": True}
-    assert inactive_path_notes(StrategyOptions(), asked, True, "cpu") == []
-    assert "this run is on cuda: no effect" in inactive_path_notes(StrategyOptions(), asked, True, "cuda")[0]
-    assert inactive_path_notes(StrategyOptions(), {}, True, "cuda") == []  # the default is not a request
+    assert dequant_buffer.inactive_note(asked, "cpu") is None
+    assert "this run is on cuda: no effect" in dequant_buffer.inactive_note(asked, "cuda")
+    assert dequant_buffer.inactive_note({}, "cuda") is None  # the default is not a request
+    assert dequant_reuse.inactive_note(StrategyOptions(), False) is None  # off by default: nothing to say
+    assert "no effect" in dequant_reuse.inactive_note(StrategyOptions(reuse_dequantized_weights=True), False)
 
     args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none",
                      use_cpu=True, save_strategy="no", max_length=32, gradient_checkpointing=False)

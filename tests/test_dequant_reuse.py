@@ -62,7 +62,7 @@ def test_training_is_bit_identical_to_bitsandbytes_path(tiny_models, tmp_path, a
 
 
 def test_reuse_removes_one_dequantization_per_layer(tiny_models, tmp_path):
-    from qlora_plugin.report import four_bit_layers
+    from qlora_plugin.quant.layers import four_bit_layers
 
     results = {}
     for reuse in (False, True):

@@ -84,8 +84,8 @@ GPU = dict(device_type="cuda", bf16_native=True)
     ],
 )
 def test_engine_settings(engine, storage, device_map, reentrant):
-    from qlora_plugin.quantization import model_init_kwargs
-    from qlora_plugin.recipe import training_defaults
+    from qlora_plugin.quant.config import model_init_kwargs
+    from qlora_plugin.strategies.recipe import training_defaults
 
     runtime = Runtime(**GPU, engine=engine, process_index=1, num_processes=1 if engine == "none" else 2)
     kwargs = model_init_kwargs(StrategyOptions(), {}, runtime)
@@ -102,8 +102,8 @@ def test_engine_settings(engine, storage, device_map, reentrant):
 def test_no_fp32_upcast_under_sharding_engines(tiny_models, engine, upcast):
     from transformers import AutoModelForCausalLM
 
-    from qlora_plugin.adapters import wrap_with_lora
-    from qlora_plugin.quantization import model_init_kwargs
+    from qlora_plugin.strategies.adapters import wrap_with_lora
+    from qlora_plugin.quant.config import model_init_kwargs
 
     runtime = Runtime("cpu", bf16_native=True, engine=engine)
     options = StrategyOptions(bnb_4bit_compute_dtype="bfloat16")
@@ -150,7 +150,7 @@ def test_shipped_accelerate_configs(name, distributed_type):
 
 
 def test_launcher_settings_that_break_qlora_are_named(monkeypatch):
-    from qlora_plugin.engine_checks import engine_warnings
+    from qlora_plugin.strategies.engine_checks import engine_warnings
 
     fsdp = Runtime(**GPU, engine="fsdp", num_processes=2)
     monkeypatch.setenv("FSDP_USE_ORIG_PARAMS", "true")

@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qlora_plugin import activation
+from qlora_plugin.integration import activation
 from qlora_plugin.options import OPTION_NAMES
 
 FLAGS = ["--strategy", "--qlora_hooks", "--config", "--use_peft", "--load_in_8bit", "--load_in_4bit",

@@ -16,7 +16,8 @@ import pytest
 
 from conftest import DATA, TRAIN_FLAGS, run_python
 
-from qlora_plugin import QLoRAPluginError, activation
+from qlora_plugin import QLoRAPluginError
+from qlora_plugin.integration import activation, state
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def activate(monkeypatch, capsys, tmp_path):
         err = capsys.readouterr().err
         assert exit_.value.code == 2
         assert "Traceback" not in err and "qlora-plugin: error" in err, err
-        assert activation.active_request() is None
+        assert state.active_request() is None
         return err
 
     return run
@@ -313,7 +314,8 @@ def test_dataset_columns(case, tiny_models, tmp_path, monkeypatch):
     from datasets import Dataset
     from trl import SFTConfig
 
-    from qlora_plugin import apply_strategy, trainer
+    from qlora_plugin import apply_strategy
+    from qlora_plugin.training import pipeline as trainer
 
     monkeypatch.setattr(trainer, "_load_model", lambda *a: pytest.fail("the model was loaded"))
     columns, fragment = DATASETS[case]
@@ -351,7 +353,7 @@ def test_dataset_path_missing(tiny_models, tmp_path):
 @pytest.fixture
 def excepthook(monkeypatch, capsys):
     """The excepthook an active strategy installs; returns what it prints for an exception."""
-    from qlora_plugin.errors import install_excepthook
+    from qlora_plugin.integration.excepthook import install_excepthook
 
     monkeypatch.setattr(sys, "excepthook", lambda *exc_info: pytest.fail(f"not handled: {exc_info[1]!r}"))
     install_excepthook()
@@ -394,7 +396,7 @@ def test_resume_from_missing_checkpoint(tiny_models, tmp_path, excepthook):
 
 def test_unknown_exceptions_keep_their_traceback(monkeypatch, capsys):
     """Only bad input is shortened: any other exception (perhaps a bug) goes to Python's own hook."""
-    from qlora_plugin.errors import install_excepthook
+    from qlora_plugin.integration.excepthook import install_excepthook
 
     seen = []
     monkeypatch.setattr(sys, "excepthook", lambda *exc_info: seen.append(exc_info[1]))

@@ -1,5 +1,5 @@
 """`cpu_malloc_tunables`: a CPU training script re-executes itself once, at activation, with glibc's small-block
-caches off (qlora_plugin/malloc_tunables.py); never when it cannot or should not, and the user's settings win."""
+caches off (qlora_plugin/perf/malloc_tunables.py); never when it cannot or should not, and the user's settings win."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import pytest
 
 from conftest import TRAIN_FLAGS, run_python
-from qlora_plugin import activation, malloc_tunables as mt
+from qlora_plugin.integration import activation
+from qlora_plugin.perf import malloc_tunables as mt
 
 OURS = ("glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0:glibc.malloc.trim_threshold=536870912:"
         "glibc.malloc.mmap_threshold=33554432")
@@ -98,7 +99,7 @@ def _probe(tmp_path):
         "with open(os.environ['PROBE_LOG'], 'a') as f:\n"
         "    f.write(json.dumps([os.getpid(), os.environ.get('GLIBC_TUNABLES')]) + '\\n')\n"
         "import trl\n"
-        "from qlora_plugin import malloc_tunables\n"
+        "from qlora_plugin.perf import malloc_tunables\n"
         "print('FACT', malloc_tunables.summary_fact())\n"
         "print('ARGV', sys.argv[1:])\n"
     )

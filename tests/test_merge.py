@@ -13,7 +13,7 @@ import pytest
 from conftest import DATA, TRAIN_FLAGS, run_python
 
 from qlora_plugin import cli
-from qlora_plugin.quant_record import RECORD_FILE, quantization_record
+from qlora_plugin.quant.record import RECORD_FILE, quantization_record
 
 BOUND = 1e-4  # max |logit difference|, merged model vs 4-bit base + adapter, fp32 (logits are of order 1-10)
 NAIVE_FACTOR = 1000  # the naive merge's error must be at least this many times larger than ours
@@ -70,7 +70,7 @@ def trained_adapter(tiny_models, tmp_path_factory):
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
                        str(DATA), "--output_dir", str(out), "--strategy", "qlora", "--lora_r", "8",
                        "--learning_rate", "1e-2", "--max_steps", "2", "--save_strategy", "steps", "--save_steps",
-                       "2", *flags], out.parent)
+                       "2", "--dtype", "float32", *flags], out.parent)  # fp32 on every CPU, bf16-native or not
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -92,7 +92,8 @@ def test_requantizing_the_base_reproduces_the_4bit_weights_bit_for_bit(arch, tin
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from qlora_plugin.merging import load_config, model_layout, nf4_roundtrip
+    from qlora_plugin.merge.merging import model_layout, nf4_roundtrip
+    from qlora_plugin.model_config import load_config
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], quantization_config=bnb_config(),
                                                  dtype=torch.float32)
@@ -146,10 +147,12 @@ def test_merged_model_matches_the_4bit_model_it_was_trained_against(case, merged
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from qlora_plugin import make_cpu_inference_safe
+
     base, adapter, out = merged(case)
     batch = held_out_batch(base)
-    trained = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb_config(), dtype=torch.float32), adapter)
+    trained = make_cpu_inference_safe(PeftModel.from_pretrained(  # bitsandbytes' generic path, as in training
+        AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb_config(), dtype=torch.float32), adapter))
     reference = logits(trained, batch)
     with trained.disable_adapter():
         effect = (logits(trained, batch) - reference).abs().max().item()  # what a merge that lost the adapter misses

@@ -14,7 +14,7 @@ from conftest import run_command
 
 from qlora_plugin import cli
 from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.quant_record import RECORD_FILE
+from qlora_plugin.quant.record import RECORD_FILE
 
 
 @pytest.fixture(scope="module")
@@ -138,18 +138,19 @@ def test_unreachable_hub_base_from_the_command_line(adapter, tmp_path):
     assert "--base" in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-def test_quantization_settings_recorded_defaulted_and_overridden(adapter, tmp_path, capsys):
-    from qlora_plugin.merge_inputs import Adapter
-    from qlora_plugin.merging import quant_settings
+def test_quantization_settings_recorded_defaulted_and_overridden(adapter, tmp_path, caplog):
+    from qlora_plugin.merge.inputs import Adapter
+    from qlora_plugin.merge.merging import quant_settings
 
     bare = Adapter(str(tmp_path), {})
     assert quant_settings(bare)["bnb_4bit_quant_type"] == "nf4" and quant_settings(bare)["bnb_4bit_use_double_quant"]
-    assert "has no qlora_plugin_quantization.json" in capsys.readouterr().out
+    assert "has no qlora_plugin_quantization.json" in caplog.text  # a warning (stderr), not the command's output
+    caplog.clear()
     (tmp_path / RECORD_FILE).write_text(json.dumps({"load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
                                                     "bnb_4bit_use_double_quant": False, "blocksize": 64}))
-    assert quant_settings(bare)["bnb_4bit_quant_type"] == "fp4" and capsys.readouterr().out == ""
+    assert quant_settings(bare)["bnb_4bit_quant_type"] == "fp4" and caplog.text == ""
     assert quant_settings(bare, "nf4", True)["bnb_4bit_quant_type"] == "nf4"
-    assert "training recorded bnb_4bit_quant_type=fp4; using nf4" in capsys.readouterr().out
+    assert "training recorded bnb_4bit_quant_type=fp4; using nf4" in caplog.text
     (tmp_path / RECORD_FILE).write_text(json.dumps({"load_in_4bit": False}))
     assert quant_settings(bare) is None
     with pytest.raises(QLoRAPluginError, match="trained on a 16-bit base"):

@@ -6,15 +6,16 @@ import inspect
 
 from conftest import REPO
 
-from qlora_plugin import hookspecs
+from qlora_plugin.plugin import specs as hookspecs
 from qlora_plugin.options import options_reference_markdown
 
 HOOKS = sorted(name for name, obj in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("qlora_"))
 
 
 def test_there_are_hooks():
-    assert HOOKS == ["qlora_create_optimizer", "qlora_model_init_kwargs", "qlora_register_strategies",
-                     "qlora_trainer_callbacks", "qlora_wrap_model"]
+    assert HOOKS == ["qlora_create_optimizer", "qlora_load_model", "qlora_model_init_kwargs", "qlora_model_loaded",
+                     "qlora_register_strategies", "qlora_run_facts", "qlora_trainer_callbacks",
+                     "qlora_training_defaults", "qlora_wrap_model"]
 
 
 def test_every_hook_has_a_docs_section_with_its_signature():
@@ -27,7 +28,7 @@ def test_every_hook_has_a_docs_section_with_its_signature():
 
 def test_every_hook_is_exercised_by_a_test():
     tests = "".join(p.read_text() for p in (REPO / "tests").glob("test_*.py") if p.name != "test_meta.py")
-    hooks = "".join(p.read_text() for p in (REPO / "hooks").glob("*.py"))
+    hooks = "".join(p.read_text() for p in (REPO / "qlora_plugin" / "hooks").glob("*.py"))
     for name in HOOKS:
         assert name in tests or name in hooks, f"{name} is used by no test or tested hook file"
 
@@ -36,3 +37,88 @@ def test_options_reference_is_generated_from_the_dataclass():
     docs = (REPO / "docs" / "options.md").read_text()
     block = docs.split("<!-- options-table:start -->\n")[1].split("<!-- options-table:end -->")[0]
     assert block == options_reference_markdown(), "regenerate with `qlora-plugin options`"
+
+
+def _lint_imports(root):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lint = Path(sys.executable).with_name("lint-imports")
+    env = {**os.environ, "PYTHONPATH": str(root)}  # this tree's package, not the installed one
+    return subprocess.run([str(lint), "--no-cache"], cwd=root, capture_output=True, text=True, env=env)
+
+
+def test_layer_contracts_hold_and_catch_an_upward_import(tmp_path):
+    """`lint-imports` (run by `make test`) keeps the layers; an import from plan into integration breaks them."""
+    import shutil
+
+    proc = _lint_imports(REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO / "qlora_plugin", copy / "qlora_plugin", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", copy / "pyproject.toml")
+    skeleton = copy / "qlora_plugin" / "plan" / "skeleton.py"
+    skeleton.write_text(skeleton.read_text() + "\n\ndef _late():\n    from qlora_plugin.integration import activation\n")
+    proc = _lint_imports(copy)
+    assert proc.returncode != 0
+    assert "qlora_plugin.plan.skeleton -> qlora_plugin.integration.activation" in proc.stdout
+
+
+def test_no_import_cycle_between_modules():
+    """Every import counts, inside functions too (grimp reads them all): the module graph has no cycle."""
+    import grimp
+
+    graph = grimp.build_graph("qlora_plugin", cache_dir=None)
+    modules = sorted(graph.modules)
+    edges = {m: {d for d in graph.find_modules_directly_imported_by(m) if d in graph.modules and d != m}
+             for m in modules}
+    edges = {m: {d for d in targets if not m.startswith(d + ".")} for m, targets in edges.items()}  # parent pkgs
+    index, low, stack, on_stack, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(node):  # Tarjan's strongly connected components
+        index[node] = low[node] = counter[0]
+        counter[0] += 1
+        stack.append(node)
+        on_stack.add(node)
+        for target in edges[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in modules:
+        if module not in index:
+            visit(module)
+    assert cycles == []
+
+
+def test_boolean_flags_take_the_words_trl_takes():
+    """`flags.parse_bool` (stdlib only, for activation) accepts and refuses exactly what transformers' does."""
+    import argparse
+
+    import pytest
+    from transformers.hf_argparser import string_to_bool
+
+    from qlora_plugin.flags import parse_bool
+
+    for word in ("yes", "True", "T", "y", "1", "no", "FALSE", "f", "N", "0", " true ", "maybe", "", "2", "on"):
+        try:
+            expected = string_to_bool(word.strip())
+        except argparse.ArgumentTypeError:
+            with pytest.raises(argparse.ArgumentTypeError):
+                parse_bool(word)
+        else:
+            assert parse_bool(word) is expected, word

@@ -12,15 +12,15 @@ import pytest
 from conftest import REPO, TRAIN_FLAGS, run_command, run_python
 
 from qlora_plugin import QLoRAPluginError, Strategy, get_plugin_manager, hookimpl
-from qlora_plugin.plugins import collect_strategies, get_strategy
+from qlora_plugin.plugin.manager import collect_strategies, get_strategy
 
 
 def test_builtin_strategies_come_through_the_hooks():
     pm = get_plugin_manager(load_entrypoints=False)
-    assert pm.get_plugin("qlora_plugin.builtin") is not None
+    assert pm.get_plugin("qlora_plugin.strategies.builtin") is not None
     strategies = collect_strategies(pm)
     assert set(strategies) == {"qlora", "lora"}
-    assert strategies["qlora"].plugin == "qlora_plugin.builtin"
+    assert strategies["qlora"].plugin == "qlora_plugin.strategies.builtin"
     assert strategies["lora"].option_defaults["load_in_4bit"] is False
 
 
@@ -91,11 +91,11 @@ def test_qdora_hook_file(tiny_models, tmp_path):
     trainer.train()
 
 
-def test_memory_report_hook_file(tiny_models, dataset_dir, tmp_path):
+def test_memory_report_packaged_hook_by_name(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "out"
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
                        dataset_dir, "--output_dir", str(out), "--strategy", "qlora", "--qlora_hooks",
-                       str(REPO / "hooks" / "memory_report.py"), *TRAIN_FLAGS], tmp_path)
+                       "memory_report", *TRAIN_FLAGS], tmp_path)  # the packaged hook, by name
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[memory_report] step")]
     assert len(lines) == 3  # logging_steps=1, max_steps=3
@@ -167,7 +167,7 @@ def test_plugin_answers_the_optimizer_and_loading_hooks(tiny_models, tmp_path):
 
         @hookimpl
         def qlora_model_init_kwargs(self, options, init_kwargs, runtime):
-            from qlora_plugin.quantization import model_init_kwargs
+            from qlora_plugin.quant.config import model_init_kwargs
 
             return {**model_init_kwargs(options, init_kwargs, runtime), "attn_implementation": "eager"}
 
@@ -182,3 +182,146 @@ def test_plugin_answers_the_optimizer_and_loading_hooks(tiny_models, tmp_path):
                       torch.optim.SGD)
     assert trainer.model.config._attn_implementation == "eager"
     assert getattr(trainer.model, "is_loaded_in_4bit", False)
+
+
+def _skills():
+    from datasets import load_dataset
+
+    return load_dataset(str(REPO / "examples" / "data" / "skills"))["train"]
+
+
+def test_lifecycle_hooks_load_observe_recipe_and_facts(tiny_models, tmp_path):
+    """qlora_load_model, qlora_model_loaded, qlora_training_defaults and qlora_run_facts, answered by a plugin, in
+    the order the pipeline calls them; the user's explicit choice still beats the plugin's recipe."""
+    from trl import SFTConfig
+
+    from qlora_plugin import make_trainer
+
+    calls = []
+
+    class Lifecycle:
+        @hookimpl(tryfirst=True)
+        def qlora_load_model(self, model_id, init_kwargs):
+            from transformers import AutoModelForCausalLM
+
+            calls.append("load")
+            return AutoModelForCausalLM.from_pretrained(model_id, **init_kwargs)  # no cache, no TRL loader
+
+        @hookimpl
+        def qlora_model_loaded(self, model):
+            calls.append("loaded:" + ("peft" if hasattr(model, "peft_config") else "base"))
+
+        @hookimpl
+        def qlora_training_defaults(self, num_params, runtime):
+            from qlora_plugin.strategies.recipe import training_defaults
+
+            calls.append("defaults")
+            return {**training_defaults(num_params, runtime), "lr_scheduler_type": "cosine", "max_grad_norm": 0.7}
+
+        @hookimpl
+        def qlora_run_facts(self, explicit_options):
+            calls.append("facts")
+            return {"fallbacks": [f"lifecycle plugin saw {sorted(explicit_options)}"], "adapter": {"note": "x"}}
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(Lifecycle())
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                     max_length=32, max_grad_norm=0.5)
+    trainer = make_trainer("qlora", options={"lora_r": 4}, plugin_manager=pm, model=tiny_models["llama"],
+                           train_dataset=_skills(), args=args)
+    assert calls == ["load", "loaded:base", "defaults", "facts"]
+    assert getattr(trainer.model, "is_loaded_in_4bit", False)
+    assert str(getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type)) == "cosine"
+    assert trainer.args.max_grad_norm == 0.5  # set in Python: the user's, not the plugin's recipe
+    trainer.train()
+    report = json.loads((tmp_path / "qlora_plugin_report.json").read_text())
+    assert "lifecycle plugin saw ['lora_r']" in report["fallbacks"]
+    assert report["adapter"]["note"] == "x" and report["adapter"]["r"] == 4  # merged into the built-in section
+    assert report["quantization"]["cached_base"] is None  # the plugin loaded it: the cache did not
+
+
+def test_features_are_default_plugins_a_user_can_unregister(tiny_models, tmp_path):
+    """Every feature is registered like a third-party plugin; taking one out takes out exactly its effect."""
+    from trl import SFTConfig
+
+    from qlora_plugin import make_trainer
+    from qlora_plugin.plugin.manager import DEFAULT_PLUGINS
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    assert [name for name in DEFAULT_PLUGINS if pm.get_plugin(name) is None] == []
+    pm.unregister(name="qlora_plugin.training.report")
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                     max_length=32)
+    make_trainer("qlora", plugin_manager=pm, model=tiny_models["llama"], train_dataset=_skills(), args=args).train()
+    assert not (tmp_path / "qlora_plugin_report.json").exists()
+    assert (tmp_path / "qlora_plugin_quantization.json").exists()  # the record plugin still ran
+
+
+def test_plan_counts_the_adapter_a_plugin_wraps(tiny_models):
+    """`plan` builds its skeleton through qlora_wrap_model: a plugin's own adapter is what it counts."""
+    from qlora_plugin.plan.estimate import PlanSettings, make_plans
+
+    class TinyAdapter:
+        @hookimpl
+        def qlora_register_strategies(self, register):
+            register(Strategy("tiny-adapter", "rank 2 on q_proj, by its own wrap hook", {"load_in_4bit": True}))
+
+        @hookimpl
+        def qlora_wrap_model(self, strategy, model):
+            if strategy.name != "tiny-adapter":
+                return None
+            from peft import LoraConfig, get_peft_model
+
+            return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(TinyAdapter())
+    settings = PlanSettings(batch_size=1, seq_len=16, device="cpu", dtype="float32")
+    tiny, qlora = make_plans(tiny_models["llama"], ["tiny-adapter", "qlora"], settings, {}, pm=pm)
+    hidden, layers = 64, 2  # the tiny llama: q_proj is 64 -> 64
+    assert tiny.details["trainable_params"] == layers * 2 * (hidden * 2)  # A (2 x 64) + B (64 x 2) per layer
+    assert qlora.details["trainable_params"] > 50 * tiny.details["trainable_params"]
+
+
+def test_packaged_hooks_load_by_name(tiny_models, tmp_path):
+    """The ready hooks ship in the wheel: `--qlora_hooks qdora` works without a path; a wrong name says which exist."""
+    from qlora_plugin.plugin.manager import packaged_hooks
+
+    assert set(packaged_hooks()) == {"qdora", "memory_report"}
+    pm = get_plugin_manager(["qdora"], load_entrypoints=False)
+    assert collect_strategies(pm)["qdora"].plugin == "qlora_plugin.hooks.qdora"
+    with pytest.raises(QLoRAPluginError, match="No packaged hook named 'qdoar'. Packaged hooks: memory_report, qdora"):
+        get_plugin_manager(["qdoar"], load_entrypoints=False)
+    listing = run_command(["qlora-plugin", "strategies"], tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    assert "  qdora: QDoRA = QLoRA + DoRA" in listing.stdout and "  memory_report: Observe training" in listing.stdout
+
+
+def test_architecture_examples_work_as_written(tiny_models, tmp_path):
+    """docs/architecture.md's strategy and feature plugin, copied from the page, as hook files of a real run."""
+    import os
+
+    from trl import SFTConfig
+
+    from qlora_plugin import make_trainer
+
+    page = (REPO / "docs" / "architecture.md").read_text()
+    blocks = [block.split("```")[0] for block in page.split("```python\n")[1:]]
+    strategy, feature = (tmp_path / "strategy.py"), (tmp_path / "feature.py")
+    strategy.write_text(next(b for b in blocks if "qlora_register_strategies" in b))
+    feature.write_text(next(b for b in blocks if "TRAIN_FINAL_NORM" in b))
+    os.environ["TRAIN_FINAL_NORM"] = "1"
+    try:
+        trainer = make_trainer("qlora-r16", hook_files=[str(strategy), str(feature)], model=tiny_models["llama"],
+                               train_dataset=_skills(),
+                               args=SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none",
+                                              use_cpu=True, save_strategy="no", max_length=32))
+    finally:
+        del os.environ["TRAIN_FINAL_NORM"]
+    config = trainer.model.peft_config["default"]
+    assert config.r == 16 and set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trained == {"base_model.model.model.norm.weight"}
+    trainer.train()
+    report = json.loads((tmp_path / "out" / "qlora_plugin_report.json").read_text())
+    assert report["adapter"]["final_norm_trained"] is True and report["strategy"] == "qlora-r16"

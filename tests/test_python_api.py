@@ -74,7 +74,7 @@ def test_loss_falls_clearly_with_qlora(tiny_models, tmp_path):
 
 def test_saved_adapter_reloads_with_plain_peft(tiny_models, tmp_path):
     """The adapter saved after training loads with plain peft on a 4-bit base and reproduces the outputs."""
-    from peft import PeftModel
+    from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from qlora_plugin import make_cpu_inference_safe, make_trainer
@@ -91,8 +91,12 @@ def test_saved_adapter_reloads_with_plain_peft(tiny_models, tmp_path):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=trained.base_model.model.model.layers[0].self_attn.q_proj
                                .base_layer.compute_dtype)
+    # Quantized from the weights in the dtype training loaded them in (the quant record says which: bf16 where the
+    # CPU has it natively), then prepared for k-bit training as the strategy does (the rest upcast to fp32).
+    record = json.loads((tmp_path / "qlora_plugin_quantization.json").read_text())  # output_dir, at train end
     base = AutoModelForCausalLM.from_pretrained(tiny_models["llama_odd"], quantization_config=quant,
-                                                dtype=trained.dtype)
+                                                dtype=getattr(torch, record["weight_dtype"]))
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     reloaded = make_cpu_inference_safe(PeftModel.from_pretrained(base, str(tmp_path / "adapter"))).eval()
     adapter_dtype = next(p.dtype for n, p in trained.named_parameters() if "lora_A" in n)
     assert adapter_dtype == quant.bnb_4bit_compute_dtype  # adapters train in the compute dtype
@@ -134,7 +138,8 @@ def test_user_quantization_config_wins(tiny_models, tmp_path):
 def test_autocast_follows_the_recipe_bf16(tiny_models, tmp_path, monkeypatch, native):
     """TRL asks for bf16; without native bf16 the strategy turns it off, and the Accelerator's autocast with it
     (transformers derives `mixed_precision` at config time: a stale "bf16" ran every matmul emulated, 5x slower)."""
-    from qlora_plugin import make_trainer, runtime
+    from qlora_plugin import make_trainer
+    from qlora_plugin import runtime
 
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
     trainer = make_trainer("qlora", model=tiny_models["llama"], args=sft_config(tmp_path),

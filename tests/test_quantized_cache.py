@@ -27,7 +27,7 @@ def _kwargs(double_quant=True):
 def _dequantized(model) -> dict:
     import bitsandbytes.functional as F
 
-    from qlora_plugin.report import four_bit_layers
+    from qlora_plugin.quant.layers import four_bit_layers
 
     return {id(layer): F.dequantize_4bit(layer.weight.data, layer.weight.quant_state) for layer in four_bit_layers(model)}
 
@@ -36,8 +36,8 @@ def _dequantized(model) -> dict:
 def test_cached_base_is_bit_identical_to_load_time_quantization(tiny_models, arch):
     from transformers import AutoModelForCausalLM
 
-    from qlora_plugin.quantized_cache import cached_base
-    from qlora_plugin.report import four_bit_layers
+    from qlora_plugin.quant.cache import cached_base
+    from qlora_plugin.quant.layers import four_bit_layers
 
     entry = cached_base(tiny_models[arch], _kwargs())
     assert entry and os.path.isfile(os.path.join(entry, "qlora_plugin_cache.json"))
@@ -52,7 +52,7 @@ def test_cached_base_is_bit_identical_to_load_time_quantization(tiny_models, arc
 
 
 def test_second_lookup_reuses_the_entry(tiny_models, monkeypatch):
-    from qlora_plugin import quantized_cache
+    from qlora_plugin.quant import cache as quantized_cache
 
     entry = quantized_cache.cached_base(tiny_models["llama"], _kwargs())
 
@@ -66,7 +66,7 @@ def test_second_lookup_reuses_the_entry(tiny_models, monkeypatch):
 def test_key_follows_content_and_settings(tiny_models, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from qlora_plugin.quantized_cache import cached_base
+    from qlora_plugin.quant.cache import cached_base
 
     source = tmp_path / "model"
     shutil.copytree(tiny_models["llama"], source)
@@ -81,7 +81,7 @@ def test_key_follows_content_and_settings(tiny_models, tmp_path):
 def test_failed_write_leaves_no_entry_and_falls_back(tiny_models, tmp_path, monkeypatch):
     import safetensors.torch
 
-    from qlora_plugin import quantized_cache
+    from qlora_plugin.quant import cache as quantized_cache
 
     monkeypatch.setenv("QLORA_PLUGIN_CACHE_DIR", str(tmp_path / "cache"))
 
@@ -97,7 +97,7 @@ def test_failed_write_leaves_no_entry_and_falls_back(tiny_models, tmp_path, monk
 def test_checkpoint_with_foreign_names_is_not_cached(tiny_models, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from qlora_plugin.quantized_cache import cached_base
+    from qlora_plugin.quant.cache import cached_base
 
     source = tmp_path / "renamed"
     shutil.copytree(tiny_models["llama"], source)

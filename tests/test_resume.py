@@ -23,10 +23,11 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import DATA, start_python, run_python
-from qlora_plugin.checkpointing import STAGING_PREFIX, remove_stale_staging, resolve_checkpoint
+from qlora_plugin.training.checkpointing import STAGING_PREFIX, remove_stale_staging
+from qlora_plugin.training.checkpoints import resolve_checkpoint
 from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.interruption import signal_handlers
-from qlora_plugin.paged_state import resumable
+from qlora_plugin.training.interruption import signal_handlers
+from qlora_plugin.strategies.paged_state import resumable
 
 N = 3
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
@@ -120,9 +121,14 @@ def test_interrupted_run_stopped_after_a_complete_checkpoint(runs):
 
 
 def test_resumed_adapter_is_trainable_in_the_compute_dtype_and_owned_by_the_optimizer(runs):
+    from qlora_plugin.runtime import cpu_has_native_bf16
+
     resumed = runs["resumed"]
     trainable = [p for p in resumed.model.parameters() if p.requires_grad]
-    assert trainable and {p.dtype for p in trainable} == {torch.float32}  # compute dtype on CPU
+    compute = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    # the compute dtype, as in the straight run: not peft's fp32 upcast when train() loads the checkpoint's adapter
+    assert trainable and {p.dtype for p in trainable} == {compute}
+    assert {p.dtype for p in runs["straight"][0].model.parameters() if p.requires_grad} == {compute}
     assert {id(p) for g in resumed.optimizer.param_groups for p in g["params"]} == {id(p) for p in trainable}
     states = [resumed.optimizer.state[p] for p in trainable]
     assert all(s["step"] == 2 * N for s in states)
@@ -210,7 +216,7 @@ def test_bad_resume_fails_before_the_model_loads(tiny_models, small_dataset, tmp
     from trl import SFTConfig
 
     from qlora_plugin import make_trainer
-    from qlora_plugin import trainer as trainer_module
+    from qlora_plugin.training import pipeline as trainer_module
 
     monkeypatch.setattr(trainer_module, "_load_model", lambda *a: pytest.fail("model loaded"))
     args = SFTConfig(output_dir=str(tmp_path / "out"), resume_from_checkpoint=str(tmp_path / "nope"), use_cpu=True,

@@ -13,8 +13,9 @@ import pytest
 
 from conftest import DATA, REPO, run_python
 
-from qlora_plugin import QLoRAPluginError, activation
-from qlora_plugin.plugins import collect_strategies, get_plugin_manager
+from qlora_plugin import QLoRAPluginError
+from qlora_plugin.integration import activation
+from qlora_plugin.plugin.manager import collect_strategies, get_plugin_manager
 
 SENTINEL_CODE = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
 
@@ -212,7 +213,7 @@ socket.create_connection = socket.getaddrinfo = refuse
 def test_nothing_reaches_the_network_at_import_and_activation(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(NO_NETWORK)
     script = ("import sys; import qlora_plugin; sys.argv[1:] = ['--strategy', 'qlora', '--lora_r', '8']; import trl\n"
-              "from qlora_plugin import activation; request = activation.active_request()\n"
+              "from qlora_plugin.integration import state; request = state.active_request()\n"
               "assert request.strategy == 'qlora' and request.options == {'lora_r': 8}, request\n"
               "import trl.trainer.sft_trainer, trl.scripts.sft; print('activated')")
     proc = run_python(["-c", script], tmp_path, {"PYTHONPATH": str(tmp_path), "HF_HUB_OFFLINE": "0",

@@ -1,0 +1,116 @@
+"""Writing a merged model without ever leaving a half-written one: a temporary folder beside the output, renamed
+into place only when complete, and safetensors shards written as they fill so memory holds one shard at most."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+
+from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.files import umask
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def check_output(out: str, force: bool) -> None:
+    """Refuse a non-empty output folder unless `force`; refuse a path that is a file."""
+    if os.path.isfile(out):
+        raise QLoRAPluginError(f"--out {out!r} is a file; pass a folder path for the merged model.")
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise QLoRAPluginError(
+            f"Output folder {out!r} exists and is not empty. Choose a new --out, or pass --force to replace it."
+        )
+
+
+def disk_error(err: OSError, where: str, needed: int | None = None) -> QLoRAPluginError:
+    """A write failure as a user error: say why and what to do; nothing was left behind."""
+    if err.errno == errno.ENOSPC:
+        size = f" (the merged model needs about {needed / 2**30:.2f} GiB)" if needed else ""
+        return QLoRAPluginError(
+            f"No space left on the device while writing the merged model to {where}{size}. Nothing was kept; free "
+            "some space or pass an --out on another disk."
+        )
+    return QLoRAPluginError(f"Could not write the merged model to {where}: {err.strerror or err}. Nothing was kept.")
+
+
+@contextlib.contextmanager
+def staged_folder(out: str, force: bool):
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.merging-")
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the model folder should not be
+    except OSError as err:
+        raise disk_error(err, out) from None
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(out):
+            check_output(out, force)  # it may have appeared while we merged
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.old-")
+            os.replace(out, os.path.join(old, "previous"))
+        os.replace(tmp, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class ShardWriter:
+    """Collects output tensors and writes a safetensors shard whenever `max_shard_bytes` would be exceeded.
+
+    Shards get their final names (`model-0000i-of-0000n.safetensors` + index, or `model.safetensors` when one
+    shard suffices) in `finish`, once their number is known.
+    """
+
+    def __init__(self, folder: str, max_shard_bytes: int):
+        self.folder = folder
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        from safetensors.torch import save_file
+
+        path = self._draft(len(self.shards))
+        save_file(self.pending, path, metadata={"format": "pt"})
+        os.chmod(path, 0o666 & ~umask())
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def _draft(self, i: int) -> str:
+        return os.path.join(self.folder, f".shard-{i:05d}.safetensors")
+
+    def finish(self) -> None:
+        self.flush()
+        if len(self.shards) == 1:
+            os.replace(self._draft(0), os.path.join(self.folder, SINGLE_FILE))
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            os.replace(self._draft(i), os.path.join(self.folder, final))
+            weight_map.update({name: final for name in names})
+        with open(os.path.join(self.folder, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
+            f.write("\n")

@@ -1,0 +1,172 @@
+"""`qlora-plugin plan MODEL ...`: parse the flags, make the plans (`planning`), show a table, JSON or a picture.
+
+Strategy options use the same flags as training (`--lora_r 16`, `--use_bnb_nested_quant false`, ...), parsed by
+the same parser the activation uses; training settings that change memory use TRL's names
+(`--per_device_train_batch_size`, `--max_length`, `--optim`, `--gradient_checkpointing`, `--dtype`) or the short
+`--batch-size` / `--seq-len`. Anything else is an error, never ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+
+from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.files import atomic_path
+from qlora_plugin.flags import parse_bool, parse_own_flags
+from qlora_plugin.plan.estimate import COMPONENTS, PlanSettings, make_plans
+from qlora_plugin.plugin.manager import hook_files_from_env
+
+GIB = 2**30
+# Usable memory of common GPUs (what the driver reports, binary units), for `--gpu-memory NAME`.
+NAMED_GPUS = {"t4": 15 * GIB, "l4": 22 * GIB, "rtx4090": 24 * GIB, "a10": 24 * GIB, "v100-32gb": 32 * GIB,
+              "a100-40gb": 40 * GIB, "a6000": 48 * GIB, "l40s": 48 * GIB, "a100-80gb": 80 * GIB,
+              "h100-80gb": 80 * GIB, "h200": 141 * GIB}
+UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+         "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_memory(text: str) -> int:
+    """'48GB' (10^9), '80GiB' (2^30), '48' (GB) or a GPU name from NAMED_GPUS, in bytes."""
+    name = text.strip().lower()
+    if name in NAMED_GPUS:
+        return NAMED_GPUS[name]
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", name)
+    if not match or match.group(2) not in UNITS or float(match.group(1)) <= 0:
+        raise QLoRAPluginError(
+            f"`--gpu-memory {text}` is not a size. Use e.g. 48GB, 80GiB, or one of: {', '.join(NAMED_GPUS)}."
+        )
+    return int(float(match.group(1)) * UNITS[match.group(2)])
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora-plugin plan", allow_abbrev=False,
+        description="Predict peak training memory from config.json alone (nothing is downloaded or loaded).",
+        epilog="Strategy options are accepted with their training flags (--lora_r, --lora_target_modules, "
+               "--use_bnb_nested_quant, --bnb_4bit_compute_dtype, ...; see `qlora-plugin options`). "
+               "Accuracy and a worked example: docs/plan.md.",
+    )
+    parser.add_argument("model", help="Local model folder with config.json, or a hub id.")
+    parser.add_argument("--batch-size", "--per_device_train_batch_size", dest="batch_size", type=int, default=1)
+    parser.add_argument("--seq-len", "--max_length", dest="seq_len", type=int, default=512,
+                        help="Tokens per sequence (default 512).")
+    parser.add_argument("--optim", default=None, help="Optimizer (default: the recipe's paged_adamw_32bit).")
+    parser.add_argument("--gradient_checkpointing", "--gradient-checkpointing", type=parse_bool, default=None,
+                        metavar="true|false", help="Default: the recipe's (on).")
+    parser.add_argument("--dtype", default="auto", help="Compute dtype (default: bf16 on cuda, fp32 on this CPU).")
+    parser.add_argument("--device", default="cuda", help="cuda (allocator peak) or cpu (process RSS).")
+    parser.add_argument("--gpu-memory", default=None, help="Say whether the peak fits: 48GB, 80GiB, a100-80gb, ...")
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    parser.add_argument("--plot", default=None, metavar="FILE.png", help="Also draw stacked bars per strategy.")
+    parser.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code",
+                        action="store_true", help="Allow a config with custom code (only if you trust it).")
+    return parser
+
+
+def _split_flags(argv: list[str]) -> tuple[dict, list[str]]:
+    """The strategy flags (as activation parses them) and the rest, for the plan parser."""
+    given, rest = parse_own_flags(argv)
+    for flag in ("use_peft", "load_in_8bit"):
+        if flag in given:
+            raise QLoRAPluginError(f"`--{flag}` has no meaning for plan; pick a strategy with --strategy.")
+    return given, rest
+
+
+def _check_plot_path(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise QLoRAPluginError(f"Cannot write the plot to {path!r}: {directory} is not a writable folder.")
+    if os.path.splitext(path)[1].lower() not in (".png", ".svg", ".pdf"):
+        raise QLoRAPluginError(f"`--plot {path}`: use a .png, .svg or .pdf file name.")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise QLoRAPluginError("`--plot` needs matplotlib: pip install 'qlora-plugin[plot]'") from None
+
+
+def _size(n: int) -> str:
+    if not n:
+        return "-"
+    return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / 2**20:,.1f} MiB"
+
+
+def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "") -> str:
+    first = plans[0].details
+    lines = [f"Peak training memory for {model} ({first['params'] / 1e9:.2f}B params), batch {first['batch_size']} "
+             f"x {first['seq_len']} tokens, device {first['device']}"]
+    width = 16
+    lines.append("component".ljust(14) + "".join(p.strategy.rjust(width) for p in plans))
+    for name in COMPONENTS:
+        if name == "runtime" and not any(p.components[name] for p in plans):
+            continue
+        lines.append(name.ljust(14) + "".join(_size(p.components[name]).rjust(width) for p in plans))
+    lines.append("peak".ljust(14) + "".join(_size(p.total_bytes).rjust(width) for p in plans))
+    if gpu_memory:
+        verdicts = ["fits" if p.total_bytes <= gpu_memory else "does not fit" for p in plans]
+        lines.append(f"in {gpu_label}".ljust(14) + "".join(v.rjust(width) for v in verdicts))
+    lines.append("")
+    for p in plans:
+        d = p.details
+        bits = f", 4-bit layers {d['layers_4bit']} at {d['bits_per_4bit_param']} bits/param" if d["layers_4bit"] else ""
+        lines.append(f"{p.strategy}: compute {d['compute_dtype']}, optimizer {d['optimizer']}, gradient "
+                     f"checkpointing {'on' if d['gradient_checkpointing'] else 'off'}, trainable "
+                     f"{d['trainable_params']:,} params{bits}; activations without/with checkpointing "
+                     f"{_size(d['activations_without_checkpointing'])} / {_size(d['activations_with_checkpointing'])}")
+    return "\n".join(lines)
+
+
+def write_plot(plans, path: str, model: str, gpu_memory: int | None, gpu_label: str = "") -> None:
+    """Stacked bars per strategy, one colour per component; written to a temporary file, then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(plans), 4.5))
+    bottoms = [0.0] * len(plans)
+    names = [p.strategy for p in plans]
+    for component in COMPONENTS:
+        values = [p.components[component] / GIB for p in plans]
+        if any(values):
+            ax.bar(names, values, bottom=bottoms, label=component)
+            bottoms = [b + v for b, v in zip(bottoms, values)]
+    for i, total in enumerate(bottoms):
+        ax.annotate(f"{total:,.1f}", (i, total), ha="center", va="bottom")
+    if gpu_memory:
+        ax.axhline(gpu_memory / GIB, color="black", linestyle="--", label=f"GPU {gpu_label}")
+    ax.set_ylabel("GiB")
+    ax.set_title(f"Predicted peak training memory: {os.path.basename(model.rstrip('/'))}")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    try:
+        with atomic_path(path, os.path.splitext(path)[1]) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    given, rest = _split_flags(argv)
+    args = make_parser().parse_args(rest)
+    strategy = given.pop("strategy", None)
+    hooks = [*hook_files_from_env(), *(given.pop("qlora_hooks", None) or [])]
+    gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    if args.plot:
+        _check_plot_path(args.plot)
+    settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, device=args.device, dtype=args.dtype,
+                            optim=args.optim, gradient_checkpointing=args.gradient_checkpointing,
+                            trust_remote_code=args.trust_remote_code)
+    plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks)
+    if args.json:
+        objects = [{**p.as_dict(), **({"fits": p.total_bytes <= gpu_memory} if gpu_memory else {})} for p in plans]
+        print(json.dumps(objects[0] if len(objects) == 1 else objects, indent=2))
+    else:
+        print(format_table(plans, args.model, gpu_memory, args.gpu_memory))
+    if args.plot:
+        write_plot(plans, args.plot, args.model, gpu_memory, args.gpu_memory)
+        if not args.json:
+            print(f"plot written to {args.plot}")
+    return 0

@@ -1,0 +1,269 @@
+"""`qlora-plugin plan`: predict peak training memory from `config.json` alone, before anything is downloaded.
+
+The model is built as a skeleton on the meta device (no weights, no memory) and turned into what each strategy
+really trains, using the same code paths and defaults as the strategies:
+
+- which linear layers become 4-bit: transformers' own bitsandbytes rules (`get_modules_to_not_convert`,
+  `should_convert_module`: every `nn.Linear`/`Conv1D` except the output head, tied and kept-in-fp32 modules);
+- 4-bit bytes per layer: packed codes + absmax per 64-block (fp32, or uint8 + an fp32 constant per 256 blocks +
+  the code maps with double quantization), exactly what bitsandbytes allocates (see docs/plan.md);
+- the rest of a qlora base in fp32 (`prepare_model_for_kbit_training` upcasts it); lora/full in the compute dtype;
+- the adapter: peft's own `get_peft_model` on the skeleton with the strategy's `StrategyOptions`, in the compute
+  dtype (what `report.cast_trainable` keeps it in);
+- optimizer and gradient checkpointing from `recipe.training_defaults`, lr/dropout by size from `adapters`;
+- activations: counted, not guessed (`plan_activations`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.model_config import load_config
+from qlora_plugin.options import StrategyOptions, build_options
+from qlora_plugin.plan.activations import activation_bytes
+from qlora_plugin.plan.skeleton import QuantizedLinearStandIn, skeleton
+from qlora_plugin.plugin.manager import collect_strategies, get_plugin_manager
+from qlora_plugin.runtime import Runtime, cpu_has_native_bf16
+from qlora_plugin.strategies.adapters import count_parameters
+from qlora_plugin.strategies.builtin import QLORA
+from qlora_plugin.strategies.optimizer import optim_name
+from qlora_plugin.strategies.recipe import training_defaults
+from qlora_plugin.strategy import unknown_strategy_error
+
+FULL = "full"  # 16-bit full fine-tuning: a plan-only comparison, not a strategy
+COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "runtime")
+DEVICES = ("cuda", "cpu")
+# Process RSS of python + torch + transformers + trl + peft + bitsandbytes + datasets imported and a trainer's
+# data pipeline running, on the CPU development machine: a 1-layer, 64-wide model trained at 1 x 16 tokens peaks
+# at 511-543 MiB with under 2 MiB of model terms (`examples/plan_accuracy.py` prints it; docs/plan.md). The CUDA
+# context is not in `torch.cuda.max_memory_allocated`, so the cuda plan has no runtime term.
+CPU_RUNTIME_BYTES = 520 * 2**20
+
+# Optimizer state in bytes per trainable element: "fp32" (two fp32 moments), "param" (two moments in the
+# parameter's dtype, as torch's AdamW allocates them), "8bit" (bitsandbytes blockwise: two uint8 moments + an
+# fp32 absmax per 256 elements, fp32 below 4096 elements), "factored" (Adafactor row+column statistics), none.
+OPTIMIZERS = {
+    "paged_adamw_32bit": "fp32", "paged_adamw": "fp32", "adamw_torch": "param", "adamw_torch_fused": "param",
+    "adamw_8bit": "8bit", "adamw_bnb_8bit": "8bit", "paged_adamw_8bit": "8bit", "adafactor": "factored",
+    "sgd": "none",
+}
+BNB_MIN_8BIT_SIZE = 4096
+
+
+@dataclass
+class PlanSettings:
+    """What the training run will look like. None means: what the strategy would choose."""
+
+    batch_size: int = 1
+    seq_len: int = 512
+    device: str = "cuda"
+    dtype: str = "auto"  # compute dtype of the run (`--dtype`); auto: bf16 on cuda, fp32 on a CPU without bf16
+    optim: str | None = None
+    gradient_checkpointing: bool | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise QLoRAPluginError(f"`{name}` must be a positive integer; got {value!r}.")
+        if self.device not in DEVICES:
+            raise QLoRAPluginError(f"`--device` must be one of {', '.join(DEVICES)}; got {self.device!r}.")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise QLoRAPluginError(
+                f"`--dtype` must be one of auto, bfloat16, float16, float32; got {self.dtype!r}."
+            )
+        if self.optim is not None and self.optim not in OPTIMIZERS:
+            raise QLoRAPluginError(
+                f"`--optim {self.optim}` is not modelled by plan. Supported: {', '.join(OPTIMIZERS)}."
+            )
+
+
+@dataclass
+class Plan:
+    """One strategy's prediction. `components` are bytes; `total_bytes` is their sum (the predicted peak)."""
+
+    strategy: str
+    components: dict
+    details: dict = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return int(sum(self.components.values()))
+
+    def as_dict(self) -> dict:
+        return {"strategy": self.strategy, "total_bytes": self.total_bytes, "components": dict(self.components),
+                "details": dict(self.details)}
+
+
+def compute_dtype_name(settings: PlanSettings, options: StrategyOptions) -> str:
+    """The same choice as `quantization.compute_dtype`, for a device we may not be running on."""
+    if options.bnb_4bit_compute_dtype != "auto":
+        return options.bnb_4bit_compute_dtype
+    if settings.dtype != "auto":
+        return settings.dtype
+    native = True if settings.device == "cuda" else cpu_has_native_bf16()
+    return "bfloat16" if native else "float32"
+
+
+def four_bit_bytes(numel: int, double_quant: bool, storage_itemsize: int = 1) -> dict:
+    """Bytes bitsandbytes allocates for one 4-bit weight of `numel` elements (blocksize 64).
+
+    packed: two codes per byte, padded to the storage dtype; constants: absmax (fp32 per block, or uint8 per block
+    + fp32 per 256 blocks + offset + the 256-entry nested code) + the 16-entry code map.
+    """
+    packed = math.ceil(math.ceil(numel / 2) / storage_itemsize) * storage_itemsize
+    blocks = math.ceil(numel / 64)
+    if double_quant:
+        constants = blocks + 4 * math.ceil(blocks / 256) + 4 + 256 * 4
+    else:
+        constants = 4 * blocks
+    return {"packed": packed, "constants": constants + 16 * 4}
+
+
+def _optimizer_bytes(kind: str, params) -> int:
+    total = 0
+    for p in params:
+        n = p.numel()
+        if kind == "fp32" or (kind == "8bit" and n < BNB_MIN_8BIT_SIZE):
+            total += 8 * n
+        elif kind == "8bit":
+            total += 2 * (n + 4 * math.ceil(n / 256))
+        elif kind == "param":
+            total += 2 * n * p.element_size()
+        elif kind == "factored":
+            total += 4 * (p.shape[0] + p.shape[-1]) if p.dim() >= 2 else 4 * n
+    return total
+
+
+def parameter_costs(model, options: StrategyOptions) -> dict:
+    """Bytes of a skeleton's parameters as trained: 4-bit packed codes and constants, everything else frozen at
+    its dtype (buffers included), and the list of trainable parameters."""
+    import torch
+
+    storage = options.bnb_4bit_quant_storage
+    itemsize = 1 if storage in ("auto", "uint8") else torch.empty(0, dtype=getattr(torch, storage)).element_size()
+    costs = {"packed": 0, "constants": 0, "other": 0, "layers_4bit": 0, "params_4bit": 0, "trainable": []}
+    seen = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if param.requires_grad:
+                costs["trainable"].append(param)
+            elif isinstance(module, QuantizedLinearStandIn) and name == "weight":
+                cost = four_bit_bytes(param.numel(), options.use_bnb_nested_quant, itemsize)
+                costs["packed"] += cost["packed"]
+                costs["constants"] += cost["constants"]
+                costs["layers_4bit"] += 1
+                costs["params_4bit"] += param.numel()
+            else:
+                costs["other"] += param.numel() * param.element_size()
+    costs["other"] += sum(b.numel() * b.element_size() for b in model.buffers())
+    return costs
+
+
+def qlora_base_bytes(model: str, compute: str = "float32", options: StrategyOptions | None = None) -> int:
+    """The plan's 4-bit base (packed + constants + the rest in fp32) for a model folder, without the adapter:
+    what an fp32 4-bit load holds, to compare with `get_memory_footprint() + quant_state_bytes()`."""
+    options = options or StrategyOptions()
+    costs = parameter_costs(skeleton(load_config(model), QLORA, options, compute), options)
+    return costs["packed"] + costs["constants"] + costs["other"]
+
+
+def plan_strategy(config, name: str, strategy, options: StrategyOptions, settings: PlanSettings, pm=None) -> Plan:
+    """Predict the peak of one strategy; `strategy` None is 16-bit full fine-tuning (`name` then `full`)."""
+    full = strategy is None
+    compute = compute_dtype_name(settings, options)
+
+    def build(cfg):
+        return skeleton(cfg, strategy, options, compute, pm, settings.trust_remote_code, settings.device)
+
+    model = build(config)
+    num_params = count_parameters(model)
+    runtime = Runtime(settings.device, compute == "bfloat16", "none")
+    defaults = training_defaults(num_params, runtime)
+    optim = settings.optim or defaults["optim"]
+    checkpointing = defaults["gradient_checkpointing"] if settings.gradient_checkpointing is None \
+        else settings.gradient_checkpointing
+
+    costs = parameter_costs(model, options)
+    weights, packed, constants, trainable = costs["other"], costs["packed"], costs["constants"], costs["trainable"]
+    layers_4bit, params_4bit = costs["layers_4bit"], costs["params_4bit"]
+    adapters = sum(p.numel() * p.element_size() for p in trainable)
+    acts = activation_bytes(config, build, settings.batch_size, settings.seq_len, checkpointing)
+    components = {
+        "weights": weights + packed + constants + (adapters if full else 0),  # full: the trained set is the base
+        "adapters": 0 if full else adapters,
+        "gradients": adapters,
+        "optimizer": _optimizer_bytes(OPTIMIZERS[optim], trainable),
+        "activations": acts["total"],
+        "runtime": CPU_RUNTIME_BYTES if settings.device == "cpu" else 0,
+    }
+    details = {
+        "params": num_params,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "layers_4bit": layers_4bit,
+        "params_4bit": params_4bit,
+        "bits_per_4bit_param": round(8 * (packed + constants) / params_4bit, 4) if params_4bit else None,
+        "weights_4bit_packed_bytes": packed,
+        "weights_4bit_constants_bytes": constants,
+        "weights_other_bytes": weights,
+        "compute_dtype": compute,
+        "optimizer": optim,
+        "gradient_checkpointing": checkpointing,
+        "batch_size": settings.batch_size,
+        "seq_len": settings.seq_len,
+        "device": settings.device,
+        "activations_without_checkpointing": acts["without_checkpointing"],
+        "activations_with_checkpointing": acts["with_checkpointing"],
+        "lora_r": None if full else options.lora_r,
+    }
+    return Plan(name, components, details)
+
+
+def make_plans(model: str, strategies: list[str] | None, settings: PlanSettings, explicit_options: dict,
+               hook_files=(), pm=None) -> list[Plan]:
+    """Plans for `strategies` (default: qlora, lora, full) of the model whose config is at `model`, with the
+    plugins of `pm` (default: a manager with `hook_files`)."""
+    pm = pm or get_plugin_manager(list(hook_files))
+    available = collect_strategies(pm)
+    resolved = []
+    for name in strategies or ["qlora", "lora", FULL]:
+        if name == FULL:
+            resolved.append((name, None, build_options({"load_in_4bit": False}, explicit_options)))
+        elif name in available:
+            strategy = available[name]
+            resolved.append((name, strategy, build_options(dict(strategy.option_defaults), explicit_options)))
+        else:
+            raise unknown_strategy_error(name, [*available, FULL])
+    config = load_config(model, settings.trust_remote_code)
+    return [plan_strategy(config, name, strategy, options, settings, pm) for name, strategy, options in resolved]
+
+
+def predict_for_run(model_config, strategy, options: StrategyOptions, training_args, device: str,
+                    compute: str, pm=None) -> dict:
+    """The plan for a training run's actual settings, for `qlora_plugin_report.json` (next to the measured peak).
+
+    A plan that cannot be made (an optimizer plan does not model, an exotic architecture) is reported, not raised:
+    the prediction must never stop a training run.
+    """
+    config = copy.deepcopy(model_config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    try:
+        settings = PlanSettings(
+            batch_size=training_args.per_device_train_batch_size, seq_len=training_args.max_length or 1024,
+            device="cuda" if device == "cuda" else "cpu", dtype=compute, optim=optim_name(training_args),
+            gradient_checkpointing=bool(training_args.gradient_checkpointing),
+        )
+        plan = plan_strategy(config, strategy.name, strategy, options, settings, pm)
+    except Exception as err:  # noqa: BLE001 - see docstring
+        return {"predicted_peak_bytes": None, "prediction_failed": f"{type(err).__name__}: {err}"}
+    return {"predicted_peak_bytes": plan.total_bytes, "predicted_components": plan.components,
+            "predicted_for": {k: plan.details[k] for k in ("batch_size", "seq_len", "gradient_checkpointing",
+                                                            "optimizer", "device", "compute_dtype")}}

@@ -1,0 +1,88 @@
+"""The model as a strategy trains it, built on the meta device from its config: no weights, no memory.
+
+4-bit layers are stand-ins chosen by transformers' own rule (`quant.layers.four_bit_module_names`); the adapter
+is added by the same `qlora_wrap_model` hook a training run calls, so a plugin's own adapter (DoRA, a custom
+init, ...) is what `plan` counts, together with the feature plugins that wrap it (`cpu_fast_dropout`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.options import StrategyOptions
+from qlora_plugin.plugin.manager import get_plugin_manager
+from qlora_plugin.quant.layers import four_bit_module_names
+from qlora_plugin.runtime import Runtime
+from qlora_plugin.strategies.adapters import cast_trainable
+
+
+def with_layers(config, layers: int):
+    """A copy of `config` with `layers` decoder layers (per-layer lists such as `layer_types` cut to match)."""
+    config = copy.deepcopy(config)
+    text = config.get_text_config()
+    for name, value in list(vars(text).items()):
+        if isinstance(value, list) and len(value) == text.num_hidden_layers and name != "architectures":
+            setattr(text, name, value[:layers])
+    text.num_hidden_layers = layers
+    return config
+
+
+class QuantizedLinearStandIn:
+    """Marker mix-in: this linear layer is 4-bit in the real model (see `skeleton`)."""
+
+
+def _standin_class():
+    import torch
+
+    class Linear4bitStandIn(torch.nn.Linear, QuantizedLinearStandIn):
+        """Meta-device stand-in for `bnb.nn.Linear4bit`: casts the input to the compute dtype for the matmul
+        and the output back to the input's dtype, as bitsandbytes does (so the saved activations match)."""
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+    return Linear4bitStandIn
+
+
+def skeleton(config, strategy, options: StrategyOptions, compute: str, pm=None, trust_remote_code: bool = False,
+             device: str = "cpu"):
+    """The model as `strategy` trains it on `device`, built on the meta device: 4-bit stand-ins, dtypes, trainable
+    flags, and the adapter from the `qlora_wrap_model` hook (with the feature plugins that wrap it).
+
+    `strategy` None means 16-bit full fine-tuning (everything trainable, no adapter). `pm` defaults to a manager
+    with the built-in and installed plugins."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    dtype = getattr(torch, compute)
+    try:
+        with init_empty_weights(), no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, ImportError) as err:
+        raise QLoRAPluginError(f"Could not build a causal LM from this config: {err}") from None
+    model.tie_weights()  # not done under init_empty_weights; a tied head is one parameter, not two
+    if strategy is None:
+        model.requires_grad_(True)
+        return model
+    quantized = four_bit_module_names(model) if options.load_in_4bit else []
+    if quantized:
+        standin = _standin_class()
+        model.to(torch.float32)  # prepare_model_for_kbit_training upcasts everything that is not 4-bit
+        for name in quantized:
+            old = model.get_submodule(name)
+            in_f, out_f = (old.in_features, old.out_features) if hasattr(old, "in_features") else old.weight.shape
+            with init_empty_weights():
+                new = standin(in_f, out_f, bias=False, dtype=dtype)
+            if getattr(old, "bias", None) is not None:
+                new.bias = torch.nn.Parameter(old.bias.detach().to(dtype), requires_grad=False)
+            model.set_submodule(name, new)
+    model.requires_grad_(False)
+    pm = pm or get_plugin_manager()
+    runtime = Runtime(device, compute == "bfloat16", "none")
+    with init_empty_weights():
+        model = pm.hook.qlora_wrap_model(strategy=strategy, options=options, model=model, runtime=runtime)
+    cast_trainable(model, compute)  # as a training run keeps the adapter (strategies.adapters)
+    return model

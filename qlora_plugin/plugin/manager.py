@@ -1,0 +1,211 @@
+"""The plugin manager factory: default plugins, installed entry points, packaged hooks and hook files the user names.
+
+Each call builds a fresh manager (no module-level global), so tests and embedders get isolated registries. The
+built-in strategies and every built-in feature are plugins registered exactly like third-party ones, from
+`DEFAULT_PLUGINS` (module names, imported here by name as simonw/llm does), so each can be overridden or wrapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+
+import pluggy
+
+from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.plugin import specs
+from qlora_plugin.strategy import Strategy, unknown_strategy_error
+
+ENTRY_POINT_GROUP = "qlora_plugin"
+HOOKS_ENV = "QLORA_PLUGIN_HOOKS"
+LOAD_ENV = "QLORA_PLUGIN_LOAD"  # comma-separated entry-point names to load; empty string: none
+PACKAGED_HOOKS = "qlora_plugin.hooks"  # ready hooks shipped in the wheel, named without `.py`: `--qlora_hooks qdora`
+
+# In registration order; pluggy calls later registrations first, and the built-in answers are `trylast`.
+DEFAULT_PLUGINS = (
+    "qlora_plugin.strategies.builtin",  # the qlora and lora strategies: loading kwargs, LoRA, paged AdamW, recipe
+    "qlora_plugin.quant.cache",  # quantize a local base once, load the packed 4-bit copy on later runs
+    "qlora_plugin.quant.cpu_guard",  # keep bitsandbytes' CPU repacking away from training
+    "qlora_plugin.quant.record",  # qlora_plugin_quantization.json beside every adapter (what merge rebuilds)
+    "qlora_plugin.perf.dequant_reuse",
+    "qlora_plugin.perf.dequant_buffer",
+    "qlora_plugin.perf.cpu_dropout",
+    "qlora_plugin.perf.host_memory",
+    "qlora_plugin.perf.malloc_tunables",
+    "qlora_plugin.training.report",  # the summary and qlora_plugin_report.json
+)
+
+
+def get_plugin_manager(hook_files=(), load_entrypoints: bool = True) -> pluggy.PluginManager:
+    """Build a manager: `DEFAULT_PLUGINS`, then installed entry points, then `hook_files` (paths to .py files, or
+    names of packaged hooks) in order."""
+    pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    pm.add_hookspecs(specs)
+    for name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+    if load_entrypoints:
+        _load_entrypoints(pm)
+    for hook in hook_files:
+        module, name = _hook_module(hook)
+        if pm.has_plugin(name):
+            continue  # the same hook named twice (e.g. on the command line and in QLORA_PLUGIN_HOOKS)
+        _check_undecorated_hooks(module, hook)
+        try:
+            pm.register(module, name=name)
+        except pluggy.PluginValidationError as err:
+            raise QLoRAPluginError(f"Hook file {hook!r}: {err}. {_hooks_help()}") from None
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as err:
+        raise QLoRAPluginError(f"{err}. {_hooks_help()}") from None
+    return pm
+
+
+def packaged_hooks() -> dict[str, str]:
+    """{name: first docstring line} of the ready hooks installed with the package (`qlora_plugin/hooks/`)."""
+    folder = Path(importlib.util.find_spec(PACKAGED_HOOKS).origin).parent
+    found = {}
+    for file in sorted(folder.glob("*.py")):
+        if file.stem != "__init__":
+            doc = inspect.getdoc(importlib.import_module(f"{PACKAGED_HOOKS}.{file.stem}")) or ""
+            found[file.stem] = doc.splitlines()[0] if doc else ""
+    return found
+
+
+def _hook_module(hook: str):
+    """(module, plugin name) for a packaged hook's name (`qdora`) or a hook file's path (`hooks/mine.py`)."""
+    if hook.isidentifier():
+        available = packaged_hooks()
+        if hook not in available:
+            raise QLoRAPluginError(
+                f"No packaged hook named {hook!r}. Packaged hooks: {', '.join(available) or 'none'}; or pass the "
+                "path of your own .py hook file."
+            )
+        name = f"{PACKAGED_HOOKS}.{hook}"
+        return importlib.import_module(name), name
+    return load_hook_file(hook), f"hook-file:{Path(hook).expanduser().resolve()}"
+
+
+def _hooks_help() -> str:
+    names = [f"{name}({', '.join(inspect.signature(fn).parameters)})"
+             for name, fn in inspect.getmembers(specs, inspect.isfunction) if name.startswith("qlora_")]
+    return f"The hooks are: {'; '.join(names)} (an implementation may take fewer arguments). See docs/hooks.md."
+
+
+def _check_undecorated_hooks(module, path) -> None:
+    """A function named like a hook but without `@hookimpl` would never run: say so instead of ignoring it."""
+    marker = f"{ENTRY_POINT_GROUP}_impl"
+    forgotten = sorted(name for name in vars(specs) if name.startswith("qlora_")
+                       and callable(getattr(module, name, None)) and not hasattr(getattr(module, name), marker))
+    if forgotten:
+        raise QLoRAPluginError(
+            f"Hook file {path!r} defines {', '.join(forgotten)} without `@hookimpl`, so it would never be called. "
+            "Decorate it: `from qlora_plugin import hookimpl` then `@hookimpl` above the function."
+        )
+
+
+def _load_entrypoints(pm: pluggy.PluginManager) -> None:
+    """Installed plugins (the `qlora_plugin` entry-point group), all or those named in QLORA_PLUGIN_LOAD."""
+    from importlib.metadata import entry_points
+
+    installed = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    allowed = os.environ.get(LOAD_ENV)
+    names = installed if allowed is None else sorted({n.strip() for n in allowed.split(",") if n.strip()})
+    missing = [name for name in names if name not in installed]
+    if missing:
+        raise QLoRAPluginError(
+            f"{LOAD_ENV} names {', '.join(missing)}, which no installed package provides (entry-point group "
+            f"`{ENTRY_POINT_GROUP}`). Installed: {', '.join(installed) or 'none'}. Install the plugin's package, or "
+            f"set {LOAD_ENV} to a comma-separated list of installed ones (empty: none)."
+        )
+    for name in names:
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+        except Exception as err:  # a broken third-party package: name it rather than show its traceback
+            raise QLoRAPluginError(
+                f"The installed plugin {name!r} failed to load ({type(err).__name__}: {err}). Upgrade or uninstall "
+                f"it, or leave it out with {LOAD_ENV}=<comma-separated plugins to load>."
+            ) from None
+
+
+def hook_files_from_env() -> list[str]:
+    """`QLORA_PLUGIN_HOOKS=path.py[:name]` (os.pathsep-separated hook files or packaged hook names)."""
+    value = os.environ.get(HOOKS_ENV, "")
+    return [p for p in value.split(os.pathsep) if p.strip()]
+
+
+def load_hook_file(path: str):
+    """Import a hook module from a file the user named. Only such files and entry points are ever executed."""
+    file = Path(path).expanduser()
+    if file.suffix != ".py":
+        raise QLoRAPluginError(
+            f"Hook file {path!r} must be a Python file ending in .py (or the name of a packaged hook: "
+            f"{', '.join(packaged_hooks())})."
+        )
+    if not file.is_file():
+        raise QLoRAPluginError(
+            f"Hook file {path!r} does not exist. Pass an existing .py file via --qlora_hooks, the YAML key "
+            f"`qlora_hooks`, or {HOOKS_ENV}."
+        )
+    resolved = file.resolve()
+    module_name = f"qlora_plugin_hook_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, resolved)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's file: report, do not crash with their traceback
+        raise QLoRAPluginError(
+            f"Hook file {path!r} failed to import: {type(err).__name__}: {err}. Fix the file or remove it from "
+            f"the hooks list."
+        ) from None
+    sys.modules[module_name] = module
+    return module
+
+
+def collect_strategies(pm: pluggy.PluginManager) -> dict[str, Strategy]:
+    """Every strategy registered through the `qlora_register_strategies` hook, by name. Two with one name is an
+    error.
+
+    The hook is called through pluggy (so ordering, wrappers and tracing apply); which plugin registered a
+    strategy is read from the implementation on the call stack when it calls `register`.
+    """
+    owners = {impl.function.__code__: impl.plugin_name for impl in pm.hook.qlora_register_strategies.get_hookimpls()}
+    found: dict[str, Strategy] = {}
+
+    def register(strategy: Strategy) -> None:
+        plugin = _calling_plugin(owners)
+        if not isinstance(strategy, Strategy):
+            raise QLoRAPluginError(f"Plugin {plugin} registered {strategy!r}, not a Strategy.")
+        if strategy.name in found:
+            raise QLoRAPluginError(
+                f"Strategy {strategy.name!r} is registered twice ({found[strategy.name].plugin} and {plugin}). "
+                "Uninstall or rename one."
+            )
+        found[strategy.name] = dataclasses.replace(strategy, plugin=plugin)
+
+    pm.hook.qlora_register_strategies(register=register)
+    return found
+
+
+def _calling_plugin(owners: dict) -> str:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code in owners:
+            return owners[frame.f_code]
+        frame = frame.f_back
+    return "unknown"
+
+
+def get_strategy(pm: pluggy.PluginManager, name: str) -> Strategy:
+    strategies = collect_strategies(pm)
+    if name not in strategies:
+        raise unknown_strategy_error(name, list(strategies))
+    return strategies[name]

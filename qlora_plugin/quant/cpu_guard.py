@@ -1,0 +1,37 @@
+"""Keep bitsandbytes' CPU inference path away from shapes it cannot handle.
+
+On CPUs with AVX512-BF16, `bnb.nn.Linear4bit.forward` repacks its weight in place the first time it runs in eval
+mode without grad (evaluation, `generate()`), for a faster gemv kernel. That repacking needs out_features % 32 == 0
+and in_features % 64 == 0: any other width raises ("N must be divisible by block_n", "shape ... is invalid",
+"K must be even"), some after half-modifying the quantization state. A repacked weight also has no backward
+(training after evaluation silently gets wrong gradients) and no longer dequantizes correctly (merging breaks).
+We turn the repacking off on every 4-bit layer, and undo it where it already happened. The generic
+dequantize-then-matmul path it falls back to is correct for every shape.
+"""
+
+from __future__ import annotations
+
+from qlora_plugin.plugin.specs import hookimpl
+from qlora_plugin.quant.layers import four_bit_layers
+
+
+def make_cpu_inference_safe(model):
+    """Disable (and undo) bitsandbytes' AVX512-BF16 weight repacking on every 4-bit layer of `model`."""
+    layers = four_bit_layers(model)
+    if not layers:
+        return model
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False  # forward() checks this before repacking
+        state = getattr(layer.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+            layer.quant_state = layer.weight.quant_state
+    return model
+
+
+@hookimpl
+def qlora_model_loaded(model):
+    """Every loaded base, whoever loaded it (the strategy, or a script that passed its own model object)."""
+    make_cpu_inference_safe(model)

@@ -1,0 +1,129 @@
+"""After load: k-bit training preparation and the LoRA adapter (peft), on every linear layer of the blocks."""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.options import StrategyOptions
+from qlora_plugin.runtime import Runtime
+
+BIG_MODEL_PARAMS = 20e9  # the paper's recipe changes above this size (dropout 0.05, lr 1e-4)
+
+
+def linear_layer_names(model) -> list[str]:
+    """Short names (`q_proj`, `c_attn`, ...) of the linear layers LoRA can adapt, as `--lora_target_modules`
+    takes them; includes 4-bit and GPT-2 `Conv1D` layers."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            short = name.rsplit(".", 1)[-1]
+            if short not in names:
+                names.append(short)
+    return names
+
+
+def check_target_modules(model, targets: list[str]) -> None:
+    """Every name in `--lora_target_modules` must match a layer; say which did not and what exists."""
+    if "all-linear" in targets:
+        return
+    module_names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
+    if missing:
+        raise QLoRAPluginError(
+            f"`lora_target_modules` {missing} match no layer of this model. Its linear layers are: "
+            f"{', '.join(linear_layer_names(model))}. Use some of those, or `all-linear`."
+        )
+
+
+def count_parameters(model) -> int:
+    """Parameters of the model as trained in 16-bit (4-bit layers count their full, unpacked size)."""
+    total = 0
+    for param in model.parameters():
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)
+        total += shape.numel() if shape is not None else param.numel()
+    return total
+
+
+def lora_dropout(options: StrategyOptions, num_params: int) -> float:
+    if options.lora_dropout is not None:
+        return float(options.lora_dropout)
+    return 0.05 if num_params > BIG_MODEL_PARAMS else 0.1
+
+
+def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
+    """Prepare a k-bit model for training (not under FSDP/ZeRO-3, which must not upcast) and add LoRA."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    check_target_modules(model, options.lora_target_modules)
+    num_params = count_parameters(model)
+    if getattr(model, "is_loaded_in_4bit", False) and not runtime.shards_parameters:
+        # Upcasts norms/embeddings to fp32 for stable training; gradient checkpointing is left to the Trainer.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, lora_config(options, num_params))
+
+
+def lora_config(options: StrategyOptions, num_params: int, **extra):
+    """The strategy's `LoraConfig` (also what `plan` puts on its meta-device skeleton)."""
+    from peft import LoraConfig
+
+    targets = options.lora_target_modules
+    return LoraConfig(
+        r=options.lora_r,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=lora_dropout(options, num_params),
+        target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+        modules_to_save=options.lora_modules_to_save,
+        use_dora=options.use_dora,
+        use_rslora=options.use_rslora,
+        task_type=options.lora_task_type,
+        bias="none",
+        **extra,
+    )
+
+
+def cast_trainable(model, dtype_name: str) -> None:
+    """Keep the adapter in the compute dtype. TRL casts a quantized model's trainable parameters to bf16 even
+    where the 4-bit matmuls run in fp32 (CPUs without native bf16, where bf16 matmuls are many times slower)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype != dtype and "lora_magnitude_vector" not in name:
+            param.data = param.data.to(dtype)
+
+
+class KeepAdapterDtype(TrainerCallback):
+    """The trainable parameters back in `dtype_name` (`cast_trainable`) after the two places that change them: TRL's
+    casts when the trainer is built (`on_init_end`), and peft's upcast to fp32 when `train()` loads a checkpoint's
+    adapter to resume (`on_train_begin`); a resumed run then continues in the dtype it started in."""
+
+    def __init__(self, dtype_name: str | None):
+        self.dtype_name = dtype_name
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and self.dtype_name:
+            cast_trainable(model, self.dtype_name)
+
+    on_train_begin = on_init_end
+
+
+def adapter_facts(model, compute_dtype: str | None) -> dict:
+    """The adapter as the summary and report describe it (rank, targets, trainable parameters, dtype)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = model.peft_config[model.active_adapter] if hasattr(model, "peft_config") else None
+    targets = sorted({name.rsplit(".", 1)[-1] for name in (config.target_modules or [])}) if config else []
+    return {
+        "r": getattr(config, "r", None),
+        "alpha": getattr(config, "lora_alpha", None),
+        "dropout": getattr(config, "lora_dropout", None),
+        "use_dora": getattr(config, "use_dora", False),
+        "dtype": compute_dtype or str(model.dtype).replace("torch.", ""),
+        "target_modules": targets,
+        "layers": sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A")),
+        "trainable_params": trainable,
+        "total_params": count_parameters(model),
+    }

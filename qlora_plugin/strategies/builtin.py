@@ -1,0 +1,79 @@
+"""The built-in strategies, `qlora` and `lora`, registered through the same hooks as any third-party plugin.
+
+Every implementation here is `trylast`, so a plugin can answer any hook first, for its own strategy or for all.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from qlora_plugin.plugin.specs import hookimpl
+from qlora_plugin.quant.config import model_init_kwargs
+from qlora_plugin.strategies.adapters import KeepAdapterDtype, wrap_with_lora
+from qlora_plugin.strategies.engine_checks import engine_warnings
+from qlora_plugin.strategies.optimizer import CPU_PAGING_NOTE, bitsandbytes_optimizer, optim_name
+from qlora_plugin.strategies.recipe import training_defaults
+from qlora_plugin.strategy import Strategy
+
+logger = logging.getLogger(__name__)
+
+QLORA = Strategy(
+    "qlora",
+    "QLoRA (Dettmers et al. 2023): frozen NF4 base with double quantization, 16-bit LoRA on every linear layer "
+    "(r=64, alpha=16), paged AdamW, the paper's training recipe.",
+    {"load_in_4bit": True},
+)
+LORA = Strategy(
+    "lora",
+    "16-bit LoRA with the same recipe, no quantization: the side-by-side baseline for qlora.",
+    {"load_in_4bit": False},
+)
+
+
+@hookimpl(trylast=True)
+def qlora_register_strategies(register):
+    register(QLORA)
+    register(LORA)
+
+
+@hookimpl(trylast=True)
+def qlora_model_init_kwargs(options, init_kwargs, runtime):
+    return model_init_kwargs(options, init_kwargs, runtime)
+
+
+@hookimpl(trylast=True)
+def qlora_load_model(model_id, init_kwargs):
+    from trl.trainer.utils import create_model_from_path  # TRL's own loader, as SFTTrainer would call it
+
+    return create_model_from_path(model_id, **init_kwargs)
+
+
+@hookimpl(trylast=True)
+def qlora_wrap_model(options, model, runtime):
+    return wrap_with_lora(model, options, runtime)
+
+
+@hookimpl(trylast=True)
+def qlora_training_defaults(num_params, runtime):
+    return training_defaults(num_params, runtime)
+
+
+@hookimpl(trylast=True)
+def qlora_create_optimizer(training_args):
+    return bitsandbytes_optimizer(training_args)
+
+
+@hookimpl(trylast=True)
+def qlora_run_facts(training_args, runtime):
+    notes = []
+    if runtime.device_type == "cpu" and optim_name(training_args).startswith("paged"):
+        notes.append(CPU_PAGING_NOTE)
+    for problem in engine_warnings(runtime, optim_name(training_args)):
+        logger.warning("%s.", problem)
+        notes.append(problem)
+    return {"fallbacks": notes}
+
+
+@hookimpl(trylast=True)
+def qlora_trainer_callbacks(facts):
+    return [KeepAdapterDtype(facts["adapter"]["dtype"])]

@@ -1,0 +1,85 @@
+"""The paper's training recipe, applied to `SFTConfig` fields the user did not set.
+
+"Set" means named on the command line or in the YAML config, or (Python API) holding a value other than the
+config class's default. Explicit choices always win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qlora_plugin.strategies.adapters import BIG_MODEL_PARAMS
+from qlora_plugin.runtime import Runtime
+
+
+def training_defaults(num_params: int, runtime: Runtime) -> dict:
+    """lr 2e-4 (1e-4 above 20B), max_grad_norm 0.3, constant schedule with 3% warmup, paged AdamW 32-bit,
+    gradient checkpointing (reentrant only where DeepSpeed ZeRO-3 requires it), and bf16 mixed precision only
+    where the device runs bf16 natively (TRL turns it on everywhere; emulated bf16 is many times slower)."""
+    return {
+        "bf16": runtime.bf16_native,
+        "learning_rate": 1e-4 if num_params > BIG_MODEL_PARAMS else 2e-4,
+        "max_grad_norm": 0.3,
+        "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": 0.03,
+        "optim": "paged_adamw_32bit",
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": runtime.engine == "deepspeed_zero3"},
+    }
+
+
+def _class_default(args, name):
+    for f in dataclasses.fields(type(args)):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _normalised(value):
+    return getattr(value, "value", value)
+
+
+def user_set(args, name: str, explicit_names) -> bool:
+    """True if the user chose this field (named it, or gave a non-default value through Python)."""
+    if name in explicit_names:
+        return True
+    default = _class_default(args, name)
+    if name == "bf16" and default is None:  # TRL resolves bf16=None to `not fp16` in __post_init__
+        default = not args.fp16
+    return default is not dataclasses.MISSING and _normalised(getattr(args, name, None)) != _normalised(default)
+
+
+def apply_training_defaults(args, defaults: dict, explicit_names) -> dict:
+    """Set each recipe default the user did not choose; returns what was applied."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    converters = {"lr_scheduler_type": SchedulerType, "optim": OptimizerNames}
+    applied = {}
+    for name, value in defaults.items():
+        if not hasattr(args, name) or user_set(args, name, explicit_names):
+            continue
+        if name == "bf16" and getattr(args, "fp16", False):
+            continue  # fp16 was asked for
+        setattr(args, name, converters[name](value) if name in converters else value)
+        applied[name] = value
+    if "bf16" in applied:
+        _sync_mixed_precision(args)
+    return applied
+
+
+def _sync_mixed_precision(args) -> None:
+    """`TrainingArguments.__post_init__` derives `mixed_precision` (what the Accelerator's autocast uses) from
+    `bf16`; changing `bf16` afterwards must update it the same way, or bf16 autocast stays on."""
+    import os
+
+    if not hasattr(args, "mixed_precision"):
+        return
+    args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if args.fp16:
+        args.mixed_precision = "fp16"
+    elif args.bf16:
+        args.mixed_precision = "bf16"

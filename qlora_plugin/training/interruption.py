@@ -1,0 +1,100 @@
+"""SIGTERM / Ctrl-C during training: finish the current step, save a checkpoint, stop, exit 128 + signal.
+
+Preemptible jobs (Slurm, Kubernetes, spot instances) get SIGTERM and a grace period. Without this the process
+dies mid-step and the work since the last scheduled checkpoint is lost. Installed by `checkpointing` only while
+a strategy trainer's `train()` runs, on the main thread; signals the process ignores stay ignored. A second
+signal restores the previous handlers and re-delivers it: the process stops at once (Ctrl-C: KeyboardInterrupt).
+The exit status is 143 for SIGTERM and 130 for SIGINT, so a scheduler sees the job did not finish and can requeue
+it with `--resume_from_checkpoint true`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+from transformers import TrainerCallback
+
+from qlora_plugin.training.checkpoints import newest_checkpoint
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopOnSignal(TrainerCallback):
+    """Turns a received signal into `should_save` + `should_training_stop` at the end of the current step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.acted = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+            self.acted = True
+        return control
+
+    def handle(self, signum, frame=None) -> None:
+        name = signal.Signals(signum).name
+        os.write(2, f"\n[qlora-plugin] {name}: finishing this step, saving a checkpoint, then stopping "
+                    f"(send {name} again to stop at once)\n".encode())
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signal_handlers(handler, signals=SIGNALS):
+    """Route `signals` to `handler(signum, frame)` once; a second one goes to the handler that was there before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def restore():
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        previous.clear()
+
+    def on_signal(signum, frame):
+        if signum in received:
+            restore()
+            signal.raise_signal(signum)
+            return
+        received.add(signum)
+        handler(signum, frame)
+
+    received: set[int] = set()
+    for signum in signals:
+        old = signal.getsignal(signum)
+        if old in (signal.SIG_IGN, None):  # ignored (e.g. SIGINT in a background job), or not Python's to change
+            continue
+        previous[signum] = old
+        signal.signal(signum, on_signal)
+    try:
+        yield
+    finally:
+        restore()
+
+
+@contextlib.contextmanager
+def graceful_stop(trainer):
+    """Run the body (the Trainer's training loop) with signal handling; after a signal, exit 128 + signum."""
+    stop = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnSignal)), None)
+    if stop is None:
+        stop = StopOnSignal()
+        trainer.add_callback(stop)
+    stop.signum, stop.acted = None, False
+    with signal_handlers(stop.handle):
+        yield
+    if stop.signum is None:
+        return
+    if not stop.acted:  # the signal came after the last step: keep the finished state too
+        trainer._save_checkpoint(trainer.model, trial=None)
+    if trainer.args.should_save:
+        newest = newest_checkpoint(trainer.args.output_dir)
+        print(f"[qlora-plugin] stopped by {signal.Signals(stop.signum).name} at step {trainer.state.global_step}; "
+              f"checkpoint saved: {newest}. Resume with the same command plus `--resume_from_checkpoint true` "
+              f"(or `{newest}`).", file=sys.stderr, flush=True)
+    raise SystemExit(128 + stop.signum)

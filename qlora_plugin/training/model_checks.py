@@ -1,0 +1,108 @@
+"""Before a strategy loads a model: refuse folders that cannot work, in plain words, before any weights are read.
+
+Also the security rule: a config with `auto_map` needs custom code (`trust_remote_code`), which only the user
+may allow. The plugin never turns it on; it refuses such a model unless the user passed `--trust_remote_code`.
+`load_error` turns transformers' loading errors for Hub ids (where nothing can be checked beforehand) into the
+same kind of message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from qlora_plugin.errors import QLoRAPluginError
+
+FOLDER_HINT = "Pass a folder written by `save_pretrained` (config.json + *.safetensors), or a Hub model id."
+
+
+def check_model_argument(model) -> None:
+    """`SFTTrainer(model=...)` under a strategy: a model id or folder (a string), or an already loaded model."""
+    if isinstance(model, str) or hasattr(model, "config"):
+        return
+    raise QLoRAPluginError(
+        f"`model` must be a model id or folder (a string) for the strategy to load, or a loaded transformers model; "
+        f"got {model!r}."
+    )
+
+
+def _looks_like_path(model_id: str) -> bool:
+    """A Hub id is `name` or `org/name`; anything else that does not exist was meant as a local folder."""
+    return (os.path.isabs(model_id) or model_id.startswith((".", "~")) or model_id.count("/") > 1
+            or "\\" in model_id)
+
+
+def check_model_source(model_id: str, load_in_4bit: bool, trust_remote_code: bool) -> None:
+    """Check a local model folder's config.json; a Hub id is left to transformers (see `load_error`)."""
+    path = Path(model_id).expanduser()
+    if not path.exists():
+        if _looks_like_path(model_id):
+            raise QLoRAPluginError(f"Model folder {model_id!r} does not exist. {FOLDER_HINT}")
+        return
+    if not path.is_dir():
+        raise QLoRAPluginError(f"Model {model_id!r} is a file, not a model folder. {FOLDER_HINT}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise QLoRAPluginError(f"Model folder {model_id!r} has no config.json. {FOLDER_HINT}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise QLoRAPluginError(f"{config_file} is not valid JSON ({err}). {FOLDER_HINT}") from None
+    if not isinstance(config, dict):
+        raise QLoRAPluginError(f"{config_file} must hold a JSON object. {FOLDER_HINT}")
+    check_config(config, model_id, load_in_4bit, trust_remote_code)
+
+
+def check_config(config: dict, model_id: str, load_in_4bit: bool, trust_remote_code: bool) -> None:
+    """Custom code, unknown architectures and checkpoints quantized in a way the strategy cannot train."""
+    auto_map = config.get("auto_map")
+    if auto_map and not trust_remote_code:
+        code = sorted({str(v).split(".")[0] + ".py" for v in (auto_map.values() if isinstance(auto_map, dict) else [])
+                       if isinstance(v, str)})
+        raise QLoRAPluginError(
+            f"The model {model_id!r} needs custom code to load (config.json has `auto_map`: {', '.join(code)}). "
+            "qlora-plugin never turns on `trust_remote_code`. Read that code; if you trust it, pass "
+            "`--trust_remote_code` yourself (`SFTConfig(trust_remote_code=True)` in Python)."
+        )
+    if not auto_map:
+        from transformers import CONFIG_MAPPING
+
+        model_type = config.get("model_type")
+        if model_type is not None and model_type not in CONFIG_MAPPING:  # missing: transformers guesses from the path
+            import transformers
+
+            raise QLoRAPluginError(
+                f"The model {model_id!r} has model_type {model_type!r}, which transformers {transformers.__version__} "
+                "does not know. Upgrade transformers, or fix `model_type` in config.json (e.g. llama, mistral, qwen2)."
+            )
+    quant = config.get("quantization_config")
+    if not quant:
+        return
+    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+    four_bit = method == "bitsandbytes" and isinstance(quant, dict) and (
+        quant.get("load_in_4bit") or quant.get("_load_in_4bit"))
+    if four_bit and load_in_4bit:
+        return  # a pre-quantized bitsandbytes 4-bit checkpoint: transformers loads it as it is
+    kind = "bitsandbytes 4-bit" if four_bit else "bitsandbytes 8-bit" if method == "bitsandbytes" else method
+    wanted = ("quantizes a 16/32-bit checkpoint to NF4 itself" if load_in_4bit
+              else "trains a 16-bit base; use `--strategy qlora` for a 4-bit checkpoint")
+    raise QLoRAPluginError(
+        f"The model {model_id!r} is already quantized ({kind}, see `quantization_config` in config.json); the "
+        f"strategy {wanted}. Pass the original, unquantized checkpoint."
+    )
+
+
+def load_error(model_id: str, err: Exception) -> QLoRAPluginError | None:
+    """A user-facing error for what transformers raised while loading `model_id`, or None if it is not one."""
+    if isinstance(err, QLoRAPluginError):
+        return None
+    text = str(err)
+    if "trust_remote_code" in text:
+        return QLoRAPluginError(
+            f"The model {model_id!r} needs custom code to load. qlora-plugin never turns on `trust_remote_code`. "
+            "Read that code; if you trust it, pass `--trust_remote_code` yourself."
+        )
+    if isinstance(err, OSError) or "does not recognize this architecture" in text or "Unrecognized model" in text:
+        return QLoRAPluginError(f"Could not load the model {model_id!r}: {text} {FOLDER_HINT}")
+    return None

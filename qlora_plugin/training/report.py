@@ -1,0 +1,128 @@
+"""What the user sees: one summary when the trainer is ready, and `qlora_plugin_report.json` in `output_dir`
+with the same facts plus measured peak memory and throughput when training ends."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+
+from transformers import TrainerCallback
+
+from qlora_plugin.files import write_json_atomic
+from qlora_plugin.plugin.specs import hookimpl
+
+REPORT_FILE = "qlora_plugin_report.json"
+
+
+def peak_memory() -> dict:
+    """Peak memory so far: the CUDA allocator's on GPU, else the process's peak resident set."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "memory_kind": "cuda_max_allocated"}
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+            "memory_kind": "process_peak_rss"}
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak (called when training begins, so the peak is training's, not loading's): the CUDA
+    allocator's peak, and on Linux the process's peak RSS (`/proc/self/clear_refs`, value 5)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the peak then includes loading
+
+
+def format_summary(facts: dict) -> str:
+    q, a, o = facts.get("quantization"), facts["adapter"], facts["optimizer"]
+    lines = [f"[qlora-plugin] strategy {facts['strategy']} (from {facts['plugin']}, requested via {facts['source']})"]
+    if q:
+        lines.append(
+            f"  4-bit base : {q['layers_4bit']} linear layers in {q['quant_type']}"
+            f"{' + double quant' if q['double_quant'] else ''} ({q['bits_per_param']:.3f} bits/param), "
+            f"compute {q['compute_dtype']}, storage {q['quant_storage']}"
+        )
+        if q.get("dequant_buffer_layers"):
+            lines.append(f"  dequantize : {q['dequant_buffer_layers']} large 4-bit layers into one reused buffer "
+                         "(cpu_dequant_buffer)")
+        if q.get("cached_base"):
+            lines.append(f"  cached     : 4-bit base loaded from {q['cached_base']}")
+    else:
+        lines.append(f"  base       : 16-bit, not quantized ({facts['model'].get('dtype')})")
+    lines.append(
+        f"  LoRA       : r={a['r']} alpha={a['alpha']} dropout={a['dropout']} on {a['layers']} layers "
+        f"({', '.join(a['target_modules'])}); trainable {a['trainable_params']:,} of {a['total_params']:,} "
+        f"params ({100 * a['trainable_params'] / max(a['total_params'], 1):.2f}%)"
+    )
+    if a.get("fast_dropout_layers"):
+        lines.append(f"  dropout    : masks for {a['fast_dropout_layers']} LoRA layers drawn with one 32-bit draw per "
+                     "element (cpu_fast_dropout)")
+    malloc = facts.get("runtime", {}).get("malloc_tunables", "")
+    if malloc.startswith("applied"):
+        lines.append("  host malloc: glibc small-block caches off, 512 MiB kept at the heap top; set at start "
+                     "(cpu_malloc_tunables)")
+    lines.append(f"  optimizer  : {o['name']}" + (f" ({o['class']})" if o.get("class") else ""))
+    if facts["recipe_applied"]:
+        lines.append("  recipe     : " + ", ".join(f"{k}={v}" for k, v in facts["recipe_applied"].items()))
+    if facts["user_kept"]:
+        lines.append("  yours kept : " + ", ".join(facts["user_kept"]))
+    for note in facts["fallbacks"]:
+        lines.append(f"  fell back  : {note}")
+    return "\n".join(lines)
+
+
+class StrategyReportCallback(TrainerCallback):
+    """Prints the summary when the trainer is built and writes the JSON report when training ends."""
+
+    def __init__(self, facts: dict):
+        self.facts = facts
+        self._start = None
+
+    def on_init_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            print(format_summary(self.facts), flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+        reset_peak_memory()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        logs = [entry for entry in state.log_history if "loss" in entry]
+        train = next((e for e in reversed(state.log_history) if "train_runtime" in e), {})
+        runtime = train.get("train_runtime") or (time.perf_counter() - (self._start or time.perf_counter()))
+        tokens = next((e.get("num_tokens") for e in reversed(state.log_history) if "num_tokens" in e), None)
+        measured = {
+            **peak_memory(),
+            "steps": state.global_step,
+            "train_runtime_s": round(runtime, 3),
+            "train_samples_per_second": train.get("train_samples_per_second"),
+            "train_tokens_per_second": round(tokens / runtime, 2) if tokens and runtime else None,
+            "first_loss": logs[0]["loss"] if logs else None,
+            "final_loss": logs[-1]["loss"] if logs else None,
+        }
+        self.facts["measured"] = measured
+        memory = self.facts.get("memory")
+        if memory is not None:  # the plan's prediction beside what was measured
+            memory.update(measured_peak_bytes=measured["peak_memory_bytes"], memory_kind=measured["memory_kind"])
+            if memory.get("predicted_peak_bytes"):
+                memory["prediction_error"] = round(memory["predicted_peak_bytes"] / measured["peak_memory_bytes"] - 1, 4)
+        path = os.path.join(args.output_dir, REPORT_FILE)
+        write_json_atomic(path, self.facts)
+        print(f"[qlora-plugin] report written to {path}", flush=True)
+
+
+@hookimpl(trylast=True)
+def qlora_trainer_callbacks(facts):
+    """Last, so other callbacks' `on_train_begin` (e.g. releasing load-time memory) runs before the peak starts."""
+    return [StrategyReportCallback(facts)]
