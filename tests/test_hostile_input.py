@@ -317,7 +317,7 @@ def test_dataset_columns(case, tiny_models, tmp_path, monkeypatch):
     from qlora_plugin import apply_strategy
     from qlora_plugin.training import pipeline as trainer
 
-    monkeypatch.setattr(trainer, "_load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(trainer, "load_model", lambda *a: pytest.fail("the model was loaded"))
     columns, fragment = DATASETS[case]
     with pytest.raises(QLoRAPluginError) as err:
         apply_strategy({"model": tiny_models["llama"], "train_dataset": Dataset.from_dict(columns),

@@ -119,7 +119,7 @@ def test_already_loaded_16bit_model_is_refused(tiny_models, tmp_path):
     from qlora_plugin import QLoRAPluginError, apply_strategy
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
-    with pytest.raises(QLoRAPluginError, match="Pass the model's name or folder"):
+    with pytest.raises(QLoRAPluginError, match="16-bit model object the plugin did not load"):
         apply_strategy({"model": model, "args": sft_config(tmp_path), "train_dataset": train_split()}, "qlora")
 
 

@@ -218,7 +218,7 @@ def test_bad_resume_fails_before_the_model_loads(tiny_models, small_dataset, tmp
     from qlora_plugin import make_trainer
     from qlora_plugin.training import pipeline as trainer_module
 
-    monkeypatch.setattr(trainer_module, "_load_model", lambda *a: pytest.fail("model loaded"))
+    monkeypatch.setattr(trainer_module, "load_model", lambda *a: pytest.fail("model loaded"))
     args = SFTConfig(output_dir=str(tmp_path / "out"), resume_from_checkpoint=str(tmp_path / "nope"), use_cpu=True,
                      report_to="none")
     with pytest.raises(QLoRAPluginError, match="is not a folder"):

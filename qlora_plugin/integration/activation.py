@@ -15,7 +15,7 @@ import sys
 
 from qlora_plugin.errors import QLoRAPluginError, report_and_exit
 from qlora_plugin.flags import given_flag_names, parse_bool, parse_own_flags
-from qlora_plugin.integration import import_hook, state, trl_patches
+from qlora_plugin.integration import import_hook, model_loading, script_args, state, trl_patches
 from qlora_plugin.integration.excepthook import install_excepthook
 from qlora_plugin.integration.state import EXPLICIT_ENV, OPTIONS_ENV, SOURCE_ENV, STRATEGY_ENV
 from qlora_plugin.integration.yaml_config import read as read_yaml_config
@@ -60,7 +60,20 @@ def request_from_process(argv: list[str], environ) -> tuple[StrategyRequest | No
 
     explicit = set(_json_from_env(environ, EXPLICIT_ENV, list, "a JSON list of argument names (set by the plugin)"))
     explicit |= given_flag_names(rest) | {k for k in config if k not in OWN_KEYS and k != "env"}
-    return StrategyRequest(strategy, options, frozenset(explicit), hook_files, source), rest
+    model = _flag_value(rest, "model_name_or_path") or config.get("model_name_or_path")
+    return StrategyRequest(strategy, options, frozenset(explicit), hook_files, source,
+                           model if isinstance(model, str) else None), rest
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of `--name VALUE` or `--name=VALUE` on a command line (the last one wins, as argparse does)."""
+    value = None
+    for i, token in enumerate(argv):
+        if token in (f"--{name}", f"--{name.replace('_', '-')}") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith((f"--{name}=", f"--{name.replace('_', '-')}=")):
+            value = token.split("=", 1)[1]
+    return value
 
 
 def _cli_strategy(argv: list[str]) -> str | None:
@@ -129,6 +142,10 @@ def activate(request: StrategyRequest) -> None:
     watcher = import_hook.watcher()
     watcher.watch("trl.trainer.sft_trainer", trl_patches.patch_sft_trainer)
     watcher.watch("trl.scripts.utils", trl_patches.patch_trl_parser)
+    watcher.watch("transformers.hf_argparser", script_args.patch_argument_parser)
+    watcher.watch("trl.scripts._hf_argparser", script_args.patch_argument_parser)  # TrlParser's own copy
+    watcher.watch("transformers.modeling_utils", model_loading.patch_from_pretrained)
+    watcher.watch("transformers.models.auto.modeling_auto", model_loading.patch_auto_causal_lm)
 
 
 def deactivate() -> None:

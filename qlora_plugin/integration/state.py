@@ -17,6 +17,7 @@ EXPLICIT_ENV = "QLORA_PLUGIN_EXPLICIT_ARGS"  # JSON list, set for child processe
 SOURCE_ENV = "QLORA_PLUGIN_SOURCE"  # where the parent process found the strategy
 
 _active: StrategyRequest | None = None
+_model_claimed = False  # the training model's from_pretrained has been taken over once (integration.model_loading)
 
 
 def active_request() -> StrategyRequest | None:
@@ -26,8 +27,15 @@ def active_request() -> StrategyRequest | None:
 
 def set_active(request: StrategyRequest | None) -> None:
     """Make `request` this process's strategy (None: TRL's patched methods pass straight through)."""
-    global _active
-    _active = request
+    global _active, _model_claimed
+    _active, _model_claimed = request, False
+
+
+def claim_model() -> bool:
+    """True the first time it is called under the active request: only one model is the one being trained."""
+    global _model_claimed
+    first, _model_claimed = not _model_claimed, True
+    return first
 
 
 def publish(request: StrategyRequest) -> None:

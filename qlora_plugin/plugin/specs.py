@@ -36,9 +36,11 @@ def qlora_model_init_kwargs(strategy, options, model_id, init_kwargs, runtime):
 def qlora_load_model(strategy, options, model_id, init_kwargs, runtime):
     """Called to load the base model: return the loaded `PreTrainedModel`, or None to leave it to the next plugin.
 
-    `init_kwargs` is what `qlora_model_init_kwargs` returned. The built-in implementation (last) is TRL's own
-    `create_model_from_path`; the quantized-base cache answers first when it holds (or can make) a packed 4-bit
-    copy of a local base. Stops at the first non-None result.
+    `init_kwargs` is what `qlora_model_init_kwargs` returned. When the load replaces a script's own
+    `SomeClass.from_pretrained(...)` call, `init_kwargs["architecture"]` is that class (the parameter of TRL's
+    `create_model_from_path`; pop it if you call `from_pretrained` yourself). The built-in implementation (last) is
+    TRL's `create_model_from_path`; the quantized-base cache answers first when it holds (or can make) a packed
+    4-bit copy of a local base. Stops at the first non-None result.
     """
 
 

@@ -12,61 +12,28 @@ import logging
 from transformers import set_seed
 
 from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.options import build_options
 from qlora_plugin.plan.estimate import predict_for_run
-from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy
 from qlora_plugin.quant.layers import quantization_facts
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.runtime import detect_runtime
 from qlora_plugin.strategies.adapters import adapter_facts, count_parameters
 from qlora_plugin.strategies.optimizer import optim_name
 from qlora_plugin.strategies.recipe import apply_training_defaults, user_set
+from qlora_plugin.strategies.trl_args import is_strategy_peft_config
 from qlora_plugin.training.checkpointing import enable_resume
 from qlora_plugin.training.dataset_checks import check_sft_datasets
-from qlora_plugin.training.model_checks import check_model_argument, check_model_source, load_error
+from qlora_plugin.training.loading import (
+    SCRIPT_LOADED, Hooks, load_model, refuse_8bit, resolve, script_init_kwargs,
+)
+from qlora_plugin.training.model_checks import check_model_argument
 
 logger = logging.getLogger(__name__)
-
-TRL_DEFAULT_DTYPE = "float32"  # what TRL's sft.py passes as `dtype` when the user named none
-
 
 def _default_args(model):
     from trl import SFTConfig
 
     name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
     return SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
-
-
-def _init_kwargs(args, explicit) -> dict:
-    kwargs = dict(args.model_init_kwargs or {})
-    if kwargs.get("dtype") == TRL_DEFAULT_DTYPE and "dtype" not in explicit:
-        del kwargs["dtype"]  # TRL's default, not the user's: the strategy picks the dtype
-    return kwargs
-
-
-def _load_model(hooks, model_id, args, explicit, options):
-    """`qlora_model_init_kwargs`, the source checks (before any weight is read), then `qlora_load_model`."""
-    kwargs = hooks.qlora_model_init_kwargs(model_id=model_id, init_kwargs=_init_kwargs(args, explicit))
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)  # the user's choice, never turned on by us
-    check_model_source(model_id, options.load_in_4bit, bool(kwargs["trust_remote_code"]))
-    try:
-        return hooks.qlora_load_model(model_id=model_id, init_kwargs=kwargs)
-    except (OSError, ValueError) as err:
-        friendly = load_error(model_id, err)
-        if friendly is None:
-            raise
-        raise friendly from None
-
-
-class _Hooks:
-    """The manager's hooks with the run's common arguments (strategy, options, runtime) bound once."""
-
-    def __init__(self, pm, **common):
-        self._pm, self._common = pm, common
-
-    def __getattr__(self, name):
-        caller = getattr(self._pm.hook, name)
-        return lambda **kwargs: caller(**self._common, **kwargs)
 
 
 def _merge_facts(facts: dict, extra: dict | None) -> None:
@@ -87,37 +54,38 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     a `peft_config` or `quantization_config` you pass yourself wins over the strategy's.
     """
     kwargs = dict(trainer_kwargs)
-    pm = pm or get_plugin_manager(request.hook_files)
-    strategy = get_strategy(pm, request.strategy)
-    options = build_options(dict(strategy.option_defaults), request.options)
+    pm, strategy, options = resolve(request, pm)
     explicit = set(request.explicit_training_args)
     model = kwargs.get("model")
     check_model_argument(model)
     args = kwargs.get("args") or _default_args(model)
     check_sft_datasets(kwargs, args)  # before the model is loaded: a wrong column fails in seconds, not minutes
     runtime = detect_runtime()
-    hooks = _Hooks(pm, strategy=strategy, options=options, runtime=runtime)
+    hooks = Hooks(pm, strategy=strategy, options=options, runtime=runtime)
     set_seed(args.seed)  # as SFTTrainer does before building the model: `--seed` fixes the LoRA initialisation
     enable_resume(args)  # a bad --resume_from_checkpoint fails here, before the model loads
 
     user_quant = kwargs.pop("quantization_config", None)
     user_peft = kwargs.pop("peft_config", None)
-    if user_quant is not None and getattr(user_quant, "load_in_8bit", False):
-        raise QLoRAPluginError(
-            "A `quantization_config` with load_in_8bit contradicts the strategy (4-bit or 16-bit base). "
-            "Remove it, or drop the strategy."
-        )
+    if is_strategy_peft_config(user_peft, options):
+        user_peft = None  # built from the arguments the strategy filled in (`get_peft_config`): the strategy's own
     if isinstance(model, str):
-        if user_quant is not None:
-            logger.warning("Using the quantization_config you passed instead of strategy %s's.", strategy.name)
-            args.model_init_kwargs = {**(args.model_init_kwargs or {}), "quantization_config": user_quant}
-        model = _load_model(hooks, model, args, explicit, options)
+        loaded_by = "strategy"
+        init = {**(args.model_init_kwargs or {}), **({"quantization_config": user_quant} if user_quant else {})}
+        init = script_init_kwargs(init, explicit, options)
+        trust_remote_code = bool(init.pop("trust_remote_code", args.trust_remote_code))
+        model = load_model(hooks, model, init, options, trust_remote_code)
         args.model_init_kwargs = None  # consumed here; TRL must not warn that they are ignored
-    elif options.load_in_4bit and not getattr(model, "is_loaded_in_4bit", False):
-        raise QLoRAPluginError(
-            f"Strategy {strategy.name!r} loads the base model in 4-bit itself, but SFTTrainer got an already "
-            "loaded 16-bit model. Pass the model's name or folder (a string) as `model`, or use `--strategy lora`."
-        )
+    else:
+        loaded_by = "strategy, in the script's from_pretrained" if getattr(model, SCRIPT_LOADED, None) else "script"
+        refuse_8bit(user_quant)
+        if options.load_in_4bit and not getattr(model, "is_loaded_in_4bit", False):
+            raise QLoRAPluginError(
+                f"Strategy {strategy.name!r} trains a 4-bit base, but SFTTrainer got a 16-bit model object the "
+                "plugin did not load (built in code, loaded before `import trl`, or not the model named by "
+                "--model_name_or_path). Load it after `import trl` with `from_pretrained(<model>)` (the strategy "
+                "then loads it in 4-bit), pass its name or folder as `model`, or use `--strategy lora`."
+            )
     hooks.qlora_model_loaded(model=model)
 
     if hasattr(model, "peft_config"):
@@ -147,6 +115,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         "strategy": strategy.name,
         "plugin": strategy.plugin,
         "source": request.source,
+        "loaded_by": loaded_by,
         "model": {"name_or_path": getattr(model.config, "_name_or_path", None), "params": num_params,
                   "dtype": str(model.dtype).replace("torch.", "")},
         "runtime": {"device": runtime.device_type, "bf16_native": runtime.bf16_native, "engine": runtime.engine,

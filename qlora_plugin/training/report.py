@@ -45,6 +45,8 @@ def reset_peak_memory() -> None:
 def format_summary(facts: dict) -> str:
     q, a, o = facts.get("quantization"), facts["adapter"], facts["optimizer"]
     lines = [f"[qlora-plugin] strategy {facts['strategy']} (from {facts['plugin']}, requested via {facts['source']})"]
+    if facts.get("loaded_by", "strategy") != "strategy":
+        lines.append(f"  loaded by  : {facts['loaded_by']}")
     if q:
         lines.append(
             f"  4-bit base : {q['layers_4bit']} linear layers in {q['quant_type']}"
