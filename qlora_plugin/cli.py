@@ -50,12 +50,17 @@ def _merge(args) -> int:
     from qlora_plugin.merge.merging import merge  # each command loads only its own stack
 
     summary = merge(args.adapter, args.out, args.base, args.dtype, args.force, args.bnb_4bit_quant_type,
-                    args.use_bnb_nested_quant, args.max_shard_size)
+                    args.use_bnb_nested_quant, args.max_shard_size, not args.no_check, args.eval_data)
     q = summary["quantization"]
     into = (f"the dequantized {q['bnb_4bit_quant_type']}{' + double quant' if q['bnb_4bit_use_double_quant'] else ''}"
             f" base ({summary['requantized_layers']} layers re-quantized)" if q else "the 16-bit base")
     print(f"merged {summary['adapted_layers']} adapted layers into {into}; wrote {summary['bytes'] / 2**20:.1f} MiB "
           f"of {summary['dtype']} in {summary['shards']} shard(s) to {summary['out']}")
+    if summary["fidelity"] is not None:
+        from qlora_plugin.merge.fidelity import REPORT_FILE, format_table
+
+        print(format_table(summary["fidelity"]))
+        print(f"fidelity report: {summary['out']}/{REPORT_FILE}")
     return 0
 
 
@@ -92,6 +97,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_bnb_nested_quant", type=parse_bool, metavar="true|false",
                    help="Override the recorded double quantization.")
     p.add_argument("--max_shard_size", default="2GB", help="Largest output shard (default 2GB).")
+    p.add_argument("--eval_data", metavar="FILE.jsonl", help="Prompts for the fidelity check (text, prompt+completion "
+                   "or messages rows; default: a few built-in prompts).")
+    p.add_argument("--no_check", action="store_true", help="Skip the fidelity check (it loads the merged model, "
+                   "the adapter on the 4-bit base and a naive merge, one at a time).")
     p.set_defaults(func=_merge)
     p = sub.add_parser("plan", add_help=False, help="Predict peak training memory from config.json (docs/plan.md).")
     p.set_defaults(func=_plan)

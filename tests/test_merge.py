@@ -184,8 +184,8 @@ def test_adapter_trained_on_a_16bit_base_merges_into_the_original_weights(tiny_m
 def test_output_is_a_plain_safetensors_model_that_loads_without_the_plugin(merged, tmp_path):
     base, _, out = merged("gpt2, Conv1D + tied embedding LoRA")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json"]
+    assert names == ["config.json", "generation_config.json", "merge_report.json", "model.safetensors",
+                     "tokenizer.json", "tokenizer_config.json"]
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "float32" and "quantization_config" not in config
     assert config["tie_word_embeddings"] is False  # the embedding changed, lm_head did not: no longer tied
@@ -233,3 +233,43 @@ def test_sharded_bfloat16_output_with_index(merged, tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-s"]))
+
+
+def test_merge_checks_its_fidelity_and_reports_it(trained_adapter, tmp_path, capsys):
+    """`merge` measures the merged model against the adapter on its 4-bit base, beside the naive merge."""
+    out = tmp_path / "model"
+    assert cli.main(["merge", "--adapter", str(trained_adapter), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fidelity against the adapter on its trained base (6 prompts" in printed and "check: passed" in printed
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["passed"] is True and report["output_dtype"] == "float32"
+    ours, naive = report["merge"], report["naive_merge_into_16bit_base"]
+    assert ours["max_relative_logit_diff"] < 1e-4 and ours["greedy_agreement"] == 1.0
+    assert naive["max_relative_logit_diff"] > 100 * ours["max_relative_logit_diff"]
+    assert naive["mean_kl"] > 100 * ours["mean_kl"]
+
+
+def test_a_merge_that_fails_its_check_is_kept_apart(trained_adapter, tmp_path, capsys):
+    """Merged as fp4 while training used nf4: not what was trained. Not written to --out; kept, marked, explained."""
+    out = tmp_path / "model"
+    code = cli.main(["merge", "--adapter", str(trained_adapter), "--out", str(out), "--bnb_4bit_quant_type", "fp4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "failed its fidelity check" in err and "--no_check skips the check" in err
+    assert not out.exists()
+    report = json.loads((tmp_path / "model.incomplete" / "merge_report.json").read_text())
+    assert report["passed"] is False and report["failures"]
+
+
+def test_no_check_and_eval_data(trained_adapter, tmp_path, capsys):
+    out = tmp_path / "unchecked"
+    assert cli.main(["merge", "--adapter", str(trained_adapter), "--out", str(out), "--no_check"]) == 0
+    assert not (out / "merge_report.json").exists() and "fidelity" not in capsys.readouterr().out
+    checked = tmp_path / "checked"
+    assert cli.main(["merge", "--adapter", str(trained_adapter), "--out", str(checked), "--eval_data",
+                     str(DATA / "test.jsonl")]) == 0
+    assert json.loads((checked / "merge_report.json").read_text())["prompts"] == 8  # prompt+completion rows
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"label": 1}\n')
+    assert cli.main(["merge", "--adapter", str(trained_adapter), "--out", str(tmp_path / "never"), "--eval_data",
+                     str(bad)]) == 2
+    assert "has no usable rows" in capsys.readouterr().err and not (tmp_path / "never").exists()

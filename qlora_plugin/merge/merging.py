@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.merge import fidelity
 from qlora_plugin.merge.inputs import TOKENIZER_FILES, Adapter, BaseCheckpoint, load_adapter, open_base_file, resolve_base
 from qlora_plugin.merge.writer import ShardWriter, check_output, disk_error, staged_folder
 from qlora_plugin.model_config import load_config
@@ -162,6 +163,16 @@ def nf4_roundtrip(weight, settings: dict):
     return F.dequantize_4bit(packed, state).float().cpu()
 
 
+def _as_loaded(tensor, settings: dict | None):
+    """A tensor training did not quantize, with the values training held: the whole base was loaded in the
+    recorded `weight_dtype` (bf16 on hardware with native bf16), and upcast from there if at all."""
+    import torch
+
+    if settings is None or not settings.get("weight_dtype") or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(getattr(torch, settings["weight_dtype"])).to(tensor.dtype)
+
+
 def merged_tensor(name: str, tensor, adapter: Adapter, layout: Layout, settings: dict | None):
     """The final value of one parameter (checkpoint orientation, fp32 when changed; else the tensor as is)."""
     if name in adapter.replacements:
@@ -170,10 +181,10 @@ def merged_tensor(name: str, tensor, adapter: Adapter, layout: Layout, settings:
     entry = adapter.lora.get(module) if name.endswith(".weight") else None
     quantized = settings is not None and name in layout.quantized
     if entry is None and not quantized:
-        return tensor
+        return _as_loaded(tensor, settings)
     transposed = name in layout.conv1d
     weight = tensor.T if transposed else tensor  # (out, in), the orientation bitsandbytes quantizes
-    weight = nf4_roundtrip(weight, settings) if quantized else weight.float()
+    weight = nf4_roundtrip(weight, settings) if quantized else _as_loaded(weight, settings).float()
     if entry is not None:
         a, b = entry["A"].float(), entry["B"].float()
         delta = (b @ a).T if entry["embedding"] else b @ a
@@ -244,12 +255,16 @@ def _stream(checkpoint: BaseCheckpoint, layout: Layout, adapter: Adapter, settin
 
 def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None = None, force: bool = False,
           quant_type: str | None = None, double_quant: bool | None = None,
-          max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> dict:
+          max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, check: bool = True, eval_data: str | None = None) -> dict:
     """Merge the adapter in `adapter_dir` into its base and write the model to `out`. Returns a summary.
 
-    Everything is checked before the first byte is written; the output appears at `out` only when complete.
+    Everything is checked before the first byte is written; the output appears at `out` only when complete and,
+    with `check`, only when its fidelity check passed (`merge/fidelity.py`; `merge_report.json` beside it). A
+    merge that fails the check is left at `<out>.incomplete` for inspection, and a `QLoRAPluginError` says why.
     """
     check_output(out, force)
+    if check:
+        fidelity.load_prompts(eval_data)  # a bad --eval_data fails before anything is written
     if dtype is not None and dtype not in MERGE_DTYPES:
         raise QLoRAPluginError(f"--dtype must be one of {', '.join(MERGE_DTYPES)}; got {dtype!r}.")
     adapter = load_adapter(adapter_dir)
@@ -291,6 +306,9 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None
             writer.finish()
             _write_config(config, tmp, out_dtype, untie)
             _copy_side_files(checkpoint.folder, adapter.folder, tmp)
+            # The reference is what was trained: the recorded settings, not overrides given to this merge.
+            trained = quant_settings(adapter) if read_record(adapter.folder) is not None else settings
+            report = _check(adapter, tmp, out, checkpoint.folder, trained, out_dtype, eval_data) if check else None
     except OSError as err:
         raise disk_error(err, out, needed) from None
     return {
@@ -298,5 +316,22 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None
         "adapted_layers": len(adapter.lora), "requantized_layers": len(layout.quantized & written),
         "quantization": None if settings is None else {k: settings.get(k) for k in (
             "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "blocksize", "weight_dtype")},
-        "bytes": writer.total_bytes, "shards": len(writer.shards), "untied": untie,
+        "bytes": writer.total_bytes, "shards": len(writer.shards), "untied": untie, "fidelity": report,
     }
+
+
+def _check(adapter: Adapter, tmp: str, out: str, base_folder: str, settings, out_dtype, eval_data) -> dict:
+    """The fidelity check on the written folder, before it is put in place; a failure keeps it apart."""
+    report = fidelity.check(adapter.folder, tmp, base_folder, settings, str(out_dtype).replace("torch.", ""),
+                            eval_data)
+    fidelity.write_report(tmp, report)
+    if not report["passed"]:
+        incomplete = os.path.abspath(out) + ".incomplete"
+        shutil.rmtree(incomplete, ignore_errors=True)
+        os.replace(tmp, incomplete)
+        raise QLoRAPluginError(
+            f"The merged model failed its fidelity check ({'; '.join(report['failures'])}), so it was not written "
+            f"to {out}. It is in {incomplete} with {fidelity.REPORT_FILE}. Check that --base is the model the "
+            "adapter was trained on and that the recorded quantization matches; --no_check skips the check."
+        )
+    return report
