@@ -170,3 +170,27 @@ def test_console_script_error_has_no_traceback(tmp_path):
     result = run_command(["qlora-plugin", "plan", str(tmp_path)], cwd=tmp_path)
     assert result.returncode == 2
     assert "has no config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluation_transient_matches_a_real_forward(tmp_path):
+    """The counted evaluation transient against the resident peak of the same forward run for real (fresh
+    process, 32k vocabulary so the logits dominate, as in real models)."""
+    from conftest import run_python
+
+    proc = run_python([str(REPO / "examples" / "eval_peak_accuracy.py"), "8", "256"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    predicted, measured = (float(line.split(f"{word} ")[1].split(" MiB")[0]) for word in ("predicted", "measured"))
+    print(line)
+    assert abs(predicted / measured - 1) < 0.10
+
+
+def test_plan_shows_the_evaluation_peak(tiny_models, capsys):
+    code, out, _ = plan_cli([tiny_models["llama"], "--device", "cpu", "--per_device_eval_batch_size", "16",
+                             "--json"], capsys)
+    assert code == 0
+    plans = json.loads(out)
+    for plan in plans:
+        kept = sum(v for k, v in plan["components"].items() if k not in ("gradients", "activations"))
+        assert plan["eval_peak_bytes"] == kept + plan["details"]["eval_activations"] > kept
+        assert plan["details"]["eval_batch_size"] == 16

@@ -110,3 +110,49 @@ def activation_bytes(config, build, batch_size: int, seq_len: int, checkpointing
         "per_layer": per_layer,
         "outside_layers": outside,
     }
+
+
+def eval_transient_bytes(model, batch_size: int, seq_len: int) -> int:
+    """The most memory an evaluation forward of `model` holds at once beyond its weights (meta device).
+
+    Evaluation runs without gradients and without checkpointing: nothing is kept for a backward, but every
+    intermediate lives until its last use, and the logits (batch x seq x vocab, then upcast to fp32 for the loss)
+    are the largest for most models. Counted by following every tensor an operation creates until it is freed
+    (a `TorchDispatchMode` and `weakref.finalize`), by storage, the way the allocator sees them.
+    """
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    live = {"now": 0, "peak": 0}
+    holders: dict[int, int] = {}  # storage -> how many live tensors use it (a storage is freed with its last)
+
+    def release(key, nbytes):
+        holders[key] -= 1
+        if not holders[key]:
+            del holders[key]
+            live["now"] -= nbytes
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                storage = t.untyped_storage()
+                key = storage._cdata  # views and `_unsafe_view` results share their input's storage
+                if key not in holders:
+                    holders[key] = 0
+                    live["now"] += storage.nbytes()
+                    live["peak"] = max(live["peak"], live["now"])
+                holders[key] += 1
+                weakref.finalize(t, release, key, storage.nbytes())
+            return out
+
+    ids = torch.zeros((batch_size, seq_len), dtype=torch.long, device="meta")
+    model.eval()
+    with torch.no_grad(), _patched_sdpa(), Track():
+        loss = model(input_ids=ids, labels=ids).loss
+        del loss
+    return live["peak"]

@@ -51,6 +51,8 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", help="Local model folder with config.json, or a hub id.")
     parser.add_argument("--batch-size", "--per_device_train_batch_size", dest="batch_size", type=int, default=1)
+    parser.add_argument("--eval-batch-size", "--per_device_eval_batch_size", dest="eval_batch_size", type=int,
+                        default=None, help="Per-device evaluation batch (default: the training batch).")
     parser.add_argument("--seq-len", "--max_length", dest="seq_len", type=int, default=512,
                         help="Tokens per sequence (default 512).")
     parser.add_argument("--optim", default=None, help="Optimizer (default: the recipe's paged_adamw_32bit).")
@@ -98,15 +100,17 @@ def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "")
     lines = [f"Peak training memory for {model} ({first['params'] / 1e9:.2f}B params), batch {first['batch_size']} "
              f"x {first['seq_len']} tokens, device {first['device']}"]
     width = 16
-    lines.append("component".ljust(14) + "".join(p.strategy.rjust(width) for p in plans))
+    lines.append("component".ljust(16) + "".join(p.strategy.rjust(width) for p in plans))
     for name in COMPONENTS:
         if name == "runtime" and not any(p.components[name] for p in plans):
             continue
-        lines.append(name.ljust(14) + "".join(_size(p.components[name]).rjust(width) for p in plans))
-    lines.append("peak".ljust(14) + "".join(_size(p.total_bytes).rjust(width) for p in plans))
+        lines.append(name.ljust(16) + "".join(_size(p.components[name]).rjust(width) for p in plans))
+    lines.append("peak".ljust(16) + "".join(_size(p.total_bytes).rjust(width) for p in plans))
+    lines.append(f"eval peak (x{first['eval_batch_size']})".ljust(16)
+                 + "".join(_size(p.eval_bytes).rjust(width) for p in plans))
     if gpu_memory:
-        verdicts = ["fits" if p.total_bytes <= gpu_memory else "does not fit" for p in plans]
-        lines.append(f"in {gpu_label}".ljust(14) + "".join(v.rjust(width) for v in verdicts))
+        verdicts = ["fits" if max(p.total_bytes, p.eval_bytes) <= gpu_memory else "does not fit" for p in plans]
+        lines.append(f"in {gpu_label}".ljust(16) + "".join(v.rjust(width) for v in verdicts))
     lines.append("")
     for p in plans:
         d = p.details
@@ -156,12 +160,14 @@ def main(argv: list[str]) -> int:
     gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
     if args.plot:
         _check_plot_path(args.plot)
-    settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, device=args.device, dtype=args.dtype,
+    settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, eval_batch_size=args.eval_batch_size,
+                            device=args.device, dtype=args.dtype,
                             optim=args.optim, gradient_checkpointing=args.gradient_checkpointing,
                             trust_remote_code=args.trust_remote_code)
     plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks)
     if args.json:
-        objects = [{**p.as_dict(), **({"fits": p.total_bytes <= gpu_memory} if gpu_memory else {})} for p in plans]
+        objects = [{**p.as_dict(), **({"fits": max(p.total_bytes, p.eval_bytes) <= gpu_memory} if gpu_memory else {})}
+                   for p in plans]
         print(json.dumps(objects[0] if len(objects) == 1 else objects, indent=2))
     else:
         print(format_table(plans, args.model, gpu_memory, args.gpu_memory))

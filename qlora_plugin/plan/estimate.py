@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.model_config import load_config
 from qlora_plugin.options import StrategyOptions, build_options
-from qlora_plugin.plan.activations import activation_bytes
+from qlora_plugin.plan.activations import activation_bytes, eval_transient_bytes
 from qlora_plugin.plan.skeleton import QuantizedLinearStandIn, skeleton
 from qlora_plugin.plugin.manager import collect_strategies, get_plugin_manager
 from qlora_plugin.runtime import Runtime, cpu_has_native_bf16
@@ -59,6 +59,7 @@ class PlanSettings:
 
     batch_size: int = 1
     seq_len: int = 512
+    eval_batch_size: int | None = None  # per-device evaluation batch; None: the training batch
     device: str = "cuda"
     dtype: str = "auto"  # compute dtype of the run (`--dtype`); auto: bf16 on cuda, fp32 on a CPU without bf16
     optim: str | None = None
@@ -66,7 +67,9 @@ class PlanSettings:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        for name in ("batch_size", "seq_len"):
+        if self.eval_batch_size is None:
+            self.eval_batch_size = self.batch_size
+        for name in ("batch_size", "seq_len", "eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise QLoRAPluginError(f"`{name}` must be a positive integer; got {value!r}.")
@@ -94,9 +97,17 @@ class Plan:
     def total_bytes(self) -> int:
         return int(sum(self.components.values()))
 
+    @property
+    def eval_bytes(self) -> int:
+        """The peak while evaluating during training: weights, adapters, optimizer state and runtime stay;
+        gradients are freed (`zero_grad(set_to_none=True)`); the evaluation forward's transient replaces the
+        training activations."""
+        kept = sum(v for k, v in self.components.items() if k not in ("gradients", "activations"))
+        return int(kept + self.details["eval_activations"])
+
     def as_dict(self) -> dict:
-        return {"strategy": self.strategy, "total_bytes": self.total_bytes, "components": dict(self.components),
-                "details": dict(self.details)}
+        return {"strategy": self.strategy, "total_bytes": self.total_bytes, "eval_peak_bytes": self.eval_bytes,
+                "components": dict(self.components), "details": dict(self.details)}
 
 
 def compute_dtype_name(settings: PlanSettings, options: StrategyOptions) -> str:
@@ -220,6 +231,8 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
         "seq_len": settings.seq_len,
         "device": settings.device,
         "activations_without_checkpointing": acts["without_checkpointing"],
+        "eval_batch_size": settings.eval_batch_size,
+        "eval_activations": eval_transient_bytes(model, settings.eval_batch_size, settings.seq_len),
         "activations_with_checkpointing": acts["with_checkpointing"],
         "lora_r": None if full else options.lora_r,
     }
@@ -258,12 +271,14 @@ def predict_for_run(model_config, strategy, options: StrategyOptions, training_a
     try:
         settings = PlanSettings(
             batch_size=training_args.per_device_train_batch_size, seq_len=training_args.max_length or 1024,
+            eval_batch_size=training_args.per_device_eval_batch_size,
             device="cuda" if device == "cuda" else "cpu", dtype=compute, optim=optim_name(training_args),
             gradient_checkpointing=bool(training_args.gradient_checkpointing),
         )
         plan = plan_strategy(config, strategy.name, strategy, options, settings, pm)
     except Exception as err:  # noqa: BLE001 - see docstring
         return {"predicted_peak_bytes": None, "prediction_failed": f"{type(err).__name__}: {err}"}
-    return {"predicted_peak_bytes": plan.total_bytes, "predicted_components": plan.components,
+    return {"predicted_peak_bytes": plan.total_bytes, "predicted_eval_peak_bytes": plan.eval_bytes,
+            "predicted_components": plan.components,
             "predicted_for": {k: plan.details[k] for k in ("batch_size", "seq_len", "gradient_checkpointing",
                                                             "optimizer", "device", "compute_dtype")}}
