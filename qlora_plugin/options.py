@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.sizes import parse_memory
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 STORAGE_CHOICES = ("auto", "uint8", "bfloat16", "float16", "float32")
@@ -118,6 +119,19 @@ class StrategyOptions:
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling (alpha / sqrt(r))."})
     lora_task_type: str = field(default="CAUSAL_LM", metadata={"help": "PEFT task type of the adapter."})
+    memory_budget: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fit the run to this much memory per device (e.g. 22GiB, 24GB, a GPU name such as t4, or auto): "
+            "the largest per-device train batch the plan predicts to fit, with gradient accumulation keeping your "
+            "effective batch, and the eval batch likewise. Batch sizes you set are checked instead (docs/plan.md)."
+        },
+    )
+    strict_budget: bool = field(
+        default=False,
+        metadata={"help": "With memory_budget: refuse (instead of warning about) batch sizes you set that the plan "
+                          "predicts to exceed the budget."},
+    )
 
     def __post_init__(self):
         if isinstance(self.lora_target_modules, str):
@@ -140,6 +154,8 @@ class StrategyOptions:
             raise QLoRAPluginError(f"`lora_alpha` must be a positive number (e.g. 16); got {self.lora_alpha!r}.")
         if self.lora_dropout is not None and not (0.0 <= float(self.lora_dropout) < 1.0):
             raise QLoRAPluginError(f"`lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
+        if self.memory_budget is not None and self.memory_budget != "auto":
+            parse_memory(self.memory_budget, "--memory_budget")
         if not self.lora_target_modules or not all(isinstance(m, str) and m for m in self.lora_target_modules):
             raise QLoRAPluginError(
                 "`lora_target_modules` must name at least one module (or `all-linear`); "

@@ -194,3 +194,123 @@ def test_plan_shows_the_evaluation_peak(tiny_models, capsys):
         kept = sum(v for k, v in plan["components"].items() if k not in ("gradients", "activations"))
         assert plan["eval_peak_bytes"] == kept + plan["details"]["eval_activations"] > kept
         assert plan["details"]["eval_batch_size"] == 16
+
+
+def _budget_setup(tiny_models, dtype="float32"):
+    from qlora_plugin.model_config import load_config
+    from qlora_plugin.options import StrategyOptions
+    from qlora_plugin.plan.budget import peaks
+    from qlora_plugin.plan.estimate import PlanSettings
+    from qlora_plugin.strategies.builtin import QLORA
+
+    config = load_config(tiny_models["llama"])
+    options = StrategyOptions()
+    settings = PlanSettings(seq_len=512, device="cpu", dtype=dtype)
+    return config, options, settings, peaks(config, "qlora", QLORA, options, settings)
+
+
+def test_budget_picks_the_largest_batch_that_fits_and_keeps_the_effective_batch(tiny_models):
+    from qlora_plugin.plan.budget import PLAN_ERROR_MARGIN, choose
+    from qlora_plugin.plan.estimate import plan_strategy
+    from qlora_plugin.strategies.builtin import QLORA
+
+    config, options, settings, p = _budget_setup(tiny_models)
+    import dataclasses
+
+    for b in (1, 3, 8):  # the linear model of the batch: a plan made at batch b agrees with it
+        plan = plan_strategy(config, "qlora", QLORA, options, dataclasses.replace(settings, batch_size=b,
+                                                                                      eval_batch_size=b))
+        assert plan.total_bytes == pytest.approx(p.train(b), rel=1e-4)  # linear up to a few KiB of rounding
+        assert plan.eval_bytes == pytest.approx(p.eval(b), rel=1e-4)
+    # 4 fits, 5 does not, once the margin for the plan's own error is set aside; 16 samples: divisors 1, 2, 4, 8, 16
+    budget = int((p.train(4) + p.train(5)) / 2 / (1 - PLAN_ERROR_MARGIN))
+    choice = choose(config, "qlora", QLORA, options, settings, budget, samples_per_step=16, eval_cap=8)
+    assert choice["per_device_train_batch_size"] == 4 and choice["gradient_accumulation_steps"] == 4
+    assert choice["largest_fitting_batch"] == 4 and choice["predicted_peak_bytes"] <= choice["usable_bytes"] < budget
+    assert p.eval(choice["per_device_eval_batch_size"]) <= budget
+    assert choice["per_device_eval_batch_size"] == 8 or p.eval(choice["per_device_eval_batch_size"] + 1) > budget
+
+
+def test_budget_checks_batches_you_set_and_names_the_levers_when_nothing_fits(tiny_models):
+    from qlora_plugin import QLoRAPluginError
+    from qlora_plugin.plan.budget import choose
+    from qlora_plugin.strategies.builtin import QLORA
+
+    config, options, settings, p = _budget_setup(tiny_models)
+    budget = p.train(2)
+    warned = choose(config, "qlora", QLORA, options, settings, budget, 8, 8, explicit_batch=8)
+    assert warned["per_device_train_batch_size"] == 8 and "over the memory budget" in warned["notes"][0]
+    with pytest.raises(QLoRAPluginError, match="per_device_train_batch_size=8 is predicted to peak"):
+        choose(config, "qlora", QLORA, options, settings, budget, 8, 8, explicit_batch=8, strict=True)
+    with pytest.raises(QLoRAPluginError) as err:
+        choose(config, "qlora", QLORA, options, settings, p.train(1) - 1, 8, 8)
+    message = str(err.value)
+    assert "even per-device batch 1 is predicted to peak" in message
+    for lever in ("--max_length 256", "--lora_r 16", "--lora_target_modules q_proj", "--optim paged_adamw_8bit"):
+        assert lever in message
+
+
+def test_memory_budget_sets_the_batches_of_a_real_run(tiny_models, tmp_path, capsys, monkeypatch):
+    """`memory_budget` on a training run: the batch fitting the budget, the effective batch kept, the summary and
+    the report saying so; a batch you set is yours (checked, kept)."""
+    from datasets import load_dataset
+    from trl import SFTConfig
+
+    from conftest import DATA
+    from qlora_plugin import make_trainer
+
+    from qlora_plugin.plan import budget as budget_module
+    from qlora_plugin.training import pipeline
+
+    # What this pytest process holds depends on the tests before it: here the choice rests on the plan alone
+    # (the live measurement is covered by test_budget_counts_what_the_process_already_holds).
+    monkeypatch.setattr(pipeline, "memory_in_use", lambda device: None)
+    from qlora_plugin.runtime import cpu_has_native_bf16
+
+    compute = "bfloat16" if cpu_has_native_bf16() else "float32"
+    _, _, _, p = _budget_setup(tiny_models, compute)  # the plan of the run below (512 tokens, its compute dtype)
+    budget = {"memory_budget": f"{int((p.train(2) + p.train(3)) / 2 / (1 - budget_module.PLAN_ERROR_MARGIN))}B"}
+
+    def run(out, options=None, **args):
+        config = SFTConfig(output_dir=str(out), max_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                           max_length=512, **args)
+        return make_trainer("qlora", model=tiny_models["llama"], options=options, args=config,
+                            train_dataset=load_dataset(str(DATA))["train"])
+
+    trainer = run(tmp_path / "a", budget)
+    chosen = trainer.args.per_device_train_batch_size
+    assert chosen * trainer.args.gradient_accumulation_steps == 8  # TRL's default batch 8, accumulation 1
+    assert chosen == 2  # the largest divisor of 8 that fits: 2 fits, 3 (not a divisor) and 4 do not
+    trainer.train()
+    report = json.loads((tmp_path / "a" / "qlora_plugin_report.json").read_text())
+
+    facts = report["memory_budget"]
+    assert facts["per_device_train_batch_size"] == chosen and facts["predicted_peak_bytes"] <= facts["usable_bytes"]
+    assert f"per-device batch {chosen} x accumulation {8 // chosen}" in capsys.readouterr().out
+
+    mine = run(tmp_path / "b", budget, per_device_train_batch_size=6, gradient_accumulation_steps=2)
+    assert mine.args.per_device_train_batch_size == 6 and mine.args.gradient_accumulation_steps == 2  # yours
+    accumulation = run(tmp_path / "c", budget, gradient_accumulation_steps=3)  # yours kept; only the batch is chosen
+    assert accumulation.args.gradient_accumulation_steps == 3
+    assert accumulation.args.per_device_train_batch_size == chosen
+
+
+def test_budget_counts_what_the_process_already_holds(tiny_models):
+    """In a live run the memory already held (measured) replaces the plan's weights and runtime terms."""
+    from qlora_plugin.model_config import load_config
+    from qlora_plugin.plan.budget import peaks
+    from qlora_plugin.strategies.builtin import QLORA
+
+    config, options, settings, p = _budget_setup(tiny_models)
+    live = peaks(load_config(tiny_models["llama"]), "qlora", QLORA, options, settings, in_use=p.resident + 2**30)
+    assert live.train(3) - p.train(3) == live.eval(3) - p.eval(3) == 2**30
+
+
+def test_a_budget_that_is_not_a_size_is_refused_when_options_are_read():
+    from qlora_plugin import QLoRAPluginError
+    from qlora_plugin.options import StrategyOptions
+
+    with pytest.raises(QLoRAPluginError, match="`--memory_budget lots` is not a size"):
+        StrategyOptions(memory_budget="lots")
+    assert StrategyOptions(memory_budget="auto").memory_budget == "auto"
+    assert StrategyOptions(memory_budget="t4").memory_budget == "t4"

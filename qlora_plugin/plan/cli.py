@@ -11,34 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.files import atomic_path
 from qlora_plugin.flags import parse_bool, parse_own_flags
+from qlora_plugin.model_config import load_config
+from qlora_plugin.options import build_options
+from qlora_plugin.plan.budget import budget_bytes, choose
 from qlora_plugin.plan.estimate import COMPONENTS, PlanSettings, make_plans
-from qlora_plugin.plugin.manager import hook_files_from_env
+from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy, hook_files_from_env
+from qlora_plugin.sizes import parse_memory
 
 GIB = 2**30
-# Usable memory of common GPUs (what the driver reports, binary units), for `--gpu-memory NAME`.
-NAMED_GPUS = {"t4": 15 * GIB, "l4": 22 * GIB, "rtx4090": 24 * GIB, "a10": 24 * GIB, "v100-32gb": 32 * GIB,
-              "a100-40gb": 40 * GIB, "a6000": 48 * GIB, "l40s": 48 * GIB, "a100-80gb": 80 * GIB,
-              "h100-80gb": 80 * GIB, "h200": 141 * GIB}
-UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-         "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-def parse_memory(text: str) -> int:
-    """'48GB' (10^9), '80GiB' (2^30), '48' (GB) or a GPU name from NAMED_GPUS, in bytes."""
-    name = text.strip().lower()
-    if name in NAMED_GPUS:
-        return NAMED_GPUS[name]
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", name)
-    if not match or match.group(2) not in UNITS or float(match.group(1)) <= 0:
-        raise QLoRAPluginError(
-            f"`--gpu-memory {text}` is not a size. Use e.g. 48GB, 80GiB, or one of: {', '.join(NAMED_GPUS)}."
-        )
-    return int(float(match.group(1)) * UNITS[match.group(2)])
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -50,7 +34,12 @@ def make_parser() -> argparse.ArgumentParser:
                "Accuracy and a worked example: docs/plan.md.",
     )
     parser.add_argument("model", help="Local model folder with config.json, or a hub id.")
-    parser.add_argument("--batch-size", "--per_device_train_batch_size", dest="batch_size", type=int, default=1)
+    parser.add_argument("--batch-size", "--per_device_train_batch_size", dest="batch_size", type=int, default=None,
+                        help="Per-device train batch (default 1; with --memory_budget: chosen, keeping batch x "
+                        "accumulation, unless you give it).")
+    parser.add_argument("--gradient-accumulation-steps", "--gradient_accumulation_steps",
+                        dest="gradient_accumulation_steps", type=int, default=1,
+                        help="With --memory_budget: the effective batch is batch x this; the choice keeps it.")
     parser.add_argument("--eval-batch-size", "--per_device_eval_batch_size", dest="eval_batch_size", type=int,
                         default=None, help="Per-device evaluation batch (default: the training batch).")
     parser.add_argument("--seq-len", "--max_length", dest="seq_len", type=int, default=512,
@@ -152,9 +141,25 @@ def write_plot(plans, path: str, model: str, gpu_memory: int | None, gpu_label: 
         plt.close(fig)
 
 
+def _budget_choice(args, name: str, settings, given: dict, hooks) -> dict:
+    """What `--memory_budget` would choose for this run (the training pipeline makes the same call)."""
+    config = load_config(args.model, args.trust_remote_code)
+    pm = get_plugin_manager(hooks)
+    strategy = get_strategy(pm, name)
+    options = build_options(dict(strategy.option_defaults), given)
+    budget, how = budget_bytes(options.memory_budget, settings.device)
+    explicit = args.batch_size if args.batch_size_given else None
+    choice = choose(config, name, strategy, options, settings, budget,
+                    args.batch_size * args.gradient_accumulation_steps, settings.eval_batch_size, explicit,
+                    args.eval_batch_size, options.strict_budget, pm)
+    return {**choice, "how": how}
+
+
 def main(argv: list[str]) -> int:
     given, rest = _split_flags(argv)
     args = make_parser().parse_args(rest)
+    args.batch_size_given = args.batch_size is not None
+    args.batch_size = args.batch_size or 1
     strategy = given.pop("strategy", None)
     hooks = [*hook_files_from_env(), *(given.pop("qlora_hooks", None) or [])]
     gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
@@ -165,12 +170,20 @@ def main(argv: list[str]) -> int:
                             optim=args.optim, gradient_checkpointing=args.gradient_checkpointing,
                             trust_remote_code=args.trust_remote_code)
     plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks)
+    choice = _budget_choice(args, strategy or "qlora", settings, given, hooks) if given.get("memory_budget") else None
     if args.json:
         objects = [{**p.as_dict(), **({"fits": max(p.total_bytes, p.eval_bytes) <= gpu_memory} if gpu_memory else {})}
                    for p in plans]
+        if choice:
+            objects[0]["memory_budget"] = choice
         print(json.dumps(objects[0] if len(objects) == 1 else objects, indent=2))
     else:
         print(format_table(plans, args.model, gpu_memory, args.gpu_memory))
+        if choice:
+            print(f"\nmemory budget {choice['budget_bytes'] / 2**20:,.0f} MiB ({choice['how']}), {strategy or 'qlora'}: "
+                  f"per-device batch {choice['per_device_train_batch_size']} x accumulation "
+                  f"{choice['gradient_accumulation_steps']}, eval batch {choice['per_device_eval_batch_size']}; "
+                  f"predicted peak {_size(choice['predicted_peak_bytes'])} (eval {_size(choice['predicted_eval_peak_bytes'])})")
     if args.plot:
         write_plot(plans, args.plot, args.model, gpu_memory, args.gpu_memory)
         if not args.json:

@@ -7,11 +7,13 @@ implementation (`plugin.specs`); this module only checks the input, calls the ho
 
 from __future__ import annotations
 
+import copy
 import logging
 
 from transformers import set_seed
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.plan.budget import budget_bytes, choose, memory_in_use, settings_for_run
 from qlora_plugin.plan.estimate import predict_for_run
 from qlora_plugin.quant.layers import quantization_facts
 from qlora_plugin.request import StrategyRequest
@@ -34,6 +36,33 @@ def _default_args(model):
 
     name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
     return SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
+
+
+def _fit_to_budget(model, strategy, options, args, runtime, explicit, compute: str, pm) -> dict:
+    """`memory_budget`: set the batch sizes the plan predicts to fit (yours are checked, not changed)."""
+    names = ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size")
+    chosen_by_user = {name: getattr(args, name) for name in names if user_set(args, name, explicit)}
+    budget, how = budget_bytes(options.memory_budget, runtime.device_type)
+    samples = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    if "gradient_accumulation_steps" in chosen_by_user and "per_device_train_batch_size" not in chosen_by_user:
+        samples = args.per_device_train_batch_size  # your accumulation stays: only the per-device batch is chosen
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    choice = choose(config, strategy.name, strategy, options, settings_for_run(args, runtime.device_type, compute,
+                                                                               optim_name(args)),
+                    budget, samples, args.per_device_eval_batch_size, chosen_by_user.get("per_device_train_batch_size"),
+                    chosen_by_user.get("per_device_eval_batch_size"), options.strict_budget, pm,
+                    memory_in_use(runtime.device_type))
+    for name in names:
+        if name in chosen_by_user or (name == "gradient_accumulation_steps"
+                                      and "per_device_train_batch_size" in chosen_by_user):
+            choice[name] = getattr(args, name)  # yours: checked, kept
+        else:
+            setattr(args, name, choice[name])
+    for note in choice["notes"]:
+        logger.warning("%s.", note)
+    return {**choice, "how": how}
 
 
 def _merge_facts(facts: dict, extra: dict | None) -> None:
@@ -102,6 +131,10 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     defaults = hooks.qlora_training_defaults(num_params=num_params) or {}
     applied = apply_training_defaults(args, defaults, explicit)
     kept = sorted(name for name in defaults if name not in applied and user_set(args, name, explicit))
+    quantization = quantization_facts(model)
+    compute = quantization["compute_dtype"] if quantization else str(model.dtype).replace("torch.", "")
+    budget = _fit_to_budget(model, strategy, options, args, runtime, explicit, compute, pm) \
+        if options.memory_budget else None
 
     optimizer_class = None
     if kwargs.get("optimizers", (None, None))[0] is None and kwargs.get("optimizer_cls_and_kwargs") is None:
@@ -110,7 +143,6 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
             kwargs["optimizer_cls_and_kwargs"] = answer
             optimizer_class = answer[0].__name__
 
-    quantization = quantization_facts(model)
     facts = {
         "strategy": strategy.name,
         "plugin": strategy.plugin,
@@ -126,7 +158,9 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         "recipe_applied": applied,
         "user_kept": kept,
         "fallbacks": [],
+        "memory_budget": budget,
     }
+    facts["fallbacks"].extend(budget["notes"] if budget else [])
     for extra in reversed(hooks.qlora_run_facts(explicit_options=dict(request.options), model=model,
                                                 training_args=args)):
         _merge_facts(facts, extra)  # in registration order: the built-in notes first

@@ -72,6 +72,12 @@ def format_summary(facts: dict) -> str:
     if malloc.startswith("applied"):
         lines.append("  host malloc: glibc small-block caches off, 512 MiB kept at the heap top; set at start "
                      "(cpu_malloc_tunables)")
+    budget = facts.get("memory_budget")
+    if budget:
+        lines.append(f"  memory     : budget {budget['budget_bytes'] / 2**20:,.0f} MiB ({budget['how']}): per-device batch "
+                     f"{budget['per_device_train_batch_size']} x accumulation {budget['gradient_accumulation_steps']}, "
+                     f"eval batch {budget['per_device_eval_batch_size']}; predicted peak "
+                     f"{budget['predicted_peak_bytes'] / 2**20:,.0f} MiB (eval {budget['predicted_eval_peak_bytes'] / 2**20:,.0f} MiB)")
     lines.append(f"  optimizer  : {o['name']}" + (f" ({o['class']})" if o.get("class") else ""))
     if facts["recipe_applied"]:
         lines.append("  recipe     : " + ", ".join(f"{k}={v}" for k, v in facts["recipe_applied"].items()))
