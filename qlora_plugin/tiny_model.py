@@ -11,6 +11,7 @@ import os
 import tempfile
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.files import give_normal_permissions
 
 ARCHITECTURES = ("llama", "gpt2", "phi3")
 
@@ -92,6 +93,7 @@ def build_tiny_model(out_dir: str, arch: str = "llama", data_files=(), hidden_si
     with tempfile.TemporaryDirectory(dir=parent, prefix=".tiny-model-") as tmp:  # never a half-written folder
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        give_normal_permissions(tmp)  # safetensors writes model.safetensors 0600
         os.makedirs(out_dir, exist_ok=True)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))

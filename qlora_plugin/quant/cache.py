@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import weakref
 
-from qlora_plugin.files import write_json_atomic
+from qlora_plugin.files import give_normal_permissions, write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
 from qlora_plugin.quant.layers import four_bit_layers, four_bit_module_names
 
@@ -200,6 +200,7 @@ def cached_base(model_id: str, init_kwargs: dict) -> str | None:
         _quantize_into(model_id, tmp, config, dtype, bool(init_kwargs.get("trust_remote_code")))
         with open(os.path.join(tmp, ENTRY_FILE), "w", encoding="utf-8") as f:
             json.dump({"source": os.path.abspath(model_id), "files": fingerprint, "settings": settings}, f, indent=2)
+        give_normal_permissions(tmp)  # mkdtemp's 0700 and safetensors' 0600: a shared cache must be readable
         os.rename(tmp, entry)
     except LookupError as err:
         logger.info("Not caching %s (%s); quantizing at load time.", model_id, err)
