@@ -8,6 +8,7 @@ implementation (`plugin.specs`); this module only checks the input, calls the ho
 from __future__ import annotations
 
 import logging
+import os
 
 from transformers import set_seed
 
@@ -56,6 +57,15 @@ def _load_model(hooks, model_id, args, explicit, options):
         if friendly is None:
             raise
         raise friendly from None
+
+
+def record_local_base(model) -> None:
+    """Name a base loaded from a local folder by its absolute, resolved path, which peft records in the adapter
+    (`base_model_name_or_path`) and `qlora-plugin merge` or `PeftModel.from_pretrained` read back: a relative path
+    as typed (`--model_name_or_path tiny`) works only from the folder training ran in. A Hub id stays as it is."""
+    name = getattr(model, "name_or_path", None)
+    if isinstance(name, str) and name and os.path.isdir(os.path.expanduser(name)):
+        model.name_or_path = model.config.name_or_path = os.path.realpath(os.path.expanduser(name))
 
 
 class _Hooks:
@@ -118,6 +128,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
             f"Strategy {strategy.name!r} loads the base model in 4-bit itself, but SFTTrainer got an already "
             "loaded 16-bit model. Pass the model's name or folder (a string) as `model`, or use `--strategy lora`."
         )
+    record_local_base(model)
     hooks.qlora_model_loaded(model=model)
 
     if hasattr(model, "peft_config"):
