@@ -42,7 +42,8 @@ def _tiny_model(args) -> int:
     from qlora_plugin.tiny_model import build_tiny_model  # each command loads only its own stack
 
     path = build_tiny_model(args.out, args.arch, args.data, args.hidden_size, args.layers, args.intermediate_size)
-    print(f"tiny {args.arch} model and tokenizer written to {path}")
+    print(f"tiny {args.arch} model and tokenizer written to {path} (the tokenizer has a chat template: `messages` "
+          "data trains too)")
     return 0
 
 
@@ -76,7 +77,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="Build a small random model + tokenizer offline (demos, tests).")
     p.add_argument("out")
     p.add_argument("--arch", default="llama", choices=["llama", "gpt2", "phi3"])
-    p.add_argument("--data", nargs="*", default=[], help="JSONL files to train the tokenizer on.")
+    p.add_argument("--data", action="append", default=[], metavar="FILE",
+                   help="A JSONL file to train the tokenizer on (prompt/completion, text or messages rows); repeat "
+                   "--data for more files.")
     p.add_argument("--hidden-size", type=_positive_int, default=128)
     p.add_argument("--layers", type=_positive_int, default=2)
     p.add_argument("--intermediate-size", type=_positive_int, default=None)
