@@ -1,4 +1,4 @@
-"""`qlora-plugin`: the plugin's own command line (`strategies`, `options`, `tiny-model`, `plan`, `merge`)."""
+"""`qlora-plugin`: the plugin's own command line (`strategies`, `options`, `tiny-model`, `plan`, `merge`, `run`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ sys._qlora_plugin_own_cli = True  # our own flags (e.g. --strategy) are never ta
 
 from qlora_plugin.errors import QLoRAPluginError  # noqa: E402 (after the flag above, which must come first)
 from qlora_plugin.flags import parse_bool  # noqa: E402
+from qlora_plugin.notices import leave_out_bnb_cpu_kernel_note  # noqa: E402
 from qlora_plugin.options import StrategyOptions, options_reference_markdown  # noqa: E402
 from qlora_plugin.plugin.manager import (  # noqa: E402
     collect_strategies, get_plugin_manager, hook_files_from_env, packaged_hooks,
@@ -60,6 +61,20 @@ def _merge(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from qlora_plugin.perf.malloc_tunables import launch  # each command loads only its own stack
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise QLoRAPluginError("`qlora-plugin run` needs a command, e.g. `qlora-plugin run -- python train.py "
+                               "--strategy qlora ...`.")
+    try:
+        launch(command)
+    except OSError as err:
+        raise QLoRAPluginError(f"`qlora-plugin run` could not start {command[0]!r}: {err.strerror or err}.") from None
+    return 0  # not reached: `launch` replaced this process with the command
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
@@ -96,6 +111,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="Override the recorded double quantization.")
     p.add_argument("--max_shard_size", default="2GB", help="Largest output shard (default 2GB).")
     p.set_defaults(func=_merge)
+    p = sub.add_parser("run", help="Run a command (your training script) with glibc's malloc settings for CPU "
+                       "training: about a third lower peak memory (docs/troubleshooting.md, problem 11).")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="The command, after `--`: run -- python train.py ...")
+    p.set_defaults(func=_run)
     p = sub.add_parser("plan", add_help=False, help="Predict peak training memory from config.json (docs/plan.md).")
     p.set_defaults(func=_plan)
     return parser
@@ -108,6 +127,7 @@ def _plan(args, rest) -> int:
 
 
 def main(argv=None) -> int:
+    leave_out_bnb_cpu_kernel_note()  # plan and merge import bitsandbytes; its CPU repacking is never used here
     parser = make_parser()
     args, rest = parser.parse_known_args(argv)
     if args.func is not _plan and rest:

@@ -65,11 +65,13 @@ class StrategyOptions:
         },
     )
     cpu_malloc_tunables: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "On CPU-only runs started from a command line under glibc (Linux), re-execute the script once "
-            "at start with GLIBC_TUNABLES set so freed tensor blocks merge instead of fragmenting the heap "
-            "(small-block caches off, 512 MiB kept at the heap top; measured in docs/benchmarks.md). Your own "
+            "help": "Opt-in. On CPU-only runs under glibc (Linux), re-execute the script once at `import trl` with "
+            "GLIBC_TUNABLES set so freed tensor blocks merge instead of fragmenting the heap (small-block caches off, "
+            "512 MiB kept at the heap top: about a third lower peak, steps as fast; docs/benchmarks.md). The script "
+            "then runs again from its start, so whatever it does before importing trl happens twice: "
+            "`qlora-plugin run -- COMMAND` starts the command with the settings instead, once. Your own "
             "GLIBC_TUNABLES malloc settings win."
         },
     )

@@ -155,6 +155,47 @@ def test_yaml_misspelled_key(tiny_models, tmp_path):
     assert not out.exists()
 
 
+# --- misspelled plugin settings: an error whether or not a strategy is active -------------------------------------
+
+MISSPELLED = {  # (command line, environment, YAML --config text, message)
+    "YAML strategy key": ([], {}, "stratgy: qlora\n", "`stratgy` in the YAML config: did you mean `strategy`?"),
+    "YAML hooks key with a dash": ([], {}, "strategy: qlora\nqlora-hooks: [mine.py]\n",
+                                   "`qlora-hooks` in the YAML config: did you mean `qlora_hooks`?"),
+    "variable in the YAML env block": ([], {}, "env:\n  QLORA_PLUGN_STRATEGY: qlora\n",
+                                       "`QLORA_PLUGN_STRATEGY` in the YAML `env:` block: did you mean "
+                                       "`QLORA_PLUGIN_STRATEGY`?"),
+    "strategy flag": (["--stratgy", "qlora"], {}, None, "`--stratgy`: did you mean `--strategy`?"),
+    "strategy flag with one dash": (["-strategy", "qlora"], {}, None, "`-strategy`: did you mean `--strategy`?"),
+    "strategy flag with a typographic dash": (["\u2014strategy", "qlora"], {}, None,
+                                              "`\u2014strategy`: did you mean `--strategy`?"),
+    "strategy flag with a colon": (["--strategy:qlora"], {}, None, "did you mean `--strategy qlora`?"),
+    "hooks flag": (["--strategy", "qlora", "--qlora_hook", "mine.py"], {}, None,
+                   "`--qlora_hook`: did you mean `--qlora_hooks`?"),
+    "environment variable": ([], {"QLORA_PLUGIN_STRATEGIE": "qlora"}, None,
+                             "`QLORA_PLUGIN_STRATEGIE` in the environment: did you mean `QLORA_PLUGIN_STRATEGY`?"),
+}
+
+
+@pytest.mark.parametrize("case", MISSPELLED)
+def test_misspelled_plugin_setting(case, activate, tmp_path):
+    argv, env, text, fragment = MISSPELLED[case]
+    if text is not None:
+        argv = [*argv, "--config", write(tmp_path / "cfg.yaml", text)]
+    err = activate(argv, env)
+    assert fragment in err and "would go without the strategy or hook files you meant" in err
+
+
+def test_misspelled_strategy_key_in_a_yaml_recipe(tiny_models, tmp_path):
+    """`stratgy: qlora` used to train a full, unquantized model and exit 0 (TRL drops unknown keys)."""
+    out = tmp_path / "out"
+    write(tmp_path / "cfg.yaml", f"model_name_or_path: {tiny_models['llama']}\ndataset_name: {DATA}\n"
+                                 f"output_dir: {out}\nstratgy: qlora\nmax_steps: 1\nuse_cpu: true\n")
+    proc = run_python(["-m", "trl.scripts.sft", "--config", "cfg.yaml"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "qlora-plugin: error: Misspelled qlora-plugin setting(s): `stratgy` in the YAML config" in proc.stderr
+    assert not out.exists()
+
+
 # --- environment variables ----------------------------------------------------------------------------------------
 
 ENV = {

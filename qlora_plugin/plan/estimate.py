@@ -188,7 +188,7 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
     runtime = Runtime(settings.device, compute == "bfloat16", "none")
     defaults = training_defaults(num_params, runtime)
     optim = settings.optim or defaults["optim"]
-    checkpointing = defaults["gradient_checkpointing"] if settings.gradient_checkpointing is None \
+    checkpointing = defaults["activation_checkpointing"] if settings.gradient_checkpointing is None \
         else settings.gradient_checkpointing
 
     costs = parameter_costs(model, options)
@@ -259,7 +259,8 @@ def predict_for_run(model_config, strategy, options: StrategyOptions, training_a
         settings = PlanSettings(
             batch_size=training_args.per_device_train_batch_size, seq_len=training_args.max_length or 1024,
             device="cuda" if device == "cuda" else "cpu", dtype=compute, optim=optim_name(training_args),
-            gradient_checkpointing=bool(training_args.gradient_checkpointing),
+            gradient_checkpointing=bool(getattr(training_args, "activation_checkpointing",
+                                                training_args.gradient_checkpointing)),
         )
         plan = plan_strategy(config, strategy.name, strategy, options, settings, pm)
     except Exception as err:  # noqa: BLE001 - see docstring

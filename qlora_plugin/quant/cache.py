@@ -31,13 +31,14 @@ from qlora_plugin.quant.layers import four_bit_layers, four_bit_module_names
 logger = logging.getLogger(__name__)
 _loaded_from: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the cache entry it came from
 
+CACHE_DIR_ENV = "QLORA_PLUGIN_CACHE_DIR"
 FORMAT_VERSION = 1
 ENTRY_FILE = "qlora_plugin_cache.json"
 SOURCE_FILES = (".safetensors", "config.json", "model.safetensors.index.json")
 
 
 def cache_root() -> str:
-    explicit = os.environ.get("QLORA_PLUGIN_CACHE_DIR")
+    explicit = os.environ.get(CACHE_DIR_ENV)
     if explicit:
         return os.path.abspath(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -13,6 +13,7 @@ import os
 from transformers import set_seed
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.notices import library_deprecations
 from qlora_plugin.options import build_options
 from qlora_plugin.plan.estimate import predict_for_run
 from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy
@@ -35,7 +36,8 @@ def _default_args(model):
     from trl import SFTConfig
 
     name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-    return SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
+    with library_deprecations():  # TRL's default `gradient_checkpointing=True`, not a name the user chose
+        return SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
 
 
 def _init_kwargs(args, explicit) -> dict:
@@ -137,7 +139,8 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         from peft import get_peft_model
 
         logger.warning("Using the peft_config you passed instead of strategy %s's LoRA options.", strategy.name)
-        model = get_peft_model(model, user_peft)
+        with library_deprecations():
+            model = get_peft_model(model, user_peft)
     else:
         model = hooks.qlora_wrap_model(model=model)
 

@@ -68,8 +68,11 @@ def format_summary(facts: dict) -> str:
                      "element (cpu_fast_dropout)")
     malloc = facts.get("runtime", {}).get("malloc_tunables", "")
     if malloc.startswith("applied"):
-        lines.append("  host malloc: glibc small-block caches off, 512 MiB kept at the heap top; set at start "
-                     "(cpu_malloc_tunables)")
+        lines.append("  host malloc: glibc small-block caches off, 512 MiB kept at the heap top (GLIBC_TUNABLES at "
+                     "start)")
+    elif malloc.startswith("not applied: glibc's defaults"):
+        lines.append("  host malloc: glibc's defaults; about a third lower peak memory on CPU when started with "
+                     "`qlora-plugin run -- <this command>` (docs/troubleshooting.md, problem 11)")
     lines.append(f"  optimizer  : {o['name']}" + (f" ({o['class']})" if o.get("class") else ""))
     if facts["recipe_applied"]:
         lines.append("  recipe     : " + ", ".join(f"{k}={v}" for k, v in facts["recipe_applied"].items()))
