@@ -388,6 +388,35 @@ def test_dataset_path_missing(tiny_models, tmp_path):
     assert "trl/scripts/sft.py" in proc.stderr and not out.exists()
 
 
+@pytest.mark.parametrize("offline", ["0", "1"])
+def test_dataset_relative_path_missing(tiny_models, tmp_path, offline):
+    """A relative path that does not exist: online it is no valid Hub id either (huggingface_hub's 26-line
+    `HFValidationError`), offline `datasets` says it cannot reach it on the Hub. One line says what it is."""
+    proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
+                       "./nodata", "--output_dir", "out", "--strategy", "qlora", *TRAIN_FLAGS], tmp_path,
+                      {"HF_HUB_OFFLINE": offline, "HF_DATASETS_OFFLINE": offline})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (f"qlora-plugin: error: The dataset could not be loaded: './nodata' is not a folder or file (looked in "
+            f"{tmp_path})") in proc.stderr
+    assert (", nor a Hub dataset id" in proc.stderr) is (offline == "0")
+    assert proc.stderr.strip().count("\n") == 0 and not (tmp_path / "out").exists()
+
+
+def test_dataset_on_an_unreachable_hub(tiny_models, tmp_path):
+    """A Hub-like name with the Hub out of reach: huggingface_hub's retry lines become one line, then the message."""
+    proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
+                       "someone/no-such-data", "--output_dir", "out", "--strategy", "qlora", *TRAIN_FLAGS], tmp_path,
+                      {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and "Retrying in" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("[qlora-plugin] http://127.0.0.1:9 cannot be reached")
+    assert "HF_HUB_OFFLINE=1 uses local files only and fails at once" in lines[0]
+    assert lines[1].startswith("qlora-plugin: error: The dataset could not be loaded: Couldn't reach "
+                               "'someone/no-such-data' on the Hub")
+    assert "HF_HUB_OFFLINE=1 makes this fail at once, without the retries." in lines[1]
+
+
 # --- errors libraries raise in the user's script, shown by the excepthook --------------------------------------
 
 
