@@ -11,7 +11,7 @@ sys._qlora_plugin_own_cli = True  # our own flags (e.g. --strategy) are never ta
 from qlora_plugin.errors import QLoRAPluginError  # noqa: E402 (after the flag above, which must come first)
 from qlora_plugin.flags import parse_bool  # noqa: E402
 from qlora_plugin.notices import leave_out_bnb_cpu_kernel_note  # noqa: E402
-from qlora_plugin.options import StrategyOptions, options_reference_markdown  # noqa: E402
+from qlora_plugin.options import FOUR_BIT_OPTIONS, StrategyOptions, options_reference_markdown  # noqa: E402
 from qlora_plugin.plugin.manager import (  # noqa: E402
     collect_strategies, get_plugin_manager, hook_files_from_env, packaged_hooks,
 )
@@ -24,9 +24,12 @@ def _strategies(args) -> int:
     for strategy in sorted(collect_strategies(pm).values(), key=lambda s: s.name):
         print(f"{strategy.name}  [{strategy.plugin}]")
         print(f"    {strategy.description}")
+        sixteen_bit = strategy.option_defaults.get("load_in_4bit", defaults["load_in_4bit"]) is False
         for name, default in defaults.items():
-            value = strategy.option_defaults.get(name, default)
-            print(f"    --{name} (default: {value})")
+            if not (sixteen_bit and name in FOUR_BIT_OPTIONS):
+                print(f"    --{name} (default: {strategy.option_defaults.get(name, default)})")
+        if sixteen_bit:
+            print(f"    (a 16-bit base: the 4-bit options {', '.join(FOUR_BIT_OPTIONS)} do not apply)")
         print()
     print("packaged hooks (load with --qlora_hooks NAME, the YAML key qlora_hooks, or QLORA_PLUGIN_HOOKS=NAME):")
     for name, summary in packaged_hooks().items():

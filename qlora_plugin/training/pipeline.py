@@ -16,7 +16,7 @@ from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.notices import library_deprecations
 from qlora_plugin.options import build_options
 from qlora_plugin.plan.estimate import predict_for_run
-from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy
+from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy, loaded_plugins
 from qlora_plugin.quant.layers import quantization_facts
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.runtime import detect_runtime
@@ -161,6 +161,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         "strategy": strategy.name,
         "plugin": strategy.plugin,
         "source": request.source,
+        "plugins": loaded_plugins(pm),
         "model": {"name_or_path": getattr(model.config, "_name_or_path", None), "params": num_params,
                   "dtype": str(model.dtype).replace("torch.", "")},
         "runtime": {"device": runtime.device_type, "bf16_native": runtime.bf16_native, "engine": runtime.engine,

@@ -42,9 +42,25 @@ def reset_peak_memory() -> None:
         pass  # not Linux: the peak then includes loading
 
 
+def _setting(name: str, value) -> str:
+    """One recipe setting as the summary shows it: `warmup_steps` below 1 is a share of the steps (transformers)."""
+    if name == "warmup_steps" and isinstance(value, float) and 0 < value < 1:
+        return f"{name}={value} ({value:.0%} of the steps)"
+    return f"{name}={value}"
+
+
+def _plugins(loaded: dict) -> str:
+    parts = [f"{what} {', '.join(loaded[key])}" for key, what in
+             (("hook_files", "hook files"), ("packaged_hooks", "packaged hooks"), ("installed", "installed plugins"))
+             if loaded.get(key)]
+    return "; ".join(parts) or "built-in only (no hook files, no installed plugins)"
+
+
 def format_summary(facts: dict) -> str:
     q, a, o = facts.get("quantization"), facts["adapter"], facts["optimizer"]
     lines = [f"[qlora-plugin] strategy {facts['strategy']} (from {facts['plugin']}, requested via {facts['source']})"]
+    if "plugins" in facts:
+        lines.append(f"  plugins    : {_plugins(facts['plugins'])}")
     if q:
         lines.append(
             f"  4-bit base : {q['layers_4bit']} linear layers in {q['quant_type']}"
@@ -75,7 +91,7 @@ def format_summary(facts: dict) -> str:
                      "`qlora-plugin run -- <this command>` (docs/troubleshooting.md, problem 11)")
     lines.append(f"  optimizer  : {o['name']}" + (f" ({o['class']})" if o.get("class") else ""))
     if facts["recipe_applied"]:
-        lines.append("  recipe     : " + ", ".join(f"{k}={v}" for k, v in facts["recipe_applied"].items()))
+        lines.append("  recipe     : " + ", ".join(_setting(k, v) for k, v in facts["recipe_applied"].items()))
     if facts["user_kept"]:
         lines.append("  yours kept : " + ", ".join(facts["user_kept"]))
     for note in facts["fallbacks"]:
