@@ -75,6 +75,16 @@ def test_the_users_checkpointing_wins_under_either_name(tmp_path, explicit, valu
     assert kept not in applied and getattr(args, kept) == before and user_set(args, kept, explicit)
 
 
+def test_a_plugins_defaults_under_the_deprecated_names_reach_the_trainers_fields(tmp_path):
+    from qlora_plugin.strategies.recipe import apply_training_defaults
+
+    args = sft_config(tmp_path)
+    applied = apply_training_defaults(args, {"gradient_checkpointing": False,
+                                             "gradient_checkpointing_kwargs": {"use_reentrant": True}}, set())
+    assert applied == {"activation_checkpointing": False, "activation_checkpointing_kwargs": {"use_reentrant": True}}
+    assert args.activation_checkpointing is False and args.gradient_checkpointing is False
+
+
 def test_defaults_left_alone_are_the_recipes(tmp_path):
     from qlora_plugin.strategies.recipe import apply_training_defaults, training_defaults
 

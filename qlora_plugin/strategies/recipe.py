@@ -39,8 +39,10 @@ CHECKPOINTING_ALIASES = {"activation_checkpointing": "gradient_checkpointing",
 
 
 def _field(args, name: str) -> str | None:
-    """`name`, or its older alias where this transformers has no such field; None if neither exists."""
-    for candidate in (name, CHECKPOINTING_ALIASES.get(name)):
+    """The field to set for `name`: the one the Trainer reads (a plugin's defaults may use the deprecated name), or
+    the older alias where this transformers has no such field; None if neither exists."""
+    newer = {old: new for new, old in CHECKPOINTING_ALIASES.items()}.get(name)
+    for candidate in (newer, name, CHECKPOINTING_ALIASES.get(name)):
         if candidate and hasattr(args, candidate):
             return candidate
     return None
