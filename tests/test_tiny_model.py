@@ -21,7 +21,8 @@ def test_chat_data_trains_on_a_tiny_model_built_with_data_before_out(tmp_path):
     proc = run_command(["qlora-plugin", "tiny-model", "--data", "chat/train.jsonl", "tiny", "--hidden-size", "64"],
                        tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "the tokenizer has a chat template" in proc.stdout
+    assert proc.stdout.splitlines() == ["tiny llama model and tokenizer written to tiny (the tokenizer has a chat "
+                                        "template: `messages` data trains too)"]  # nothing else, no blank lines
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", "tiny", "--dataset_name", "chat",
                        "--output_dir", "out", "--strategy", "qlora", *TRAIN_FLAGS], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
