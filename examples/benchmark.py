@@ -16,8 +16,9 @@ The configurations, run alternately in every round so that drift on the machine 
   (d) lora        --strategy lora (16-bit base + LoRA, same recipe)
   (a') qlora-reuse --strategy qlora --reuse_dequantized_weights true (the opt-in dequantization reuse)
   (a'') qlora-buffer --strategy qlora --cpu_dequant_buffer true (the opt-in dequantization buffer)
-  (a-) qlora-glibc --strategy qlora --cpu_malloc_tunables false (glibc's default malloc settings, as before the
-                  strategy turned its small-block caches off on CPU)
+  (a-) qlora-glibc --strategy qlora under glibc's default malloc settings; on CPU every other `--strategy` run is
+                  started with `qlora-plugin run --` (small-block caches off, 512 MiB kept at the heap top), as
+                  docs/getting-started.md tells CPU users to
   (a*) qlora-torch-dropout --strategy qlora --cpu_fast_dropout false (torch's own dropout masks, as before the
                   strategy drew them with a faster generator on CPU)
 
@@ -71,7 +72,7 @@ CONFIGS = {
     "lora": ["--strategy", "lora"],
     "qlora-reuse": ["--strategy", "qlora", "--reuse_dequantized_weights", "true"],
     "qlora-buffer": ["--strategy", "qlora", "--cpu_dequant_buffer", "true"],
-    "qlora-glibc": ["--strategy", "qlora", "--cpu_malloc_tunables", "false"],
+    "qlora-glibc": ["--strategy", "qlora"],
     "qlora-torch-dropout": ["--strategy", "qlora", "--cpu_fast_dropout", "false"],
 }
 PAIRS = [("qlora", "trl-recipe"), ("qlora", "lora"), ("qlora", "trl-default"), ("qlora-reuse", "qlora"),
@@ -178,6 +179,8 @@ def sft_command(config: str, model: Path, steps: int, seq_len: int, batch: int, 
         command.append("--use_cpu")
         if config.startswith("trl-") and not _bf16_native():
             command += ["--dtype", "float32", "--bf16", "false"]  # what the strategy picks here; TRL would emulate
+        if "--strategy" in command and config != "qlora-glibc":  # glibc's malloc settings, as a CPU user starts it
+            command = [str(Path(sys.executable).with_name("qlora-plugin")), "run", "--", *command]
     return command
 
 

@@ -27,7 +27,7 @@ LABELS = {
     "lora": "(d) `--strategy lora` (16-bit)",
     "qlora-reuse": "(a') (a) + `--reuse_dequantized_weights true`",
     "qlora-buffer": "(a'') (a) + `--cpu_dequant_buffer true`",
-    "qlora-glibc": "(a-) (a) + `--cpu_malloc_tunables false`",
+    "qlora-glibc": "(a-) (a) under glibc's default malloc (not started with `qlora-plugin run`)",
     "qlora-torch-dropout": "(a*) (a) + `--cpu_fast_dropout false`",
 }
 

@@ -3,9 +3,10 @@ through TRL's own, unmodified SFT script, and show what happened.
 
     python examples/demo.py            # ~1-3 minutes on a laptop CPU, offline
 
-It runs exactly what a user would type:
+It runs exactly what a user would type on a CPU, started by `qlora-plugin run` so glibc's malloc is tuned for
+training (docs/troubleshooting.md, problem 11):
 
-    python -m trl.scripts.sft --model_name_or_path examples/output/tiny-llama \
+    qlora-plugin run -- python -m trl.scripts.sft --model_name_or_path examples/output/tiny-llama \
         --dataset_name examples/data/skills --strategy qlora --output_dir examples/output/qlora-demo ...
 """
 
@@ -29,7 +30,7 @@ def main() -> int:
                          layers=2, intermediate_size=256)
         print(f"built a small Llama-shaped model and BPE tokenizer in {MODEL}")
     command = [
-        sys.executable, "-m", "trl.scripts.sft",
+        str(Path(sys.executable).with_name("qlora-plugin")), "run", "--", sys.executable, "-m", "trl.scripts.sft",
         "--model_name_or_path", str(MODEL),
         "--dataset_name", str(HERE / "data" / "skills"),
         "--strategy", "qlora",
@@ -39,7 +40,7 @@ def main() -> int:
         "--disable_tqdm", "true",
         "--output_dir", str(RUN),
     ]
-    print("$ " + " ".join(command[1:]), flush=True)
+    print("$ qlora-plugin run -- python " + " ".join(command[4:]), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     code = subprocess.call(command, env=env)
     if code != 0:

@@ -1,4 +1,4 @@
-"""`qlora-plugin`: the plugin's own command line (`strategies`, `options`, `tiny-model`, `plan`, `merge`)."""
+"""`qlora-plugin`: the plugin's own command line (`strategies`, `options`, `tiny-model`, `plan`, `merge`, `run`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ sys._qlora_plugin_own_cli = True  # our own flags (e.g. --strategy) are never ta
 
 from qlora_plugin.errors import QLoRAPluginError  # noqa: E402 (after the flag above, which must come first)
 from qlora_plugin.flags import parse_bool  # noqa: E402
-from qlora_plugin.options import StrategyOptions, options_reference_markdown  # noqa: E402
+from qlora_plugin.notices import leave_out_bnb_cpu_kernel_note  # noqa: E402
+from qlora_plugin.options import FOUR_BIT_OPTIONS, StrategyOptions, options_reference_markdown  # noqa: E402
 from qlora_plugin.plugin.manager import (  # noqa: E402
     collect_strategies, get_plugin_manager, hook_files_from_env, packaged_hooks,
 )
@@ -23,9 +24,12 @@ def _strategies(args) -> int:
     for strategy in sorted(collect_strategies(pm).values(), key=lambda s: s.name):
         print(f"{strategy.name}  [{strategy.plugin}]")
         print(f"    {strategy.description}")
+        sixteen_bit = strategy.option_defaults.get("load_in_4bit", defaults["load_in_4bit"]) is False
         for name, default in defaults.items():
-            value = strategy.option_defaults.get(name, default)
-            print(f"    --{name} (default: {value})")
+            if not (sixteen_bit and name in FOUR_BIT_OPTIONS):
+                print(f"    --{name} (default: {strategy.option_defaults.get(name, default)})")
+        if sixteen_bit:
+            print(f"    (a 16-bit base: the 4-bit options {', '.join(FOUR_BIT_OPTIONS)} do not apply)")
         print()
     print("packaged hooks (load with --qlora_hooks NAME, the YAML key qlora_hooks, or QLORA_PLUGIN_HOOKS=NAME):")
     for name, summary in packaged_hooks().items():
@@ -42,7 +46,8 @@ def _tiny_model(args) -> int:
     from qlora_plugin.tiny_model import build_tiny_model  # each command loads only its own stack
 
     path = build_tiny_model(args.out, args.arch, args.data, args.hidden_size, args.layers, args.intermediate_size)
-    print(f"tiny {args.arch} model and tokenizer written to {path}")
+    print(f"tiny {args.arch} model and tokenizer written to {path} (the tokenizer has a chat template: `messages` "
+          "data trains too)")
     return 0
 
 
@@ -64,6 +69,20 @@ def _merge(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from qlora_plugin.perf.malloc_tunables import launch  # each command loads only its own stack
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise QLoRAPluginError("`qlora-plugin run` needs a command, e.g. `qlora-plugin run -- python train.py "
+                               "--strategy qlora ...`.")
+    try:
+        launch(command)
+    except OSError as err:
+        raise QLoRAPluginError(f"`qlora-plugin run` could not start {command[0]!r}: {err.strerror or err}.") from None
+    return 0  # not reached: `launch` replaced this process with the command
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
@@ -81,7 +100,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="Build a small random model + tokenizer offline (demos, tests).")
     p.add_argument("out")
     p.add_argument("--arch", default="llama", choices=["llama", "gpt2", "phi3"])
-    p.add_argument("--data", nargs="*", default=[], help="JSONL files to train the tokenizer on.")
+    p.add_argument("--data", action="append", default=[], metavar="FILE",
+                   help="A JSONL file to train the tokenizer on (prompt/completion, text or messages rows); repeat "
+                   "--data for more files.")
     p.add_argument("--hidden-size", type=_positive_int, default=128)
     p.add_argument("--layers", type=_positive_int, default=2)
     p.add_argument("--intermediate-size", type=_positive_int, default=None)
@@ -102,6 +123,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_check", action="store_true", help="Skip the fidelity check (it loads the merged model, "
                    "the adapter on the 4-bit base and a naive merge, one at a time).")
     p.set_defaults(func=_merge)
+    p = sub.add_parser("run", help="Run a command (your training script) with glibc's malloc settings for CPU "
+                       "training: about a third lower peak memory (docs/troubleshooting.md, problem 11).")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="The command, after `--`: run -- python train.py ...")
+    p.set_defaults(func=_run)
     p = sub.add_parser("plan", add_help=False, help="Predict peak training memory from config.json (docs/plan.md).")
     p.set_defaults(func=_plan)
     return parser
@@ -114,6 +139,7 @@ def _plan(args, rest) -> int:
 
 
 def main(argv=None) -> int:
+    leave_out_bnb_cpu_kernel_note()  # plan and merge import bitsandbytes; its CPU repacking is never used here
     parser = make_parser()
     args, rest = parser.parse_known_args(argv)
     if args.func is not _plan and rest:

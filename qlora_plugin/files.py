@@ -33,11 +33,32 @@ def atomic_path(path: str, suffix: str = ""):
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~umask())
+        give_normal_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def give_normal_permissions(path: str) -> None:
+    """Give `path` (a file, or a folder and everything in it) the permissions a plain `open()` / `os.makedirs`
+    would have: 0666 / 0777 less the umask.
+
+    Called on what the plugin writes through a temporary file or folder, and on safetensors files: safetensors
+    0.8 writes through a temporary file that keeps mode 0600 whatever the umask (safetensors/safetensors#782), and
+    `tempfile.mkdtemp` makes folders 0700. Without this an adapter others, a container or a shared cache should
+    read is readable by its owner only.
+    """
+    mask = umask()
+    if os.path.isfile(path) and not os.path.islink(path):
+        os.chmod(path, 0o666 & ~mask)
+        return
+    for root, folders, files in os.walk(path):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            file = os.path.join(root, name)
+            if not os.path.islink(file):
+                os.chmod(file, 0o666 & ~mask)
 
 
 def write_json_atomic(path: str, data: dict) -> None:

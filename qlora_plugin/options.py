@@ -66,11 +66,13 @@ class StrategyOptions:
         },
     )
     cpu_malloc_tunables: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "On CPU-only runs started from a command line under glibc (Linux), re-execute the script once "
-            "at start with GLIBC_TUNABLES set so freed tensor blocks merge instead of fragmenting the heap "
-            "(small-block caches off, 512 MiB kept at the heap top; measured in docs/benchmarks.md). Your own "
+            "help": "Opt-in. On CPU-only runs under glibc (Linux), re-execute the script once at `import trl` with "
+            "GLIBC_TUNABLES set so freed tensor blocks merge instead of fragmenting the heap (small-block caches off, "
+            "512 MiB kept at the heap top: about a third lower peak, steps as fast; docs/benchmarks.md). The script "
+            "then runs again from its start, so whatever it does before importing trl happens twice: "
+            "`qlora-plugin run -- COMMAND` starts the command with the settings instead, once. Your own "
             "GLIBC_TUNABLES malloc settings win."
         },
     )
@@ -164,6 +166,10 @@ class StrategyOptions:
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(StrategyOptions))
+# Options that act on 4-bit layers only: meaningless for a strategy that loads a 16-bit base (`load_in_4bit` off).
+# `bnb_4bit_compute_dtype` is not one of them: it also picks the 16-bit load dtype.
+FOUR_BIT_OPTIONS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage", "quantized_cache",
+                    "cpu_dequant_buffer", "reuse_dequantized_weights")
 HOOKS_KEY = "qlora_hooks"  # hook files or packaged hook names, on the command line and in YAML
 # TRL ModelConfig flags a strategy answers for: `use_peft` is implied, `load_in_8bit` contradicts every strategy.
 TRL_ANSWERED_FLAGS = ("use_peft", "load_in_8bit")

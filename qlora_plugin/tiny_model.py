@@ -1,7 +1,8 @@
 """Build a small, randomly initialised causal LM and its BPE tokenizer, offline, for demos and tests.
 
 Real users pass real models; this exists so the demo, the tests and a machine without Hub access can exercise
-the real loading path (`from_pretrained` on a folder of safetensors) in seconds.
+the real loading path (`from_pretrained` on a folder of safetensors) in seconds. The tokenizer has a small chat
+template (`CHAT_TEMPLATE`), so chat `messages` data trains as well as prompt/completion or plain text.
 """
 
 from __future__ import annotations
@@ -11,8 +12,28 @@ import os
 import tempfile
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.files import give_normal_permissions
 
 ARCHITECTURES = ("llama", "gpt2", "phi3")
+TEXT_FIELDS = ("prompt", "completion", "text", "messages")  # TRL's SFT formats, plain or conversational
+# Each turn as `<|role|>`, its content and the end-of-sequence token: with `add_generation_prompt` a prompt ends
+# where the assistant's turn starts, so TRL's prompt-completion and `messages` formats both work.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def _row_text(row: dict) -> str:
+    """The text of one JSONL row in any of TRL's formats: strings as they are, chat turns by role and content."""
+    parts = []
+    for key in TEXT_FIELDS:
+        value = row.get(key)
+        if isinstance(value, list):  # conversational: a list of {"role", "content"} turns
+            parts += [f"<|{turn.get('role')}|> {turn.get('content')}" for turn in value if isinstance(turn, dict)]
+        elif value is not None:
+            parts.append(str(value))
+    return " ".join(parts)
 
 
 def _corpus(data_files) -> list[str]:
@@ -21,14 +42,13 @@ def _corpus(data_files) -> list[str]:
         try:
             with open(path, encoding="utf-8") as f:
                 for number, line in enumerate(f, 1):
-                    row = json.loads(line)
-                    texts.append(" ".join(str(row[k]) for k in ("prompt", "completion", "text") if k in row))
+                    texts.append(_row_text(json.loads(line)))
         except OSError as err:
             raise QLoRAPluginError(f"Data file {path!r} cannot be read ({err.strerror or err}).") from None
         except (ValueError, TypeError) as err:  # not JSON, or a line that is not an object
             raise QLoRAPluginError(
                 f"Data file {path!r}, line {number}: not a JSON object ({err}). Pass JSONL files with one object "
-                "per line (prompt/completion or text fields)."
+                "per line (prompt/completion, text or messages fields)."
             ) from None
     return texts
 
@@ -43,11 +63,12 @@ def build_tokenizer(texts, vocab_size: int = 512):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,  # blank lines when not a tty
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -92,6 +113,7 @@ def build_tiny_model(out_dir: str, arch: str = "llama", data_files=(), hidden_si
     with tempfile.TemporaryDirectory(dir=parent, prefix=".tiny-model-") as tmp:  # never a half-written folder
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        give_normal_permissions(tmp)  # safetensors writes model.safetensors 0600
         os.makedirs(out_dir, exist_ok=True)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))

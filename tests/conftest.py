@@ -17,9 +17,9 @@ DATA = REPO / "examples" / "data" / "skills"
 PLUGIN_ENV = ("QLORA_PLUGIN_STRATEGY", "QLORA_PLUGIN_OPTIONS", "QLORA_PLUGIN_EXPLICIT_ARGS", "QLORA_PLUGIN_SOURCE",
               "QLORA_PLUGIN_HOOKS", "QLORA_PLUGIN_DISABLE", "QLORA_PLUGIN_LOAD")
 
-# `cpu_malloc_tunables` re-executes a CPU training script at activation. Tests activate strategies inside this
-# pytest process, which must never re-execute itself: give the settings up front (as a user may), so activation
-# keeps them. Scripts started by tests inherit them; tests/test_malloc_tunables.py clears them to see the re-exec.
+# glibc's malloc settings for CPU training, given up front as `qlora-plugin run` would: scripts started by tests
+# inherit them (the peaks tests measure are the documented ones, and an opted-in `cpu_malloc_tunables` never
+# restarts this pytest process); tests/test_malloc_tunables.py clears them to see each case.
 _tunables = malloc_tunables.with_settings(os.environ.get(malloc_tunables.TUNABLES_ENV))
 if _tunables is not None:
     os.environ[malloc_tunables.TUNABLES_ENV] = _tunables
@@ -90,6 +90,13 @@ def run_command(argv, cwd, env_extra=None, timeout=600) -> subprocess.CompletedP
     exe = str(Path(sys.executable).parent / argv[0])
     return subprocess.run([exe, *argv[1:]], cwd=cwd, env=_env(env_extra), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def start_command(argv, cwd, env_extra=None) -> subprocess.Popen:
+    """Start a console script like `run_command`, without waiting (its process id is known): text pipes."""
+    exe = str(Path(sys.executable).parent / argv[0])
+    return subprocess.Popen([exe, *argv[1:]], cwd=cwd, env=_env(env_extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 TRAIN_FLAGS = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu",

@@ -40,6 +40,19 @@ def test_precedence_cli_over_yaml_over_env(tmp_path):
     assert request.strategy == "qlora" and request.source == "cli"
 
 
+@pytest.mark.parametrize("argv, env, config", [
+    (["--stratify", "3", "--save_strategy", "no", "--hub_strategy", "end", "--strategies", "x", "--hooks", "a.py",
+      "--qlora", "1", "-s", "--", "--stratgy"], {}, {}),  # a script's own flags; after `--`, positional
+    ([], {"QLORA_PLUGIN_SOURCE": "cli", "QLORA_PLUGIN_CACHE_DIR": "/c", "MY_STRATEGY": "x", "QLORA_HOME": "/q"}, {}),
+    ([], {}, {"save_strategy": "no", "eval_strategy": "steps", "strategies": 2, "env": {"QLORA_PLUGIN_DISABLE": "0"}}),
+])
+def test_names_that_only_look_like_ours_are_left_alone(tmp_path, argv, env, config):
+    if config:
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+        argv = ["--config", str(tmp_path / "c.yaml"), *argv]
+    assert request_from_process(argv, env) == (None, argv)
+
+
 def test_load_in_8bit_contradicts():
     with pytest.raises(QLoRAPluginError, match="contradicts"):
         request_from_process(["--strategy", "qlora", "--load_in_8bit"], {})

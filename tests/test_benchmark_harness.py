@@ -82,6 +82,9 @@ def test_cpu_runs_get_use_cpu_and_cuda_runs_do_not(tmp_path):
     assert "--use_cpu" in cpu and "--use_cpu" not in cuda
     assert "--bf16" not in cuda  # on a GPU TRL's own default (bf16 where supported) stands
     assert cuda[cuda.index("--max_length") + 1] == "512" and "--load_in_4bit" in cuda
+    glibc = bench.sft_command("qlora-glibc", tmp_path, 4, 512, 1, tmp_path / "out", "cpu")
+    assert cpu[1:3] == ["run", "--"] and cpu[0].endswith("qlora-plugin")  # started with the malloc settings
+    assert glibc[0] == sys.executable and "--strategy" in glibc  # glibc's defaults: no launcher
 
 
 def test_gpu_memory_of_one_process_from_nvidia_smi():

@@ -94,7 +94,7 @@ def test_engine_settings(engine, storage, device_map, reentrant):
     assert config.bnb_4bit_quant_storage == storage  # FSDP/ZeRO-3 flatten it with the bf16 parameters
     assert kwargs.get("device_map", "unset") == device_map  # never "auto" under DDP: one full copy per rank
     defaults = training_defaults(10**9, runtime)
-    assert defaults["gradient_checkpointing_kwargs"] == {"use_reentrant": reentrant}
+    assert defaults["activation_checkpointing_kwargs"] == {"use_reentrant": reentrant}
     assert defaults["bf16"] is True
 
 

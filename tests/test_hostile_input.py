@@ -155,6 +155,47 @@ def test_yaml_misspelled_key(tiny_models, tmp_path):
     assert not out.exists()
 
 
+# --- misspelled plugin settings: an error whether or not a strategy is active -------------------------------------
+
+MISSPELLED = {  # (command line, environment, YAML --config text, message)
+    "YAML strategy key": ([], {}, "stratgy: qlora\n", "`stratgy` in the YAML config: did you mean `strategy`?"),
+    "YAML hooks key with a dash": ([], {}, "strategy: qlora\nqlora-hooks: [mine.py]\n",
+                                   "`qlora-hooks` in the YAML config: did you mean `qlora_hooks`?"),
+    "variable in the YAML env block": ([], {}, "env:\n  QLORA_PLUGN_STRATEGY: qlora\n",
+                                       "`QLORA_PLUGN_STRATEGY` in the YAML `env:` block: did you mean "
+                                       "`QLORA_PLUGIN_STRATEGY`?"),
+    "strategy flag": (["--stratgy", "qlora"], {}, None, "`--stratgy`: did you mean `--strategy`?"),
+    "strategy flag with one dash": (["-strategy", "qlora"], {}, None, "`-strategy`: did you mean `--strategy`?"),
+    "strategy flag with a typographic dash": (["\u2014strategy", "qlora"], {}, None,
+                                              "`\u2014strategy`: did you mean `--strategy`?"),
+    "strategy flag with a colon": (["--strategy:qlora"], {}, None, "did you mean `--strategy qlora`?"),
+    "hooks flag": (["--strategy", "qlora", "--qlora_hook", "mine.py"], {}, None,
+                   "`--qlora_hook`: did you mean `--qlora_hooks`?"),
+    "environment variable": ([], {"QLORA_PLUGIN_STRATEGIE": "qlora"}, None,
+                             "`QLORA_PLUGIN_STRATEGIE` in the environment: did you mean `QLORA_PLUGIN_STRATEGY`?"),
+}
+
+
+@pytest.mark.parametrize("case", MISSPELLED)
+def test_misspelled_plugin_setting(case, activate, tmp_path):
+    argv, env, text, fragment = MISSPELLED[case]
+    if text is not None:
+        argv = [*argv, "--config", write(tmp_path / "cfg.yaml", text)]
+    err = activate(argv, env)
+    assert fragment in err and "would go without the strategy or hook files you meant" in err
+
+
+def test_misspelled_strategy_key_in_a_yaml_recipe(tiny_models, tmp_path):
+    """`stratgy: qlora` used to train a full, unquantized model and exit 0 (TRL drops unknown keys)."""
+    out = tmp_path / "out"
+    write(tmp_path / "cfg.yaml", f"model_name_or_path: {tiny_models['llama']}\ndataset_name: {DATA}\n"
+                                 f"output_dir: {out}\nstratgy: qlora\nmax_steps: 1\nuse_cpu: true\n")
+    proc = run_python(["-m", "trl.scripts.sft", "--config", "cfg.yaml"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "qlora-plugin: error: Misspelled qlora-plugin setting(s): `stratgy` in the YAML config" in proc.stderr
+    assert not out.exists()
+
+
 # --- environment variables ----------------------------------------------------------------------------------------
 
 ENV = {
@@ -345,6 +386,35 @@ def test_dataset_path_missing(tiny_models, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "qlora-plugin: error: The dataset could not be loaded: Couldn't find any data file" in proc.stderr
     assert "trl/scripts/sft.py" in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("offline", ["0", "1"])
+def test_dataset_relative_path_missing(tiny_models, tmp_path, offline):
+    """A relative path that does not exist: online it is no valid Hub id either (huggingface_hub's 26-line
+    `HFValidationError`), offline `datasets` says it cannot reach it on the Hub. One line says what it is."""
+    proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
+                       "./nodata", "--output_dir", "out", "--strategy", "qlora", *TRAIN_FLAGS], tmp_path,
+                      {"HF_HUB_OFFLINE": offline, "HF_DATASETS_OFFLINE": offline})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (f"qlora-plugin: error: The dataset could not be loaded: './nodata' is not a folder or file (looked in "
+            f"{tmp_path})") in proc.stderr
+    assert (", nor a Hub dataset id" in proc.stderr) is (offline == "0")
+    assert proc.stderr.strip().count("\n") == 0 and not (tmp_path / "out").exists()
+
+
+def test_dataset_on_an_unreachable_hub(tiny_models, tmp_path):
+    """A Hub-like name with the Hub out of reach: huggingface_hub's retry lines become one line, then the message."""
+    proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
+                       "someone/no-such-data", "--output_dir", "out", "--strategy", "qlora", *TRAIN_FLAGS], tmp_path,
+                      {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and "Retrying in" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("[qlora-plugin] http://127.0.0.1:9 cannot be reached")
+    assert "HF_HUB_OFFLINE=1 uses local files only and fails at once" in lines[0]
+    assert lines[1].startswith("qlora-plugin: error: The dataset could not be loaded: Couldn't reach "
+                               "'someone/no-such-data' on the Hub")
+    assert "HF_HUB_OFFLINE=1 makes this fail at once, without the retries." in lines[1]
 
 
 # --- errors libraries raise in the user's script, shown by the excepthook --------------------------------------

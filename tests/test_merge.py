@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, TRAIN_FLAGS, run_python
+from conftest import DATA, TRAIN_FLAGS, run_command, run_python
 
 from qlora_plugin import cli
 from qlora_plugin.quant.record import RECORD_FILE, quantization_record
@@ -73,6 +73,34 @@ def trained_adapter(tiny_models, tmp_path_factory):
                        "2", "--dtype", "float32", *flags], out.parent)  # fp32 on every CPU, bf16-native or not
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+def test_a_base_given_by_relative_path_merges_from_any_folder(tiny_models, tmp_path):
+    """The adapter records a local base by its absolute, resolved path (not `base` as typed, relative to where
+    training ran), so `merge` from another folder needs no `--base`; a Hub id is recorded as it is."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_models["llama"], project / "base")
+    proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", "base", "--dataset_name", str(DATA),
+                       "--output_dir", "run", "--strategy", "qlora", "--lora_r", "4", *TRAIN_FLAGS], project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = json.loads((project / "run" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((project / "base").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_command(["qlora-plugin", "merge", "--adapter", str(project / "run"), "--out", "merged"], elsewhere)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (elsewhere / "merged" / "model.safetensors").is_file()
+
+    from qlora_plugin.training.pipeline import record_local_base
+
+    class HubModel:
+        name_or_path = "Qwen/Qwen2.5-7B"  # no such folder here: a Hub id
+
+    hub = HubModel()
+    record_local_base(hub)
+    assert hub.name_or_path == "Qwen/Qwen2.5-7B"
 
 
 def test_training_records_the_quantization_beside_every_adapter(trained_adapter):

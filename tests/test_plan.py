@@ -125,6 +125,35 @@ def test_table_and_plot(tiny_models, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["memory.png"]  # no temporary file left behind
 
 
+def test_plot_labels_never_cover_the_memory_line_or_the_bars(tiny_models, tmp_path, monkeypatch):
+    """A GPU line just above a bar's top: the peak used to be written on the bar's top, across the line, and the
+    legend sat inside the axes. Read from the figure `--plot` saves: where each label and the line are drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from qlora_plugin.plan.cli import write_plot
+    from qlora_plugin.plan.estimate import PlanSettings, make_plans
+
+    plans = make_plans(tiny_models["llama"], None, PlanSettings(device="cpu"), {})
+    gpu = int(max(p.total_bytes for p in plans) * 1.02)
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: saved.append(fig))
+    write_plot(plans, str(tmp_path / "memory.png"), tiny_models["llama"], gpu, "near the top")
+    fig, = saved
+    ax = fig.axes[0]
+    canvas = FigureCanvasAgg(fig)  # pyplot has closed the figure; draw it again to measure where things are
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    line = next(line for line in ax.get_lines() if line.get_linestyle() == "--")
+    line_y = ax.transData.transform((0, line.get_ydata()[0]))[1]
+    for text in [*ax.texts, *ax.get_xticklabels()]:
+        box = text.get_window_extent(renderer)
+        assert not box.y0 <= line_y <= box.y1, f"{text.get_text()!r} crosses the memory line"
+    assert ax.get_legend().get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1  # beside the axes
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == [f"{p.strategy}\npeak {p.total_bytes / 2**20:,.1f} MiB" for p in plans]
+
+
 def test_options_change_the_plan(tiny_models, capsys):
     def plan(*flags):
         code, out, _ = plan_cli([tiny_models["llama"], "--strategy", "qlora", "--json", *flags], capsys)

@@ -15,14 +15,20 @@ import sys
 
 from qlora_plugin.errors import QLoRAPluginError, report_and_exit
 from qlora_plugin.flags import given_flag_names, parse_bool, parse_own_flags
-from qlora_plugin.integration import import_hook, model_loading, script_args, state, trl_patches
+from qlora_plugin.integration import import_hook, model_loading, near_miss, script_args, state, trl_patches
+from qlora_plugin.integration.bootstrap import DISABLE_ENV
 from qlora_plugin.integration.excepthook import install_excepthook
 from qlora_plugin.integration.state import EXPLICIT_ENV, OPTIONS_ENV, SOURCE_ENV, STRATEGY_ENV
 from qlora_plugin.integration.yaml_config import read as read_yaml_config
+from qlora_plugin.notices import leave_out_for_a_strategy_run
 from qlora_plugin.options import HOOKS_KEY, OPTION_NAMES, OWN_KEYS, build_options
 from qlora_plugin.perf import malloc_tunables
-from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy, hook_files_from_env
+from qlora_plugin.plugin.manager import HOOKS_ENV, LOAD_ENV, get_plugin_manager, get_strategy, hook_files_from_env
+from qlora_plugin.quant.cache import CACHE_DIR_ENV
 from qlora_plugin.request import StrategyRequest
+
+USER_ENV = (STRATEGY_ENV, OPTIONS_ENV, HOOKS_ENV, LOAD_ENV, DISABLE_ENV, CACHE_DIR_ENV)  # the variables users set
+INTERNAL_ENV = (EXPLICIT_ENV, SOURCE_ENV, malloc_tunables.REEXEC_MARK_ENV)  # set by the plugin for child processes
 
 
 
@@ -33,6 +39,7 @@ def request_from_process(argv: list[str], environ) -> tuple[StrategyRequest | No
     """
     config, config_problem = read_yaml_config(argv)
     config_env = config.get("env") or {}
+    check_spelling(argv, config, config_env, environ)
     cli_strategy = _cli_strategy(argv)
     strategy = cli_strategy or config.get("strategy") or config_env.get(STRATEGY_ENV) or environ.get(STRATEGY_ENV)
     if not strategy:
@@ -74,6 +81,16 @@ def _flag_value(argv: list[str], name: str) -> str | None:
         elif token.startswith((f"--{name}=", f"--{name.replace('_', '-')}=")):
             value = token.split("=", 1)[1]
     return value
+
+
+def check_spelling(argv: list[str], config: dict, config_env: dict, environ) -> None:
+    """Near misses of the plugin's own flags, YAML keys and variables are errors, strategy or not (`near_miss`)."""
+    near_miss.check([
+        *near_miss.command_line_problems(argv),
+        *near_miss.key_problems(config, near_miss.OWN_FLAGS, "in the YAML config"),
+        *near_miss.key_problems(config_env, USER_ENV, "in the YAML `env:` block", upper=True, known=INTERNAL_ENV),
+        *near_miss.key_problems(environ, USER_ENV, "in the environment", upper=True, known=INTERNAL_ENV),
+    ])
 
 
 def _cli_strategy(argv: list[str]) -> str | None:
@@ -176,8 +193,9 @@ def activate_from_process() -> None:
         request, argv = request_from_process(sys.argv[1:], os.environ)
         if request is None:
             return
-        # Before the strategy and its libraries load, so a re-execution repeats as little as possible.
+        # Before the strategy and its libraries load, so an opted-in re-execution repeats as little as possible.
         malloc_tunables.apply_at_activation(malloc_tunables.wanted(request.options), _use_cpu(argv))
+        leave_out_for_a_strategy_run("gradient_checkpointing" in request.explicit_training_args)  # before imports
         validate(request)
     except QLoRAPluginError as err:
         report_and_exit(err)

@@ -1,7 +1,8 @@
 """Bad input that libraries report with a traceback in the user's script, said as one message instead.
 
 Used by the excepthook `excepthook.install_excepthook` sets while a strategy is active: an unknown flag (transformers'
-`HfArgumentParser`), a dataset that cannot be loaded (`datasets`), bf16 asked for on a machine without it
+`HfArgumentParser`), a dataset that cannot be loaded (`datasets`: a missing folder, a name that is neither a path
+nor a Hub id, the Hub out of reach), bf16 asked for on a machine without it
 (a missing resume checkpoint is caught earlier, by `checkpointing.resolve_checkpoint`).
 Anything not recognised here keeps Python's traceback:
 it may be a bug, and then the traceback is what helps.
@@ -10,9 +11,12 @@ it may be a bug, and then the traceback is what helps.
 from __future__ import annotations
 
 import difflib
+import os
+import re
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.options import OWN_KEYS
+from qlora_plugin.training.model_checks import looks_like_path
 
 UNUSED_ARGS = "Some specified arguments are not used by the HfArgumentParser: "
 
@@ -37,6 +41,36 @@ def _innermost_module(tb) -> str:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+
+
+def _through(tb, package: str) -> bool:
+    """The traceback passes through `package` (e.g. a huggingface_hub error raised for `datasets`)."""
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").split(".")[0] == package:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+DATASET_HINT = ("Pass a local folder or file of .jsonl/.json/.csv/.parquet data, or a Hub dataset id on a machine "
+                "that reaches the Hub.")
+
+
+def _dataset_message(exc: BaseException, tb) -> str | None:
+    """A dataset `load_dataset` could not load: a missing path, a name that is no Hub id, the Hub out of reach."""
+    text = " ".join(str(exc).split())
+    where = _caller_outside(tb, "datasets")
+    missing = "The dataset could not be loaded: {!r} is not a folder or file (looked in " + os.getcwd() + ")"
+    if type(exc).__name__ == "HFValidationError":  # not an existing path, and not a valid Hub id either
+        name = re.search(r"'([^']*)'\.?$", text)
+        return (missing.format(name.group(1) if name else text) + ", nor a Hub dataset id (in load_dataset, called "
+                f"at {where}). {DATASET_HINT}")
+    unreachable = re.match(r"Couldn't reach '([^']*)' on the Hub", text)
+    if unreachable and looks_like_path(unreachable.group(1)):  # offline, `datasets` tried a missing path as an id
+        return missing.format(unreachable.group(1)) + f" (in load_dataset, called at {where}). {DATASET_HINT}"
+    offline = "Couldn't reach" in text and os.environ.get("HF_HUB_OFFLINE", "") in ("", "0")
+    hint = " HF_HUB_OFFLINE=1 makes this fail at once, without the retries." if offline else ""
+    return f"The dataset could not be loaded: {text} (in load_dataset, called at {where}). {DATASET_HINT}{hint}"
 
 
 def _caller_outside(tb, package: str) -> str:
@@ -66,10 +100,9 @@ def message(exc: BaseException, tb) -> str | None:
                 "the script's flags; `qlora-plugin strategies` lists the strategy options.")
     module = _innermost_module(tb)
     if isinstance(exc, OSError) and module.split(".")[0] == "datasets":
-        where = _caller_outside(tb, "datasets")
-        return (f"The dataset could not be loaded: {text} (in load_dataset, called at {where}). Pass a local "
-                "folder or file of .jsonl/.json/.csv/.parquet data, or a Hub dataset id on a machine that reaches "
-                "the Hub.")
+        return _dataset_message(exc, tb)
+    if type(exc).__name__ == "HFValidationError" and _through(tb, "datasets"):
+        return _dataset_message(exc, tb)
     if isinstance(exc, ValueError) and "doesn't support bf16/gpu" in text:
         return (f"{text.rstrip('.')}: this machine has no GPU with bf16, and TRL's SFTConfig asks for bf16 by "
                 "default. Add `--use_cpu` to train on the CPU (the strategy then uses bf16 only if the CPU runs it "

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 
 from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.files import umask
+from qlora_plugin.files import give_normal_permissions
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -46,11 +46,11 @@ def staged_folder(out: str, force: bool):
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.merging-")
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the model folder should not be
     except OSError as err:
         raise disk_error(err, out) from None
     try:
         yield tmp
+        give_normal_permissions(tmp)  # mkdtemp's 0700 and safetensors' 0600: the model is for others to read too
         old = None
         if os.path.exists(out):
             check_output(out, force)  # it may have appeared while we merged
@@ -94,7 +94,6 @@ class ShardWriter:
 
         path = self._draft(len(self.shards))
         save_file(self.pending, path, metadata={"format": "pt"})
-        os.chmod(path, 0o666 & ~umask())
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 

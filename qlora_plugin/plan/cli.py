@@ -111,29 +111,39 @@ def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "")
     return "\n".join(lines)
 
 
-def write_plot(plans, path: str, model: str, gpu_memory: int | None, gpu_label: str = "") -> None:
-    """Stacked bars per strategy, one colour per component; written to a temporary file, then renamed."""
+def draw_plot(plans, model: str, gpu_memory: int | None, gpu_label: str = ""):
+    """Stacked bars per strategy, one colour per component. Each strategy's peak is written under its bar, and the
+    legend sits beside the axes, so no label can cover the bars or the GPU's memory line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(plans), 4.5))
+    largest = max([p.total_bytes for p in plans] + [gpu_memory or 0])
+    unit, scale = ("GiB", GIB) if largest >= GIB else ("MiB", 2**20)
+    fig, ax = plt.subplots(figsize=(3.2 + 1.6 * len(plans), 4.5))
     bottoms = [0.0] * len(plans)
-    names = [p.strategy for p in plans]
+    names = [f"{p.strategy}\npeak {_size(p.total_bytes)}" for p in plans]
     for component in COMPONENTS:
-        values = [p.components[component] / GIB for p in plans]
+        values = [p.components[component] / scale for p in plans]
         if any(values):
             ax.bar(names, values, bottom=bottoms, label=component)
             bottoms = [b + v for b, v in zip(bottoms, values)]
-    for i, total in enumerate(bottoms):
-        ax.annotate(f"{total:,.1f}", (i, total), ha="center", va="bottom")
     if gpu_memory:
-        ax.axhline(gpu_memory / GIB, color="black", linestyle="--", label=f"GPU {gpu_label}")
-    ax.set_ylabel("GiB")
+        ax.axhline(gpu_memory / scale, color="black", linestyle="--", label=f"GPU {gpu_label}")
+    ax.set_ylim(0, largest / scale * 1.08)
+    ax.set_ylabel(unit)
     ax.set_title(f"Predicted peak training memory: {os.path.basename(model.rstrip('/'))}")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
+    return fig
+
+
+def write_plot(plans, path: str, model: str, gpu_memory: int | None, gpu_label: str = "") -> None:
+    """`draw_plot`, written to a temporary file, then renamed."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_plot(plans, model, gpu_memory, gpu_label)
     try:
         with atomic_path(path, os.path.splitext(path)[1]) as tmp:
             fig.savefig(tmp)

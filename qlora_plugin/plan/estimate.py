@@ -199,7 +199,7 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
     runtime = Runtime(settings.device, compute == "bfloat16", "none")
     defaults = training_defaults(num_params, runtime)
     optim = settings.optim or defaults["optim"]
-    checkpointing = defaults["gradient_checkpointing"] if settings.gradient_checkpointing is None \
+    checkpointing = defaults["activation_checkpointing"] if settings.gradient_checkpointing is None \
         else settings.gradient_checkpointing
 
     costs = parameter_costs(model, options)
@@ -273,7 +273,8 @@ def predict_for_run(model_config, strategy, options: StrategyOptions, training_a
             batch_size=training_args.per_device_train_batch_size, seq_len=training_args.max_length or 1024,
             eval_batch_size=training_args.per_device_eval_batch_size,
             device="cuda" if device == "cuda" else "cpu", dtype=compute, optim=optim_name(training_args),
-            gradient_checkpointing=bool(training_args.gradient_checkpointing),
+            gradient_checkpointing=bool(getattr(training_args, "activation_checkpointing",
+                                                training_args.gradient_checkpointing)),
         )
         plan = plan_strategy(config, strategy.name, strategy, options, settings, pm)
     except Exception as err:  # noqa: BLE001 - see docstring

@@ -67,6 +67,16 @@ def get_plugin_manager(hook_files=(), load_entrypoints: bool = True) -> pluggy.P
     return pm
 
 
+def loaded_plugins(pm: pluggy.PluginManager) -> dict[str, list[str]]:
+    """What a manager loaded beyond `DEFAULT_PLUGINS`: hook files (resolved paths), packaged hooks and installed
+    plugins (entry-point names), in registration order (for the run's summary and report)."""
+    names = [name for name, _ in pm.list_name_plugin() if name not in DEFAULT_PLUGINS]
+    packaged = f"{PACKAGED_HOOKS}."
+    return {"hook_files": [n.split(":", 1)[1] for n in names if n.startswith("hook-file:")],
+            "packaged_hooks": [n[len(packaged):] for n in names if n.startswith(packaged)],
+            "installed": [n for n in names if not n.startswith(("hook-file:", packaged))]}
+
+
 def packaged_hooks() -> dict[str, str]:
     """{name: first docstring line} of the ready hooks installed with the package (`qlora_plugin/hooks/`)."""
     folder = Path(importlib.util.find_spec(PACKAGED_HOOKS).origin).parent

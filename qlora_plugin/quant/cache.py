@@ -24,20 +24,21 @@ import shutil
 import tempfile
 import weakref
 
-from qlora_plugin.files import write_json_atomic
+from qlora_plugin.files import give_normal_permissions, write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
 from qlora_plugin.quant.layers import four_bit_layers, four_bit_module_names
 
 logger = logging.getLogger(__name__)
 _loaded_from: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the cache entry it came from
 
+CACHE_DIR_ENV = "QLORA_PLUGIN_CACHE_DIR"
 FORMAT_VERSION = 1
 ENTRY_FILE = "qlora_plugin_cache.json"
 SOURCE_FILES = (".safetensors", "config.json", "model.safetensors.index.json")
 
 
 def cache_root() -> str:
-    explicit = os.environ.get("QLORA_PLUGIN_CACHE_DIR")
+    explicit = os.environ.get(CACHE_DIR_ENV)
     if explicit:
         return os.path.abspath(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -200,6 +201,7 @@ def cached_base(model_id: str, init_kwargs: dict) -> str | None:
         _quantize_into(model_id, tmp, config, dtype, bool(init_kwargs.get("trust_remote_code")))
         with open(os.path.join(tmp, ENTRY_FILE), "w", encoding="utf-8") as f:
             json.dump({"source": os.path.abspath(model_id), "files": fingerprint, "settings": settings}, f, indent=2)
+        give_normal_permissions(tmp)  # mkdtemp's 0700 and safetensors' 0600: a shared cache must be readable
         os.rename(tmp, entry)
     except LookupError as err:
         logger.info("Not caching %s (%s); quantizing at load time.", model_id, err)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.notices import library_deprecations
 from qlora_plugin.options import StrategyOptions
 from qlora_plugin.runtime import Runtime
 
@@ -63,7 +64,8 @@ def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
     if getattr(model, "is_loaded_in_4bit", False) and not runtime.shards_parameters:
         # Upcasts norms/embeddings to fp32 for stable training; gradient checkpointing is left to the Trainer.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, lora_config(options, num_params))
+    with library_deprecations():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        return get_peft_model(model, lora_config(options, num_params))
 
 
 def lora_config(options: StrategyOptions, num_params: int, **extra):

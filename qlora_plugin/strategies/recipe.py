@@ -2,6 +2,11 @@
 
 "Set" means named on the command line or in the YAML config, or (Python API) holding a value other than the
 config class's default. Explicit choices always win.
+
+Gradient checkpointing is `activation_checkpointing(_kwargs)` since transformers 5.24: the Trainer reads only
+those, and `gradient_checkpointing(_kwargs)` are deprecated aliases that `TrainingArguments.__post_init__` copies
+into them and then mirrors. The recipe is applied after `__post_init__`, so it sets the fields the Trainer reads
+and mirrors the old names as `__post_init__` does (TRL still reads them); the user's value under either name wins.
 """
 
 from __future__ import annotations
@@ -23,9 +28,24 @@ def training_defaults(num_params: int, runtime: Runtime) -> dict:
         "lr_scheduler_type": "constant_with_warmup",
         "warmup_steps": 0.03,
         "optim": "paged_adamw_32bit",
-        "gradient_checkpointing": True,
-        "gradient_checkpointing_kwargs": {"use_reentrant": runtime.engine == "deepspeed_zero3"},
+        "activation_checkpointing": True,
+        "activation_checkpointing_kwargs": {"use_reentrant": runtime.engine == "deepspeed_zero3"},
     }
+
+
+# The field the Trainer reads -> its deprecated alias (the only name before transformers 5.24).
+CHECKPOINTING_ALIASES = {"activation_checkpointing": "gradient_checkpointing",
+                         "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs"}
+
+
+def _field(args, name: str) -> str | None:
+    """The field to set for `name`: the one the Trainer reads (a plugin's defaults may use the deprecated name), or
+    the older alias where this transformers has no such field; None if neither exists."""
+    newer = {old: new for new, old in CHECKPOINTING_ALIASES.items()}.get(name)
+    for candidate in (newer, name, CHECKPOINTING_ALIASES.get(name)):
+        if candidate and hasattr(args, candidate):
+            return candidate
+    return None
 
 
 def _class_default(args, name):
@@ -43,12 +63,16 @@ def _normalised(value):
 
 
 def user_set(args, name: str, explicit_names) -> bool:
-    """True if the user chose this field (named it, or gave a non-default value through Python)."""
-    if name in explicit_names:
+    """True if the user chose this field (named it or its alias, or gave a non-default value through Python)."""
+    if {name, CHECKPOINTING_ALIASES.get(name)} & set(explicit_names):
         return True
     default = _class_default(args, name)
     if name == "bf16" and default is None:  # TRL resolves bf16=None to `not fp16` in __post_init__
         default = not args.fp16
+    if name in CHECKPOINTING_ALIASES and default is None:  # __post_init__ resolves it from the alias's default
+        default = _class_default(args, CHECKPOINTING_ALIASES[name])
+        if default is None and name == "activation_checkpointing":
+            default = False
     return default is not dataclasses.MISSING and _normalised(getattr(args, name, None)) != _normalised(default)
 
 
@@ -60,11 +84,14 @@ def apply_training_defaults(args, defaults: dict, explicit_names) -> dict:
     converters = {"lr_scheduler_type": SchedulerType, "optim": OptimizerNames}
     applied = {}
     for name, value in defaults.items():
-        if not hasattr(args, name) or user_set(args, name, explicit_names):
+        name = _field(args, name)
+        if name is None or user_set(args, name, explicit_names):
             continue
         if name == "bf16" and getattr(args, "fp16", False):
             continue  # fp16 was asked for
         setattr(args, name, converters[name](value) if name in converters else value)
+        if hasattr(args, CHECKPOINTING_ALIASES.get(name, "")):
+            setattr(args, CHECKPOINTING_ALIASES[name], getattr(args, name))  # the same object, as __post_init__
         applied[name] = value
     if "bf16" in applied:
         _sync_mixed_precision(args)

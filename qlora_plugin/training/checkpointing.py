@@ -11,6 +11,9 @@ Called from `trainer.prepare_trainer_kwargs` (every path: scripts, YAML, Python 
   `--resume_from_checkpoint true` would pick (transformers 5.24 writes straight into `checkpoint-N`).
 - `save_model`: the final adapter is written into `.tmp-model/` and each file renamed into place, so
   `adapter_model.safetensors` is either the previous file or the new one, never half of one.
+
+Both end with the permissions a plain write would give (`files.give_normal_permissions`): safetensors writes
+`adapter_model.safetensors` 0600 whatever the umask.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import os
 import shutil
 
+from qlora_plugin.files import give_normal_permissions
 from qlora_plugin.training.checkpoints import resolve_checkpoint
 from qlora_plugin.training.interruption import graceful_stop
 from qlora_plugin.training.report import StrategyReportCallback
@@ -98,6 +102,7 @@ def _make_save_checkpoint(original):
                 if self.state.best_model_checkpoint == staged:
                     self.state.best_model_checkpoint = final
                     self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+                give_normal_permissions(staged)  # safetensors writes the adapter 0600
                 replace_folder(staged, final)
                 rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint,
                                    use_mtime=True)
@@ -123,6 +128,7 @@ def _make_save_model(original):
             original(self, staging, True)
             self.accelerator.wait_for_everyone()
             if main:
+                give_normal_permissions(staging)  # safetensors writes the adapter 0600
                 move_files(staging, output_dir)
         finally:
             if main:

@@ -27,7 +27,7 @@ def check_model_argument(model) -> None:
     )
 
 
-def _looks_like_path(model_id: str) -> bool:
+def looks_like_path(model_id: str) -> bool:
     """A Hub id is `name` or `org/name`; anything else that does not exist was meant as a local folder."""
     return (os.path.isabs(model_id) or model_id.startswith((".", "~")) or model_id.count("/") > 1
             or "\\" in model_id)
@@ -37,7 +37,7 @@ def check_model_source(model_id: str, load_in_4bit: bool, trust_remote_code: boo
     """Check a local model folder's config.json; a Hub id is left to transformers (see `load_error`)."""
     path = Path(model_id).expanduser()
     if not path.exists():
-        if _looks_like_path(model_id):
+        if looks_like_path(model_id):
             raise QLoRAPluginError(f"Model folder {model_id!r} does not exist. {FOLDER_HINT}")
         return
     if not path.is_dir():

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 
 from transformers import set_seed
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.notices import library_deprecations
 from qlora_plugin.plan.budget import budget_bytes, choose, memory_in_use, settings_for_run
 from qlora_plugin.plan.estimate import predict_for_run
+from qlora_plugin.plugin.manager import loaded_plugins
 from qlora_plugin.quant.layers import quantization_facts
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.runtime import detect_runtime
@@ -35,7 +38,17 @@ def _default_args(model):
     from trl import SFTConfig
 
     name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-    return SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
+    with library_deprecations():  # TRL's default `gradient_checkpointing=True`, not a name the user chose
+        return SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
+
+
+def record_local_base(model) -> None:
+    """Name a base loaded from a local folder by its absolute, resolved path, which peft records in the adapter
+    (`base_model_name_or_path`) and `qlora-plugin merge` or `PeftModel.from_pretrained` read back: a relative path
+    as typed (`--model_name_or_path tiny`) works only from the folder training ran in. A Hub id stays as it is."""
+    name = getattr(model, "name_or_path", None)
+    if isinstance(name, str) and name and os.path.isdir(os.path.expanduser(name)):
+        model.name_or_path = model.config.name_or_path = os.path.realpath(os.path.expanduser(name))
 
 
 def _fit_to_budget(model, strategy, options, args, runtime, explicit, compute: str, pm) -> dict:
@@ -115,6 +128,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
                 "--model_name_or_path). Load it after `import trl` with `from_pretrained(<model>)` (the strategy "
                 "then loads it in 4-bit), pass its name or folder as `model`, or use `--strategy lora`."
             )
+    record_local_base(model)
     hooks.qlora_model_loaded(model=model)
 
     if hasattr(model, "peft_config"):
@@ -123,7 +137,8 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         from peft import get_peft_model
 
         logger.warning("Using the peft_config you passed instead of strategy %s's LoRA options.", strategy.name)
-        model = get_peft_model(model, user_peft)
+        with library_deprecations():
+            model = get_peft_model(model, user_peft)
     else:
         model = hooks.qlora_wrap_model(model=model)
 
@@ -148,6 +163,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         "plugin": strategy.plugin,
         "source": request.source,
         "loaded_by": loaded_by,
+        "plugins": loaded_plugins(pm),
         "model": {"name_or_path": getattr(model.config, "_name_or_path", None), "params": num_params,
                   "dtype": str(model.dtype).replace("torch.", "")},
         "runtime": {"device": runtime.device_type, "bf16_native": runtime.bf16_native, "engine": runtime.engine,

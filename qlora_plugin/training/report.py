@@ -42,11 +42,27 @@ def reset_peak_memory() -> None:
         pass  # not Linux: the peak then includes loading
 
 
+def _setting(name: str, value) -> str:
+    """One recipe setting as the summary shows it: `warmup_steps` below 1 is a share of the steps (transformers)."""
+    if name == "warmup_steps" and isinstance(value, float) and 0 < value < 1:
+        return f"{name}={value} ({value:.0%} of the steps)"
+    return f"{name}={value}"
+
+
+def _plugins(loaded: dict) -> str:
+    parts = [f"{what} {', '.join(loaded[key])}" for key, what in
+             (("hook_files", "hook files"), ("packaged_hooks", "packaged hooks"), ("installed", "installed plugins"))
+             if loaded.get(key)]
+    return "; ".join(parts) or "built-in only (no hook files, no installed plugins)"
+
+
 def format_summary(facts: dict) -> str:
     q, a, o = facts.get("quantization"), facts["adapter"], facts["optimizer"]
     lines = [f"[qlora-plugin] strategy {facts['strategy']} (from {facts['plugin']}, requested via {facts['source']})"]
     if facts.get("loaded_by", "strategy") != "strategy":
         lines.append(f"  loaded by  : {facts['loaded_by']}")
+    if "plugins" in facts:
+        lines.append(f"  plugins    : {_plugins(facts['plugins'])}")
     if q:
         lines.append(
             f"  4-bit base : {q['layers_4bit']} linear layers in {q['quant_type']}"
@@ -70,8 +86,11 @@ def format_summary(facts: dict) -> str:
                      "element (cpu_fast_dropout)")
     malloc = facts.get("runtime", {}).get("malloc_tunables", "")
     if malloc.startswith("applied"):
-        lines.append("  host malloc: glibc small-block caches off, 512 MiB kept at the heap top; set at start "
-                     "(cpu_malloc_tunables)")
+        lines.append("  host malloc: glibc small-block caches off, 512 MiB kept at the heap top (GLIBC_TUNABLES at "
+                     "start)")
+    elif malloc.startswith("not applied: glibc's defaults"):
+        lines.append("  host malloc: glibc's defaults; about a third lower peak memory on CPU when started with "
+                     "`qlora-plugin run -- <this command>` (docs/troubleshooting.md, problem 11)")
     budget = facts.get("memory_budget")
     if budget:
         lines.append(f"  memory     : budget {budget['budget_bytes'] / 2**20:,.0f} MiB ({budget['how']}): per-device batch "
@@ -80,7 +99,7 @@ def format_summary(facts: dict) -> str:
                      f"{budget['predicted_peak_bytes'] / 2**20:,.0f} MiB (eval {budget['predicted_eval_peak_bytes'] / 2**20:,.0f} MiB)")
     lines.append(f"  optimizer  : {o['name']}" + (f" ({o['class']})" if o.get("class") else ""))
     if facts["recipe_applied"]:
-        lines.append("  recipe     : " + ", ".join(f"{k}={v}" for k, v in facts["recipe_applied"].items()))
+        lines.append("  recipe     : " + ", ".join(_setting(k, v) for k, v in facts["recipe_applied"].items()))
     if facts["user_kept"]:
         lines.append("  yours kept : " + ", ".join(facts["user_kept"]))
     for note in facts["fallbacks"]:
