@@ -212,8 +212,8 @@ def test_adapter_trained_on_a_16bit_base_merges_into_the_original_weights(tiny_m
 def test_output_is_a_plain_safetensors_model_that_loads_without_the_plugin(merged, tmp_path):
     base, _, out = merged("gpt2, Conv1D + tied embedding LoRA")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "generation_config.json", "merge_report.json", "model.safetensors",
-                     "tokenizer.json", "tokenizer_config.json"]
+    assert names == ["chat_template.jinja", "config.json", "generation_config.json", "merge_report.json",
+                     "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "float32" and "quantization_config" not in config
     assert config["tie_word_embeddings"] is False  # the embedding changed, lm_head did not: no longer tied
