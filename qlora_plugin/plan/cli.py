@@ -169,7 +169,8 @@ def main(argv: list[str]) -> int:
     given, rest = _split_flags(argv)
     args = make_parser().parse_args(rest)
     args.batch_size_given = args.batch_size is not None
-    args.batch_size = args.batch_size or 1
+    if args.batch_size is None:
+        args.batch_size = 1
     strategy = given.pop("strategy", None)
     hooks = [*hook_files_from_env(), *(given.pop("qlora_hooks", None) or [])]
     gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
