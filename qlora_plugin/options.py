@@ -36,8 +36,9 @@ class StrategyOptions:
     bnb_4bit_compute_dtype: str = field(
         default="auto",
         metadata={
-            "help": "dtype of the 4-bit matmuls. auto: bfloat16 where the device runs it natively, else float32. "
-            "float16 only when asked (it produced NaNs in the paper's runs).",
+            "help": "dtype of the 4-bit matmuls. auto: bfloat16 where the device runs it natively; float16 on CUDA "
+            "GPUs without it (compute capability below 8.0: T4, V100), with fp32 adapters and fp16 mixed precision; "
+            "else float32.",
             "choices": list(DTYPE_CHOICES),
         },
     )

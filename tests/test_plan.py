@@ -49,6 +49,20 @@ def test_llama_65b_fits_one_48gb_gpu_and_full_needs_over_780gb(capsys):
     assert qlora["details"]["activations_with_checkpointing"] < qlora["details"]["activations_without_checkpointing"]
 
 
+def test_a_gpu_without_bf16_plans_fp16_compute_with_fp32_adapters(capsys):
+    plans = {}
+    for gpu in ("t4", "a10"):
+        code, out, _ = plan_cli([str(CONFIGS / "llama-7b"), "--json", "--strategy", "qlora", "--gpu-memory", gpu],
+                                capsys)
+        assert code == 0
+        plans[gpu] = json.loads(out)
+    t4, a10 = plans["t4"], plans["a10"]
+    assert (t4["details"]["compute_dtype"], t4["details"]["adapter_dtype"]) == ("float16", "float32")
+    assert (a10["details"]["compute_dtype"], a10["details"]["adapter_dtype"]) == ("bfloat16", "bfloat16")
+    trainable = t4["details"]["trainable_params"]
+    assert t4["components"]["adapters"] == 4 * trainable and a10["components"]["adapters"] == 2 * trainable
+
+
 def test_double_quantization_arithmetic():
     from qlora_plugin.plan.estimate import four_bit_bytes
 

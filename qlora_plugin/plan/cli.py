@@ -24,6 +24,9 @@ GIB = 2**30
 NAMED_GPUS = {"t4": 15 * GIB, "l4": 22 * GIB, "rtx4090": 24 * GIB, "a10": 24 * GIB, "v100-32gb": 32 * GIB,
               "a100-40gb": 40 * GIB, "a6000": 48 * GIB, "l40s": 48 * GIB, "a100-80gb": 80 * GIB,
               "h100-80gb": 80 * GIB, "h200": 141 * GIB}
+# Named GPUs without native bf16 (compute capability below 8.0): the strategy trains in fp16 there, with fp32
+# adapters (`Runtime.half_dtype`), so `--gpu-memory NAME` plans with that unless `--dtype` says otherwise.
+NO_NATIVE_BF16 = ("t4", "v100-32gb")
 UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
          "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -56,7 +59,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optim", default=None, help="Optimizer (default: the recipe's paged_adamw_32bit).")
     parser.add_argument("--gradient_checkpointing", "--gradient-checkpointing", type=parse_bool, default=None,
                         metavar="true|false", help="Default: the recipe's (on).")
-    parser.add_argument("--dtype", default="auto", help="Compute dtype (default: bf16 on cuda, fp32 on this CPU).")
+    parser.add_argument("--dtype", default="auto",
+                        help="Compute dtype (default: bf16 on cuda; fp16 with fp32 adapters when --gpu-memory names a "
+                             f"GPU without bf16: {', '.join(NO_NATIVE_BF16)}; fp32 on a CPU without bf16).")
     parser.add_argument("--device", default="cuda", help="cuda (allocator peak) or cpu (process RSS).")
     parser.add_argument("--gpu-memory", default=None, help="Say whether the peak fits: 48GB, 80GiB, a100-80gb, ...")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
@@ -111,7 +116,8 @@ def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "")
     for p in plans:
         d = p.details
         bits = f", 4-bit layers {d['layers_4bit']} at {d['bits_per_4bit_param']} bits/param" if d["layers_4bit"] else ""
-        lines.append(f"{p.strategy}: compute {d['compute_dtype']}, optimizer {d['optimizer']}, gradient "
+        adapters = f" (adapters {d['adapter_dtype']})" if d.get("adapter_dtype", d["compute_dtype"]) != d["compute_dtype"] else ""
+        lines.append(f"{p.strategy}: compute {d['compute_dtype']}{adapters}, optimizer {d['optimizer']}, gradient "
                      f"checkpointing {'on' if d['gradient_checkpointing'] else 'off'}, trainable "
                      f"{d['trainable_params']:,} params{bits}; activations without/with checkpointing "
                      f"{_size(d['activations_without_checkpointing'])} / {_size(d['activations_with_checkpointing'])}")
@@ -156,7 +162,10 @@ def main(argv: list[str]) -> int:
     gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
     if args.plot:
         _check_plot_path(args.plot)
-    settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, device=args.device, dtype=args.dtype,
+    dtype = args.dtype
+    if dtype == "auto" and args.device == "cuda" and (args.gpu_memory or "").strip().lower() in NO_NATIVE_BF16:
+        dtype = "float16"
+    settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, device=args.device, dtype=dtype,
                             optim=args.optim, gradient_checkpointing=args.gradient_checkpointing,
                             trust_remote_code=args.trust_remote_code)
     plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks)

@@ -27,7 +27,7 @@ from qlora_plugin.plan.activations import activation_bytes
 from qlora_plugin.plan.skeleton import QuantizedLinearStandIn, skeleton
 from qlora_plugin.plugin.manager import collect_strategies, get_plugin_manager
 from qlora_plugin.runtime import Runtime, cpu_has_native_bf16
-from qlora_plugin.strategies.adapters import count_parameters
+from qlora_plugin.strategies.adapters import count_parameters, trainable_dtype
 from qlora_plugin.strategies.builtin import QLORA
 from qlora_plugin.strategies.optimizer import optim_name
 from qlora_plugin.strategies.recipe import training_defaults
@@ -214,6 +214,7 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
         "weights_4bit_constants_bytes": constants,
         "weights_other_bytes": weights,
         "compute_dtype": compute,
+        "adapter_dtype": trainable_dtype(compute, fp16_amp=compute == "float16"),
         "optimizer": optim,
         "gradient_checkpointing": checkpointing,
         "batch_size": settings.batch_size,

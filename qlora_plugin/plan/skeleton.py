@@ -14,7 +14,7 @@ from qlora_plugin.options import StrategyOptions
 from qlora_plugin.plugin.manager import get_plugin_manager
 from qlora_plugin.quant.layers import four_bit_module_names
 from qlora_plugin.runtime import Runtime
-from qlora_plugin.strategies.adapters import cast_trainable
+from qlora_plugin.strategies.adapters import cast_trainable, trainable_dtype
 
 
 def with_layers(config, layers: int):
@@ -84,5 +84,6 @@ def skeleton(config, strategy, options: StrategyOptions, compute: str, pm=None, 
     runtime = Runtime(device, compute == "bfloat16", "none")
     with init_empty_weights():
         model = pm.hook.qlora_wrap_model(strategy=strategy, options=options, model=model, runtime=runtime)
-    cast_trainable(model, compute)  # as a training run keeps the adapter (strategies.adapters)
+    # as a training run keeps the adapter (strategies.adapters): fp16 compute goes with fp16 AMP, fp32 adapters
+    cast_trainable(model, trainable_dtype(compute, fp16_amp=compute == "float16"))
     return model

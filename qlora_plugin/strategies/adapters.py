@@ -85,9 +85,21 @@ def lora_config(options: StrategyOptions, num_params: int, **extra):
     )
 
 
+def trainable_dtype(compute_dtype: str, fp16_amp: bool, shards_parameters: bool = False) -> str:
+    """The dtype the adapter (every trainable parameter) is kept in: the compute dtype, except under fp16 mixed
+    precision, where it is fp32 as in the paper's code. fp16 AMP scales the loss with a `GradScaler`, whose
+    `unscale_` refuses fp16 gradients ("Attempting to unscale FP16 gradients", torch/amp/grad_scaler.py), and
+    fp16 weights would lose the small updates; autocast still runs the adapter's matmuls in fp16.
+
+    Not under FSDP / ZeRO-3 (`shards_parameters`): they flatten the adapter with the 16-bit base, which needs one
+    dtype, and bring their own scaling (FSDP's `ShardedGradScaler` accepts fp16 gradients)."""
+    return "float32" if fp16_amp and not shards_parameters else compute_dtype
+
+
 def cast_trainable(model, dtype_name: str) -> None:
-    """Keep the adapter in the compute dtype. TRL casts a quantized model's trainable parameters to bf16 even
-    where the 4-bit matmuls run in fp32 (CPUs without native bf16, where bf16 matmuls are many times slower)."""
+    """Keep the adapter in `dtype_name` (`trainable_dtype`). TRL casts a quantized model's trainable parameters to
+    bf16 even where the 4-bit matmuls run in fp32 (CPUs without native bf16, where bf16 matmuls are many times
+    slower) or in fp16 (GPUs without bf16)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -111,8 +123,9 @@ class KeepAdapterDtype(TrainerCallback):
     on_train_begin = on_init_end
 
 
-def adapter_facts(model, compute_dtype: str | None) -> dict:
-    """The adapter as the summary and report describe it (rank, targets, trainable parameters, dtype)."""
+def adapter_facts(model, compute_dtype: str | None, fp16_amp: bool = False, shards_parameters: bool = False) -> dict:
+    """The adapter as the summary and report describe it (rank, targets, trainable parameters, the dtype it is
+    kept in: `trainable_dtype`)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.peft_config[model.active_adapter] if hasattr(model, "peft_config") else None
     targets = sorted({name.rsplit(".", 1)[-1] for name in (config.target_modules or [])}) if config else []
@@ -121,7 +134,7 @@ def adapter_facts(model, compute_dtype: str | None) -> dict:
         "alpha": getattr(config, "lora_alpha", None),
         "dropout": getattr(config, "lora_dropout", None),
         "use_dora": getattr(config, "use_dora", False),
-        "dtype": compute_dtype or str(model.dtype).replace("torch.", ""),
+        "dtype": trainable_dtype(compute_dtype or str(model.dtype).replace("torch.", ""), fp16_amp, shards_parameters),
         "target_modules": targets,
         "layers": sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A")),
         "trainable_params": trainable,
