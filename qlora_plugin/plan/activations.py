@@ -58,8 +58,22 @@ def _patched_sdpa():
         torch.nn.functional.scaled_dot_product_attention = original
 
 
-def saved_bytes(model, batch_size: int, seq_len: int) -> int:
-    """Bytes of the distinct storages autograd saves in one training forward of `model` (meta device)."""
+def _layer_inputs(model, sizes: list):
+    """Hooks that append the bytes per element of the hidden states entering each decoder layer to `sizes`."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is not None:
+            sizes.append(hidden.element_size())
+
+    return [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()
+            if isinstance(m, GradientCheckpointingLayer)]
+
+
+def saved_bytes(model, batch_size: int, seq_len: int, layer_inputs: list | None = None) -> int:
+    """Bytes of the distinct storages autograd saves in one training forward of `model` (meta device);
+    `layer_inputs`, when given, receives the bytes per element of each decoder layer's input hidden states."""
     import torch
 
     params = {id(p) for p in model.parameters()}
@@ -80,8 +94,13 @@ def saved_bytes(model, batch_size: int, seq_len: int) -> int:
     model.train()
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # as the Trainer does for an adapter model
-    with _patched_sdpa(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+    hooks = _layer_inputs(model, layer_inputs) if layer_inputs is not None else []
+    try:
+        with _patched_sdpa(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return sum(s.nbytes() for s in storages.values())
 
 
@@ -93,16 +112,19 @@ def activation_bytes(config, build, batch_size: int, seq_len: int, checkpointing
     text = config.get_text_config()
     layers = text.num_hidden_layers
     one = saved_bytes(build(with_layers(config, 1)), batch_size, seq_len)
-    two = saved_bytes(build(with_layers(config, 2)), batch_size, seq_len)
+    inputs = []  # bytes per element of the hidden states entering layer 1 and layer 2
+    two = saved_bytes(build(with_layers(config, 2)), batch_size, seq_len, inputs)
     per_layer = two - one
     outside = one - per_layer
-    skeleton = build(with_layers(config, 1))
-    residual = skeleton.get_input_embeddings().weight.element_size()
-    hidden = batch_size * seq_len * text.hidden_size * residual
+    if len(inputs) != 2:  # decoder layers not found (custom code): the embeddings' dtype throughout
+        inputs = [build(with_layers(config, 1)).get_input_embeddings().weight.element_size()] * 2
+    # checkpointing keeps each layer's input: the first in the embeddings' dtype, the rest in the residual
+    # stream's (fp32 under qlora, whose fp32 norms promote it, even with 16-bit embeddings)
+    inputs_kept = batch_size * seq_len * text.hidden_size * (inputs[0] + (layers - 1) * inputs[1])
     logits_grad = batch_size * seq_len * text.vocab_size * 4
     transient = logits_grad + per_layer
     without = outside + layers * per_layer + transient
-    with_ckpt = outside + layers * hidden + per_layer + transient
+    with_ckpt = outside + inputs_kept + per_layer + transient
     return {
         "total": with_ckpt if checkpointing else without,
         "with_checkpointing": with_ckpt,

@@ -7,9 +7,10 @@ really trains, using the same code paths and defaults as the strategies:
   `should_convert_module`: every `nn.Linear`/`Conv1D` except the output head, tied and kept-in-fp32 modules);
 - 4-bit bytes per layer: packed codes + absmax per 64-block (fp32, or uint8 + an fp32 constant per 256 blocks +
   the code maps with double quantization), exactly what bitsandbytes allocates (see docs/plan.md);
-- the rest of a qlora base in fp32 (`prepare_model_for_kbit_training` upcasts it); lora/full in the compute dtype;
-- the adapter: peft's own `get_peft_model` on the skeleton with the strategy's `StrategyOptions`, in the compute
-  dtype (what `report.cast_trainable` keeps it in);
+- the rest of a qlora base in fp32 (`prepare_model_for_kbit_training` upcasts it) but the embeddings and head,
+  kept in the compute dtype (`adapters.embeddings_kept`); lora/full in the compute dtype;
+- the adapter: peft's own `get_peft_model` on the skeleton with the strategy's `StrategyOptions`, in the dtype
+  `adapters.trainable_dtype` keeps it in (the compute dtype; fp32 with fp16 compute);
 - optimizer and gradient checkpointing from `recipe.training_defaults`, lr/dropout by size from `adapters`;
 - activations: counted, not guessed (`plan_activations`).
 """

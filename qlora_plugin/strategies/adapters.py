@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from transformers import TrainerCallback
 
 from qlora_plugin.errors import QLoRAPluginError
@@ -54,6 +56,32 @@ def lora_dropout(options: StrategyOptions, num_params: int) -> float:
     return 0.05 if num_params > BIG_MODEL_PARAMS else 0.1
 
 
+@contextlib.contextmanager
+def embeddings_kept(model):
+    """While the body upcasts the model (peft's k-bit preparation, `plan`'s skeleton), the input embeddings and the
+    output head keep their weights as loaded: 16-bit in the compute dtype, as in the paper's code (which casts
+    `embed_tokens` and `lm_head` back to bf16 after `prepare_model_for_kbit_training`; norms stay fp32).
+
+    Why: `prepare_model_for_kbit_training` casts every 16-bit parameter that is not 4-bit to fp32 (peft 0.21,
+    peft/utils/other.py:204-209), with no option to leave some out. For the embeddings and the head that doubles
+    their memory for the whole run: about 2 GB on a 128k-vocabulary 8B model. Their data is set aside while the
+    body runs (it sees an empty tensor of the same dtype), so no fp32 copy is ever made."""
+    import torch
+
+    kept, seen = [], set()
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and id(weight) not in seen and weight.dtype in (torch.bfloat16, torch.float16):
+            seen.add(id(weight))
+            kept.append((weight, weight.data))
+            weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+    try:
+        yield
+    finally:
+        for weight, data in kept:
+            weight.data = data
+
+
 def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
     """Prepare a k-bit model for training (not under FSDP/ZeRO-3, which must not upcast) and add LoRA."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -61,8 +89,10 @@ def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
     check_target_modules(model, options.lora_target_modules)
     num_params = count_parameters(model)
     if getattr(model, "is_loaded_in_4bit", False) and not runtime.shards_parameters:
-        # Upcasts norms/embeddings to fp32 for stable training; gradient checkpointing is left to the Trainer.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # Upcasts norms to fp32 for stable training (embeddings and head kept 16-bit); gradient checkpointing is
+        # left to the Trainer.
+        with embeddings_kept(model):
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, lora_config(options, num_params))
 
 
