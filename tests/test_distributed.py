@@ -237,3 +237,43 @@ def test_launcher_settings_that_break_qlora_are_named(monkeypatch):
     assert engine_warnings(Runtime(**GPU, engine="deepspeed_zero3"), "paged_adamw_32bit")
     assert engine_warnings(Runtime(**GPU, engine="ddp"), "paged_adamw_8bit") == []
 
+
+def test_fsdp_final_save_writes_the_adapter_with_a_sharded_state_dict(tiny_models, dataset_dir, tmp_path,
+                                                                        monkeypatch):
+    """FSDP needs an accelerator, so it is faked on the trainer object: its plugin says SHARDED_STATE_DICT (the
+    shipped fsdp_qlora.yaml) and `FSDP.state_dict_type` records the gather it is asked for. transformers' own
+    `save_model` writes nothing then (trainer.py: only FULL_STATE_DICT is saved); the strategy's final save
+    writes the adapter, gathering a full state dict, without CPU offload for one process (FSDP refuses it)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from datasets import load_dataset
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
+    from transformers import Trainer
+    from trl import SFTConfig
+
+    from qlora_plugin import make_trainer
+
+    args = SFTConfig(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", max_length=32)
+    trainer = make_trainer("qlora", model=tiny_models["llama"], args=args,
+                           train_dataset=load_dataset(dataset_dir, split="train").select(range(8)))
+    gathered = []
+
+    @contextlib.contextmanager
+    def state_dict_type(module, kind, config=None, optim_config=None):
+        gathered.append((kind, config.offload_to_cpu, config.rank0_only))
+        yield
+
+    monkeypatch.setattr(FSDP, "state_dict_type", staticmethod(state_dict_type))
+    plugin = SimpleNamespace(state_dict_type=StateDictType.SHARDED_STATE_DICT, fsdp_version=1)
+    monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin", plugin, raising=False)
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+
+    Trainer.save_model.__wrapped__(trainer, str(tmp_path / "transformers"))  # transformers alone
+    assert not (tmp_path / "transformers" / "adapter_model.safetensors").exists()
+    trainer.save_model(str(tmp_path / "final"))
+    adapter = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in key for key in adapter)
+    assert gathered == [(StateDictType.FULL_STATE_DICT, False, False)]

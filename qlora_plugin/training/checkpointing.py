@@ -10,7 +10,8 @@ Called from `trainer.prepare_trainer_kwargs` (every path: scripts, YAML, Python 
   `checkpoint-N` only once complete, so a killed process never leaves a half-written `checkpoint-N` that
   `--resume_from_checkpoint true` would pick (transformers 5.24 writes straight into `checkpoint-N`).
 - `save_model`: the final adapter is written into `.tmp-model/` and each file renamed into place, so
-  `adapter_model.safetensors` is either the previous file or the new one, never half of one.
+  `adapter_model.safetensors` is either the previous file or the new one, never half of one; under FSDP it is
+  gathered whatever the configured state dict type (`fsdp_save`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import shutil
 
 from qlora_plugin.training.checkpoints import resolve_checkpoint
+from qlora_plugin.training.fsdp_save import save_fsdp_adapter
 from qlora_plugin.training.interruption import graceful_stop
 from qlora_plugin.training.report import StrategyReportCallback
 
@@ -120,7 +122,10 @@ def _make_save_model(original):
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         try:
-            original(self, staging, True)
+            if self.is_fsdp_enabled:
+                save_fsdp_adapter(self, staging)  # transformers writes nothing under a sharded state dict
+            else:
+                original(self, staging, True)
             self.accelerator.wait_for_everyone()
             if main:
                 move_files(staging, output_dir)
