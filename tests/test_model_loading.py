@@ -116,6 +116,20 @@ def test_guard_keeps_eval_and_generation_working_at_odd_widths(tiny_models):
     assert model.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape == (1, 7)
 
 
+def test_guard_needs_no_private_bitsandbytes_function_unless_a_layer_was_repacked(tiny_models, monkeypatch):
+    """Every run (GPU ones too) passes through the guard; a bitsandbytes without the private inverse of the CPU
+    repacking (older releases) must not break a base that was never repacked."""
+    import bitsandbytes.functional
+
+    from qlora_plugin import make_cpu_inference_safe
+    from qlora_plugin.quant.layers import four_bit_layers
+
+    model = load_and_wrap(tiny_models["llama"])
+    monkeypatch.delattr(bitsandbytes.functional, "_convert_weight_packed_for_cpu_inverse")
+    make_cpu_inference_safe(model)
+    assert not any(layer.support_avx512bf16_for_cpu for layer in four_bit_layers(model))
+
+
 def _frozen_bytes(model) -> int:
     frozen = [p for p in model.parameters() if not p.requires_grad]
     return sum(t.numel() * t.element_size() for t in [*frozen, *model.buffers()])

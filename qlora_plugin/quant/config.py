@@ -14,7 +14,7 @@ def require_bitsandbytes() -> None:
     except Exception as err:  # ImportError, or a broken native library
         raise QLoRAPluginError(
             f"The qlora strategy needs bitsandbytes, which could not be imported ({type(err).__name__}: {err}). "
-            "Install it with `pip install 'bitsandbytes>=0.45'` (CPU and CUDA wheels on PyPI), or use "
+            "Install it with `pip install 'bitsandbytes>=0.50'` (CPU and CUDA wheels on PyPI), or use "
             "`--strategy lora` for 16-bit LoRA without it."
         ) from None
 
