@@ -97,7 +97,7 @@ class StrategyOptions:
         metadata={
             "help": "Under gradient checkpointing, keep each 4-bit weight dequantized by the recomputation for the "
             "backward that follows (2 dequantizations per layer per step instead of 3; bit-identical). Costs one "
-            "block's weights in the compute dtype."
+            "block's weights in the compute dtype. CPU only (measured there; on GPUs it has no effect)."
         },
     )
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
