@@ -163,3 +163,9 @@ def test_embeddings_and_head_stay_in_the_16bit_compute_dtype(tiny_models, arch):
     costs = parameter_costs(skeleton(load_config(tiny_models[arch]), QLORA, StrategyOptions(), "bfloat16"),
                             StrategyOptions())
     assert costs["packed"] + costs["other"] == _frozen_bytes(base)
+
+    # Outside autocast (generate(), evaluation by hand) the fp32 hidden states still meet the bf16 head.
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.isfinite(base(input_ids=ids).logits).all()
+    assert base.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (1, 6)

@@ -65,11 +65,16 @@ def embeddings_kept(model):
     Why: `prepare_model_for_kbit_training` casts every 16-bit parameter that is not 4-bit to fp32 (peft 0.21,
     peft/utils/other.py:204-209), with no option to leave some out. For the embeddings and the head that doubles
     their memory for the whole run: about 2 GB on a 128k-vocabulary 8B model. Their data is set aside while the
-    body runs (it sees an empty tensor of the same dtype), so no fp32 copy is ever made."""
+    body runs (it sees an empty tensor of the same dtype), so no fp32 copy is ever made.
+
+    The fp32 norms make the hidden states reaching the head fp32; autocast casts them for the head's matmul, and
+    outside it (`generate()`, evaluation by hand, a run with mixed precision off) the head does the same
+    (`_input_in_weight_dtype`), as bitsandbytes' 4-bit layers do with their input."""
     import torch
 
     kept, seen = [], set()
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+    head = model.get_output_embeddings()
+    for module in (model.get_input_embeddings(), head):
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.nn.Parameter) and id(weight) not in seen and weight.dtype in (torch.bfloat16, torch.float16):
             seen.add(id(weight))
@@ -80,6 +85,16 @@ def embeddings_kept(model):
     finally:
         for weight, data in kept:
             weight.data = data
+    if head is not None and any(weight is getattr(head, "weight", None) for weight, _ in kept):
+        head.register_forward_pre_hook(_input_in_weight_dtype)
+
+
+def _input_in_weight_dtype(module, args):
+    """Forward pre-hook: the input in the module's weight dtype (what autocast does for its matmul)."""
+    hidden, *rest = args
+    if hidden.is_floating_point() and hidden.dtype != module.weight.dtype:
+        return (hidden.to(module.weight.dtype), *rest)
+    return None
 
 
 def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
