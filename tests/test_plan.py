@@ -49,14 +49,14 @@ def test_llama_65b_fits_one_48gb_gpu_and_full_needs_over_780gb(capsys):
     assert qlora["details"]["activations_with_checkpointing"] < qlora["details"]["activations_without_checkpointing"]
 
 
+def _qlora_7b_plan(capsys, *flags) -> dict:
+    code, out, _ = plan_cli([str(CONFIGS / "llama-7b"), "--json", "--strategy", "qlora", *flags], capsys)
+    assert code == 0
+    return json.loads(out)
+
+
 def test_a_gpu_without_bf16_plans_fp16_compute_with_fp32_adapters(capsys):
-    plans = {}
-    for gpu in ("t4", "a10"):
-        code, out, _ = plan_cli([str(CONFIGS / "llama-7b"), "--json", "--strategy", "qlora", "--gpu-memory", gpu],
-                                capsys)
-        assert code == 0
-        plans[gpu] = json.loads(out)
-    t4, a10 = plans["t4"], plans["a10"]
+    t4, a10 = (_qlora_7b_plan(capsys, "--gpu-memory", gpu) for gpu in ("t4", "a10"))
     assert (t4["details"]["compute_dtype"], t4["details"]["adapter_dtype"]) == ("float16", "float32")
     assert (a10["details"]["compute_dtype"], a10["details"]["adapter_dtype"]) == ("bfloat16", "bfloat16")
     trainable = t4["details"]["trainable_params"]
@@ -69,13 +69,7 @@ def test_cuda_plan_has_the_context_and_separates_the_paged_optimizer_state(capsy
     counts both in its peak and says what the allocator alone should reserve (what the report compares)."""
     from qlora_plugin.plan.estimate import CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES
 
-    plans = {}
-    for device in ("cuda", "cpu"):
-        code, out, _ = plan_cli([str(CONFIGS / "llama-7b"), "--json", "--strategy", "qlora", "--device", device],
-                                capsys)
-        assert code == 0
-        plans[device] = json.loads(out)
-    cuda, cpu = plans["cuda"], plans["cpu"]
+    cuda, cpu = (_qlora_7b_plan(capsys, "--device", device) for device in ("cuda", "cpu"))
     assert cuda["components"]["runtime"] == CUDA_CONTEXT_BYTES and cpu["components"]["runtime"] == CPU_RUNTIME_BYTES
     # every LoRA matrix of LLaMA-7B at r=64 has 64 x 4096+ elements: all of the 32-bit state is paged
     assert cuda["details"]["optimizer_paged_bytes"] == cuda["components"]["optimizer"] > 0
