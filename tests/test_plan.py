@@ -124,6 +124,17 @@ def test_report_compares_like_with_like():
     assert peak_memory()["memory_kind"] == "process_peak_rss"  # no CUDA here
 
 
+def test_sharded_engines_do_not_split_the_4bit_base_at_load_time(capsys):
+    """transformers 5.24 loads the whole 4-bit base onto every rank's GPU under FSDP / ZeRO-3; plan says so when
+    a 4-bit plan does not fit one GPU, so nobody counts on two 24 GB cards for 65B."""
+    code, out, _ = plan_cli([str(CONFIGS / "llama-65b"), "--strategy", "qlora", "--gpu-memory", "24GB"], capsys)
+    assert code == 0
+    assert "qlora on several GPUs (FSDP / ZeRO-3): each GPU still holds the whole 4-bit base while the model loads " \
+           "(32.10 GiB, which does not fit in one GPU)" in out
+    code, out, _ = plan_cli([str(CONFIGS / "llama-65b"), "--strategy", "qlora", "--gpu-memory", "48GB"], capsys)
+    assert code == 0 and "several GPUs" not in out  # it fits one GPU: nothing to say
+
+
 def test_double_quantization_arithmetic():
     from qlora_plugin.plan.estimate import four_bit_bytes
 

@@ -121,7 +121,23 @@ def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "")
                      f"checkpointing {'on' if d['gradient_checkpointing'] else 'off'}, trainable "
                      f"{d['trainable_params']:,} params{bits}; activations without/with checkpointing "
                      f"{_size(d['activations_without_checkpointing'])} / {_size(d['activations_with_checkpointing'])}")
+    lines += _sharded_loading_notes(plans, gpu_memory)
     return "\n".join(lines)
+
+
+def _sharded_loading_notes(plans, gpu_memory: int | None) -> list[str]:
+    """For a 4-bit plan that does not fit one GPU: FSDP / ZeRO-3 over several do not help at load time. With
+    transformers 5.24 every rank loads the whole 4-bit base onto its own GPU (the bitsandbytes quantizer maps an
+    unset device map to the current GPU; the rank-0-only loading paths leave quantized models out), and only
+    then are the parameters sharded (docs/distributed.md)."""
+    notes = []
+    for p in plans:
+        if gpu_memory and p.details["layers_4bit"] and p.total_bytes > gpu_memory:
+            base = p.components["weights"]
+            verdict = "fits" if base <= gpu_memory else "does not fit"
+            notes.append(f"{p.strategy} on several GPUs (FSDP / ZeRO-3): each GPU still holds the whole 4-bit base "
+                         f"while the model loads ({_size(base)}, which {verdict} in one GPU)")
+    return notes
 
 
 def write_plot(plans, path: str, model: str, gpu_memory: int | None, gpu_label: str = "") -> None:
