@@ -62,6 +62,9 @@ SIZES = {
                num_key_value_heads=8, vocab_size=128256),
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=8, vocab_size=32000),
+    # About 100M parameters (134M with its untied 32k-vocabulary head): examples/gpu_smoke.py's model.
+    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, vocab_size=32000),
 }
 
 RECIPE_BY_HAND = [

@@ -27,9 +27,10 @@ def main(adapter: str, merged: str, limit: int = 32) -> int:
     batch = tokenizer([r["prompt"] + r["completion"] for r in rows], return_tensors="pt", padding=True)
     mask = batch["attention_mask"].bool()
 
-    def logits(model):
+    def logits(model):  # on the model's device (a 4-bit base loads onto the GPU where there is one)
         with torch.no_grad():
-            return model.eval()(**batch).logits[mask]
+            out = model.eval()(**{k: v.to(model.device) for k, v in batch.items()}).logits
+            return out.float().cpu()[mask]
 
     dtype = getattr(torch, record["weight_dtype"])
     quantized = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, quantization_config=BitsAndBytesConfig(
