@@ -27,6 +27,12 @@ end of the first optimizer step (first loss log line), median step time (gaps be
 first step excluded), peak resident memory (VmHWM: anonymous + file-backed pages, e.g. memory-mapped
 safetensors), peak anonymous memory (RssAnon, sampled every 20 ms), final loss. The 4-bit weight footprint is
 `get_memory_footprint()` of the quantized linear layers, loaded once per quantization setting.
+
+On a GPU the peak is measured inside each run (`examples/cuda_peak.py`: `torch.cuda.max_memory_reserved()`),
+since `nvidia-smi` cannot see processes in containers or MIG instances; its figure (CUDA context included) is
+added where it can. Every finished run is written to `examples/output/bench/results.json` at once, a failed run
+is recorded with its error and the benchmark goes on, and `--time-budget` stops starting runs once spent: a
+benchmark never loses what it already measured.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ SIZES = {
                num_key_value_heads=8, vocab_size=128256),
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=8, vocab_size=32000),
+    # About 100M parameters (134M with its untied 32k-vocabulary head): examples/gpu_smoke.py's model.
+    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, vocab_size=32000),
 }
 
 RECIPE_BY_HAND = [
@@ -167,9 +176,11 @@ class GpuSampler(threading.Thread):
 
 def sft_command(config: str, model: Path, steps: int, seq_len: int, batch: int, out_dir: Path,
                 device: str = "cpu") -> list[str]:
-    """TRL's SFT script with one configuration's flags; on CPU without native bf16, fp32 as the strategy picks."""
+    """TRL's SFT script with one configuration's flags; on CPU without native bf16, fp32 as the strategy picks;
+    on a GPU through `cuda_peak.py`, which writes the run's allocator peaks when it ends."""
+    launcher = [str(HERE / "cuda_peak.py")] if device == "cuda" else ["-m"]
     command = [
-        sys.executable, "-m", "trl.scripts.sft", "--model_name_or_path", str(model), "--dataset_name", str(DATA),
+        sys.executable, *launcher, "trl.scripts.sft", "--model_name_or_path", str(model), "--dataset_name", str(DATA),
         *CONFIGS[config],
         "--max_steps", str(steps), "--per_device_train_batch_size", str(batch), "--max_length", str(seq_len),
         "--packing", "--packing_strategy", "wrapped", "--logging_steps", "1", "--save_strategy", "no",
@@ -188,8 +199,11 @@ def run_once(config: str, model: Path, steps: int, seq_len: int, batch: int, cac
              device: str = "cpu") -> dict:
     out_dir = OUT / "runs" / f"{model.name}-{config}"
     command = sft_command(config, model, steps, seq_len, batch, out_dir, device)
+    peak_file = out_dir.with_name(out_dir.name + "-cuda-peak.json")
+    peak_file.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1", "QLORA_PLUGIN_CACHE_DIR": str(cache_dir)}
+           "PYTHONUNBUFFERED": "1", "QLORA_PLUGIN_CACHE_DIR": str(cache_dir), "QLORA_BENCH_PEAK_FILE": str(peak_file)}
+    peak_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = MemorySampler(proc.pid)
@@ -221,8 +235,18 @@ def run_once(config: str, model: Path, steps: int, seq_len: int, batch: int, cac
         "final_loss": losses[-1],
     }
     if gpu:
-        result["peak_gpu_mib"] = gpu.peak_mib
+        result.update(gpu_peaks(peak_file, gpu.peak_mib))
     return result
+
+
+def gpu_peaks(peak_file: Path, smi_mib: float) -> dict:
+    """A GPU run's peaks in MiB: the allocator's reserved peak measured in the process (`cuda_peak.py`), and
+    nvidia-smi's (CUDA context included), None where it could not see the process."""
+    try:
+        reserved = json.loads(peak_file.read_text()).get("max_memory_reserved")
+    except (OSError, ValueError):
+        reserved = None
+    return {"peak_gpu_mib": reserved / 2**20 if reserved else None, "peak_gpu_smi_mib": smi_mib or None}
 
 
 def _bf16_native() -> bool:
@@ -231,7 +255,7 @@ def _bf16_native() -> bool:
     return cpu_has_native_bf16()
 
 
-def four_bit_footprint_mib(model: Path, double_quant: bool) -> float:
+def four_bit_footprint_mib(model: Path, double_quant: bool, device: str = "cpu") -> float:
     """MiB of the 4-bit linear layers as loaded: packed codes + absmax (+ nested constants)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -243,7 +267,7 @@ def four_bit_footprint_mib(model: Path, double_quant: bool) -> float:
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
     os.environ["QLORA_PLUGIN_CACHE_DIR"] = str(OUT / "quantized-cache")  # bit-identical to load-time quantization
-    entry = cached_base(str(model), {"quantization_config": config, "dtype": torch.float32})
+    entry = cached_base(str(model), {"quantization_config": config, "dtype": torch.float32}, device)
     loaded = AutoModelForCausalLM.from_pretrained(entry, dtype=torch.float32)
     quantized = sum(layer.weight.numel() * layer.weight.element_size() for layer in four_bit_layers(loaded))
     constants = 0
@@ -255,14 +279,23 @@ def four_bit_footprint_mib(model: Path, double_quant: bool) -> float:
     return (quantized + constants) / 2**20
 
 
+def _measured_runs(runs: list) -> list:
+    return [r for r in runs if "error" not in r]
+
+
 def summarise(results: dict) -> dict:
-    """Median and spread (min..max) of every metric, per configuration."""
+    """Median and spread (min..max) of every metric, per configuration; failed runs and missing values (None)
+    left out, and a metric no run measured left out too."""
     summary = {}
     for config, runs in results.items():
+        runs = _measured_runs(runs)
+        if not runs:
+            continue
         summary[config] = {}
         for key in runs[0]:
-            values = [r[key] for r in runs if r[key] is not None]
-            summary[config][key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                summary[config][key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     return summary
 
 
@@ -272,14 +305,23 @@ def ratios(results: dict) -> dict:
     for a, b in PAIRS:
         if a not in results or b not in results:
             continue
-        table[f"{a}/{b}"] = {}
+        ratios_ab = {}
         for key in ("first_step_s", "step_s", "peak_rss_mib", "peak_anon_mib", "peak_gpu_mib"):
-            if key not in results[a][0] or key not in results[b][0]:
-                continue
-            per_round = [ra[key] / rb[key] for ra, rb in zip(results[a], results[b]) if ra[key] and rb[key]]
+            per_round = [ra[key] / rb[key] for ra, rb in zip(results[a], results[b]) if ra.get(key) and rb.get(key)]
             later = per_round[1:] if key == "first_step_s" and len(per_round) > 1 else per_round
-            table[f"{a}/{b}"][key] = statistics.median(later)
+            if later:  # a round where either run failed or did not measure this counts for nothing
+                ratios_ab[key] = statistics.median(later)
+        if ratios_ab:
+            table[f"{a}/{b}"] = ratios_ab
     return table
+
+
+def save_results(everything: dict) -> None:
+    """`OUT/results.json`, replaced whole after every run (a crash later loses nothing measured before it)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = OUT / "results.json.tmp"
+    tmp.write_text(json.dumps(everything, indent=2))
+    os.replace(tmp, OUT / "results.json")
 
 
 def machine() -> str:
@@ -305,26 +347,39 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cpu: every run gets --use_cpu. cuda: runs on the GPU; peak GPU memory is sampled too.")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="Start no run after this many seconds (what was measured is kept and reported).")
     parser.add_argument("--no-write", action="store_true", help="Print the figures; leave docs/ alone.")
     args = parser.parse_args(argv)
 
     everything = {"machine": machine(), "command": "python examples/benchmark.py " + " ".join(argv or sys.argv[1:]),
                   "settings": vars(args), "sizes": {}}
+    started = time.perf_counter()
     for size in args.sizes:
         model = build_model(size)
         cache_dir = OUT / "quantized-cache"
         results = {config: [] for config in args.configs}
+        everything["sizes"][size] = {"runs": results}
         for round_index in range(args.rounds):
             for config in args.configs:
-                result = run_once(config, model, args.steps, args.seq_len, args.batch, cache_dir, args.device)
+                if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+                    everything["stopped"] = f"time budget of {args.time_budget:.0f} s spent"
+                    break
+                try:
+                    result = run_once(config, model, args.steps, args.seq_len, args.batch, cache_dir, args.device)
+                except RuntimeError as err:  # recorded; the runs already measured and the next ones still count
+                    result = {"error": str(err)[-2000:]}
                 results[config].append(result)
+                save_results(everything)
                 print(f"[{size} round {round_index + 1}] {config:12s} " + "  ".join(
-                    f"{k}={v:.2f}" for k, v in result.items() if v is not None), flush=True)
-        footprint = {"nf4+dq": four_bit_footprint_mib(model, True), "nf4": four_bit_footprint_mib(model, False)}
-        everything["sizes"][size] = {"runs": results, "summary": summarise(results), "ratios": ratios(results),
-                                     "four_bit_mib": footprint}
+                    f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
+                    if v is not None), flush=True)
+        device = "cuda:0" if args.device == "cuda" else "cpu"
+        footprint = None if everything.get("stopped") else {
+            "nf4+dq": four_bit_footprint_mib(model, True, device), "nf4": four_bit_footprint_mib(model, False, device)}
+        everything["sizes"][size].update(summary=summarise(results), ratios=ratios(results), four_bit_mib=footprint)
+        save_results(everything)
         print(json.dumps(everything["sizes"][size]["ratios"], indent=2), flush=True)
-    (OUT / "results.json").write_text(json.dumps(everything, indent=2))
     if not args.no_write:
         from benchmark_report import write_report
 

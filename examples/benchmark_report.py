@@ -9,7 +9,8 @@ METRICS = [
     ("step_s", "step time (s)"),
     ("peak_rss_mib", "peak RSS (MiB)"),
     ("peak_anon_mib", "peak anon (MiB)"),
-    ("peak_gpu_mib", "peak GPU (MiB)"),  # --device cuda only
+    ("peak_gpu_mib", "peak GPU (MiB)"),  # --device cuda only: max_memory_reserved, measured in the process
+    ("peak_gpu_smi_mib", "nvidia-smi (MiB)"),  # --device cuda, where nvidia-smi sees the process
     ("final_loss", "final loss"),
 ]
 # Published peer figures for 7-8B QLoRA on one GPU (../shared/REFERENCE.md), printed beside a GPU run's own.
@@ -33,15 +34,17 @@ LABELS = {
 
 
 def _cell(stats: dict, key: str) -> str:
+    if key not in stats:
+        return "–"  # not measured in this configuration (failed runs, or nvidia-smi could not see it)
     s = stats[key]
     digits = 3 if key == "final_loss" else (0 if "mib" in key else 1)
     return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
 def _measured(size_result: dict) -> list[tuple[str, str]]:
-    """The metrics this run has (peak GPU memory only where it ran on a GPU)."""
-    first = next(iter(size_result["summary"].values()))
-    return [(key, label) for key, label in METRICS if key in first]
+    """The metrics this run has in any configuration (peak GPU memory only where it ran on a GPU)."""
+    found = {key for stats in size_result["summary"].values() for key in stats}
+    return [(key, label) for key, label in METRICS if key in found]
 
 
 def table(size_result: dict) -> str:
@@ -62,20 +65,21 @@ def published_beside(size_result: dict, settings: dict) -> str:
              "point, not a like-for-like comparison):", ""]
     lines += [f"- {figure}" for figure in PUBLISHED]
     for config in ("qlora", "lora"):
-        if config in summary and "peak_gpu_mib" in summary[config]:
-            stats = summary[config]
+        stats = summary.get(config, {})
+        if "peak_gpu_mib" in stats and "step_s" in stats:
             lines.append(f"- this run, {LABELS[config]}: {stats['peak_gpu_mib']['median'] / 1024:.2f} GiB peak "
-                         f"(nvidia-smi, CUDA context included), {tokens / stats['step_s']['median']:.0f} tokens/s "
-                         f"at batch {settings['batch']} x {settings['seq_len']}")
+                         f"(allocator reserved, CUDA context not included), "
+                         f"{tokens / stats['step_s']['median']:.0f} tokens/s at batch {settings['batch']} x "
+                         f"{settings['seq_len']}")
     return "\n".join(lines)
 
 
 def ratio_table(size_result: dict) -> str:
-    first = next(iter(size_result["ratios"].values()), {})
-    keys = [k for k in ("first_step_s", "step_s", "peak_rss_mib", "peak_anon_mib", "peak_gpu_mib") if k in first]
+    found = {key for values in size_result["ratios"].values() for key in values}
+    keys = [k for k in ("first_step_s", "step_s", "peak_rss_mib", "peak_anon_mib", "peak_gpu_mib") if k in found]
     rows = ["| pair | " + " | ".join(dict(METRICS)[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for pair, values in size_result["ratios"].items():
-        rows.append(f"| {pair} | " + " | ".join(f"{values[k]:.2f}x" for k in keys) + " |")
+        rows.append(f"| {pair} | " + " | ".join(f"{values[k]:.2f}x" if k in values else "–" for k in keys) + " |")
     return "\n".join(rows)
 
 
@@ -118,9 +122,9 @@ def plot(everything: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(sizes), len(panels), figsize=(4.2 * len(panels), 3.2 * len(sizes)), squeeze=False)
     for row, size in enumerate(sizes):
         summary = everything["sizes"][size]["summary"]
-        configs = list(summary)
         for col, (key, title) in enumerate(panels):
             ax = axes[row][col]
+            configs = [c for c in summary if key in summary[c]]
             medians = [summary[c][key]["median"] for c in configs]
             errors = [[m - summary[c][key]["min"] for c, m in zip(configs, medians)],
                       [summary[c][key]["max"] - m for c, m in zip(configs, medians)]]
@@ -152,8 +156,11 @@ def write_report(everything: dict, docs: Path) -> None:
         "![benchmarks](benchmarks.png)",
         "",
     ]
+    if everything.get("stopped"):
+        parts += [f"The run stopped early ({everything['stopped']}); what it measured is below.", ""]
     for size, result in everything["sizes"].items():
-        footprint = result["four_bit_mib"]
+        footprint = result.get("four_bit_mib")
+        failed = {c: len([r for r in runs if "error" in r]) for c, runs in result.get("runs", {}).items()}
         parts += [
             f"## {size} model",
             "",
@@ -164,13 +171,17 @@ def write_report(everything: dict, docs: Path) -> None:
         ]
         if size == TARGET_SIZE:
             parts += ["Against the issue's targets (set for the ~1B model):", "", targets_table(result), ""]
-        if "peak_gpu_mib" in next(iter(result["summary"].values())):
+        if any(n for n in failed.values()):
+            parts += ["Failed runs (left out above; errors in results.json): " + ", ".join(
+                f"{LABELS[c]} {n}" for c, n in failed.items() if n) + ".", ""]
+        if any("peak_gpu_mib" in stats for stats in result["summary"].values()):
             parts += [published_beside(result, settings), ""]
-        parts += [
-            f"4-bit linear layers as stored: {footprint['nf4+dq']:.1f} MiB with double quantization (a, b), "
-            f"{footprint['nf4']:.1f} MiB without (c).",
-            "",
-        ]
+        if footprint:
+            parts += [
+                f"4-bit linear layers as stored: {footprint['nf4+dq']:.1f} MiB with double quantization (a, b), "
+                f"{footprint['nf4']:.1f} MiB without (c).",
+                "",
+            ]
     notes = Path(__file__).with_name("benchmark_notes.md")
     if notes.exists():
         parts.append(notes.read_text())

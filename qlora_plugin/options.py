@@ -37,8 +37,9 @@ class StrategyOptions:
     bnb_4bit_compute_dtype: str = field(
         default="auto",
         metadata={
-            "help": "dtype of the 4-bit matmuls. auto: bfloat16 where the device runs it natively, else float32. "
-            "float16 only when asked (it produced NaNs in the paper's runs).",
+            "help": "dtype of the 4-bit matmuls. auto: bfloat16 where the device runs it natively; float16 on CUDA "
+            "GPUs without it (compute capability below 8.0: T4, V100), with fp32 adapters and fp16 mixed precision; "
+            "else float32.",
             "choices": list(DTYPE_CHOICES),
         },
     )
@@ -99,7 +100,7 @@ class StrategyOptions:
         metadata={
             "help": "Under gradient checkpointing, keep each 4-bit weight dequantized by the recomputation for the "
             "backward that follows (2 dequantizations per layer per step instead of 3; bit-identical). Costs one "
-            "block's weights in the compute dtype."
+            "block's weights in the compute dtype. CPU only (measured there; on GPUs it has no effect)."
         },
     )
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})

@@ -1,6 +1,10 @@
 """What the strategy needs to know about where it runs: device, native bf16, distributed engine, rank.
 
 Read from accelerate's `PartialState` (never by re-parsing launcher variables ourselves), once per trainer.
+
+"Native bf16" means the hardware multiplies bf16: on CUDA, compute capability 8.0 (Ampere) or newer.
+`torch.cuda.is_bf16_supported()` also says yes on a T4 or V100, where bf16 is emulated (it only checks that a
+bf16 tensor can be made, torch/cuda/__init__.py); the strategy computes in fp16 there instead (`half_dtype`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,15 @@ class Runtime:
     engine: str  # one of ENGINES
     process_index: int = 0
     num_processes: int = 1
+    capability: tuple | None = None  # CUDA compute capability (major, minor), when on CUDA
+
+    @property
+    def half_dtype(self) -> str | None:
+        """The 16-bit dtype this device computes in natively: bfloat16 where it has bf16, float16 on CUDA GPUs
+        without it (pre-Ampere: T4, V100), None where neither is fast (CPUs without bf16: fp32)."""
+        if self.bf16_native:
+            return "bfloat16"
+        return "float16" if self.device_type == "cuda" else None
 
     @property
     def shards_parameters(self) -> bool:
@@ -35,6 +48,14 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", " bf16"))
 
 
+def cuda_bf16_native(capability) -> bool:
+    """bf16 in hardware on this CUDA device: ROCm, or compute capability 8.0+ (what
+    `torch.cuda.is_bf16_supported(including_emulation=False)` tests, without needing torch >= 2.5 for the flag)."""
+    import torch
+
+    return bool(torch.version.hip) or tuple(capability) >= (8, 0)
+
+
 def detect_runtime() -> Runtime:
     """Inspect accelerate's process state; safe to call before or after the Trainer creates it."""
     import torch
@@ -43,8 +64,10 @@ def detect_runtime() -> Runtime:
 
     state = PartialState()
     device_type = state.device.type
+    capability = None
     if device_type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
+        capability = tuple(torch.cuda.get_device_capability(state.device))
+        bf16 = cuda_bf16_native(capability)
     elif device_type == "cpu":
         bf16 = cpu_has_native_bf16()
     else:
@@ -64,4 +87,4 @@ def detect_runtime() -> Runtime:
                 engine = "deepspeed_zero3"
     elif state.num_processes > 1:
         engine = "ddp"
-    return Runtime(device_type, bf16, engine, state.local_process_index, state.num_processes)
+    return Runtime(device_type, bf16, engine, state.local_process_index, state.num_processes, capability)

@@ -114,3 +114,77 @@ def test_gpu_run_report_has_the_gpu_column_and_the_published_figures(tmp_path):
     assert "Published figures" in written and (tmp_path / "benchmarks.png").exists()
     cpu_only = {"summary": bench.summarise(RESULTS), "ratios": bench.ratios(RESULTS)}
     assert "peak GPU" not in report.table(cpu_only) and "peak GPU" not in report.ratio_table(cpu_only)
+
+
+def test_a_gpu_run_nvidia_smi_cannot_see_is_measured_in_the_process(tmp_path):
+    """In containers and MIG instances nvidia-smi lists no process: its figure is then missing (None), not 0,
+    and the in-process peak (`cuda_peak.py`'s max_memory_reserved) carries the run. Before, every ratio over
+    nvidia-smi's zeros was the median of nothing, and the benchmark crashed after all its runs."""
+    bench = _load("benchmark")
+    report = _load("benchmark_report")
+    peak = tmp_path / "peak.json"
+    peak.write_text('{"max_memory_reserved": 3221225472, "max_memory_allocated": 2147483648}')
+    assert bench.gpu_peaks(peak, 0.0) == {"peak_gpu_mib": 3072.0, "peak_gpu_smi_mib": None}
+    assert bench.gpu_peaks(tmp_path / "missing.json", 0.0) == {"peak_gpu_mib": None, "peak_gpu_smi_mib": None}
+    runs = {name: [{**r, "peak_gpu_mib": 4096.0 * (2 if name == "lora" else 1), "peak_gpu_smi_mib": None}
+                   for r in RESULTS[name]] for name in ("qlora", "lora", "trl-default")}
+    size = {"runs": runs, "summary": bench.summarise(runs), "ratios": bench.ratios(runs)}
+    assert size["ratios"]["qlora/lora"]["peak_gpu_mib"] == 0.5
+    assert "peak_gpu_smi_mib" not in size["summary"]["qlora"]
+    assert "peak GPU (MiB)" in report.table(size) and "nvidia-smi" not in report.table(size)
+
+
+def test_a_failed_run_is_recorded_and_the_measured_ones_are_kept(tmp_path, monkeypatch):
+    """`main` writes results.json after every run; a run that fails is recorded with its error, the others go on,
+    and a spent `--time-budget` starts no further run."""
+    import json
+
+    bench = _load("benchmark")
+    monkeypatch.setattr(bench, "OUT", tmp_path)
+    monkeypatch.setattr(bench, "build_model", lambda size: tmp_path / f"llama-{size}")
+    monkeypatch.setattr(bench, "four_bit_footprint_mib", lambda model, dq, device="cpu": 1.0)
+    calls = []
+
+    def run_once(config, *args):
+        calls.append(config)
+        if config == "lora":
+            raise RuntimeError("lora on llama-small failed (exit 1): CUDA out of memory")
+        saved = json.loads((tmp_path / "results.json").read_text()) if calls[:-1] else None
+        if saved:  # what ran before is already on disk when the next run starts
+            assert saved["sizes"]["small"]["runs"]["qlora"]
+        return _run(10, 2, 100)
+
+    monkeypatch.setattr(bench, "run_once", run_once)
+    assert bench.main(["--sizes", "small", "--configs", "qlora", "lora", "trl-default", "--rounds", "2",
+                       "--no-write"]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())["sizes"]["small"]
+    assert calls == ["qlora", "lora", "trl-default"] * 2
+    assert all("error" in r and "out of memory" in r["error"] for r in saved["runs"]["lora"])
+    assert set(saved["summary"]) == {"qlora", "trl-default"} and "qlora/lora" not in saved["ratios"]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    _load("benchmark_report").write_report(json.loads((tmp_path / "results.json").read_text()), docs)
+    assert "Failed runs (left out above; errors in results.json): (d) `--strategy lora` (16-bit) 2." in (
+        docs / "benchmarks.md").read_text()
+    calls.clear()
+    assert bench.main(["--sizes", "small", "--configs", "qlora", "--rounds", "3", "--time-budget", "0",
+                       "--no-write"]) == 0
+    assert calls == [] and "time budget" in json.loads((tmp_path / "results.json").read_text())["stopped"]
+
+
+def test_cuda_peak_runs_the_module_and_writes_the_peaks_however_it_ends(tmp_path):
+    import json
+
+    from conftest import run_python
+
+    source = tmp_path / "in.json"
+    source.write_text('{"a": 1}')
+    peak = tmp_path / "peak.json"
+    result = run_python([str(REPO / "examples" / "cuda_peak.py"), "json.tool", str(source)], tmp_path,
+                        env_extra={"QLORA_BENCH_PEAK_FILE": str(peak)})
+    assert result.returncode == 0 and json.loads(result.stdout) == {"a": 1}  # ran as `python -m json.tool`
+    assert json.loads(peak.read_text()) == {"max_memory_reserved": None, "max_memory_allocated": None}  # no CUDA
+    peak.unlink()
+    failed = run_python([str(REPO / "examples" / "cuda_peak.py"), "json.tool", str(tmp_path / "nope.json")],
+                        tmp_path, env_extra={"QLORA_BENCH_PEAK_FILE": str(peak)})
+    assert failed.returncode != 0 and peak.exists()

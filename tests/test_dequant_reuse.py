@@ -10,6 +10,7 @@ import torch
 from datasets import load_dataset
 
 from conftest import DATA
+from qlora_plugin.options import StrategyOptions
 
 
 def _trainer(model_path, out, options: dict, gradient_checkpointing: bool = True):
@@ -101,3 +102,27 @@ def test_option_installs_on_the_blocks_4bit_layers_only_when_asked(tiny_models, 
         marked = [m for m in layers if hasattr(m, "_qlora_checkpointed_block")]
         assert layers and len(marked) == (len(layers) if reuse else 0)
         assert all(m._qlora_checkpointed_block() is not None and "forward" in vars(m) for m in marked)
+
+
+def test_reuse_is_cpu_only_and_says_so_elsewhere(tiny_models):
+    """Measured on CPU only; on a GPU it would hold a block's dequantized weights in GPU memory. The hook gets a
+    faked CUDA runtime (the model stays on the CPU): nothing is installed, and the summary says why."""
+    from trl.trainer.utils import create_model_from_path
+
+    from qlora_plugin.perf import dequant_reuse
+    from qlora_plugin.perf.linear4bit_forward import routed
+    from qlora_plugin.plugin.manager import get_plugin_manager
+    from qlora_plugin.quant.config import model_init_kwargs
+    from qlora_plugin.quant.layers import four_bit_layers
+    from qlora_plugin.runtime import Runtime
+    from qlora_plugin.strategies.builtin import QLORA
+
+    pm = get_plugin_manager()
+    options = StrategyOptions(reuse_dequantized_weights=True)
+    cpu = Runtime("cpu", False, "none")
+    for runtime, installed in ((cpu, True), (Runtime("cuda", True, "none", capability=(8, 0)), False)):
+        model = create_model_from_path(tiny_models["llama"], **model_init_kwargs(options, {}, cpu))
+        wrapped = pm.hook.qlora_wrap_model(strategy=QLORA, options=options, model=model, runtime=runtime)
+        assert all(routed(layer) is installed for layer in four_bit_layers(wrapped))
+    assert "CPU only" in dequant_reuse.inactive_note(options, True, "cuda")
+    assert dequant_reuse.inactive_note(options, True, "cpu") is None

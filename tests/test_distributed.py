@@ -4,6 +4,7 @@ strategy produces under FSDP and DeepSpeed ZeRO-3 (those need GPUs; here their s
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -69,6 +70,78 @@ def test_ddp_two_cpu_processes_every_rank_trains(tiny_models, dataset_dir, tmp_p
     report = json.loads((out / "qlora_plugin_report.json").read_text())
     assert report["runtime"]["engine"] == "ddp" and report["runtime"]["processes"] == 2
     assert report["quantization"]["layers_4bit"] > 0
+
+
+SIGNAL_ONE_RANK = '''
+import json, os, signal
+from transformers import TrainerCallback
+from qlora_plugin import hookimpl
+
+
+class SignalRankOne(TrainerCallback):
+    """SIGTERM to rank 1 only, while it runs step 3; every rank records the step it stopped at."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if int(os.environ["RANK"]) == 1 and state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        with open(os.path.join(os.environ["PROBE_DIR"], f"stopped{os.environ['RANK']}.json"), "w") as f:
+            json.dump({"step": state.global_step}, f)
+
+
+@hookimpl
+def qlora_trainer_callbacks(training_args):
+    return [SignalRankOne()]
+'''
+
+
+def _launch_ddp(argv, cwd, env_extra, timeout=300):
+    """`accelerate launch` with the DDP config; a hang kills the launcher and every rank (the ranks run in their
+    own sessions, so the launcher's process group does not reach them), then fails."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from conftest import _env
+
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+               str(REPO / "examples" / "accelerate" / "ddp.yaml"), "-m", "trl.scripts.sft", *argv]
+    proc = subprocess.Popen(command, cwd=cwd, env=_env(env_extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launcher = psutil.Process(proc.pid)
+        for process in [*launcher.children(recursive=True), launcher]:
+            process.kill()
+        output, _ = proc.communicate()
+        pytest.fail(f"the ranks hung (killed after {timeout} s):\n{output[-4000:]}")
+    return proc.returncode, output
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_models, dataset_dir, tmp_path):
+    """Both ranks stop after the step during which rank 1 got SIGTERM, save one whole checkpoint together (no
+    hang: without the agreement rank 1 waits in the checkpoint's barrier while rank 0 runs the next step), and
+    the run resumes from it."""
+    hook = tmp_path / "signal_one_rank.py"
+    hook.write_text(SIGNAL_ONE_RANK)
+    out = tmp_path / "run"
+    flags = ["--model_name_or_path", tiny_models["llama"], "--dataset_name", dataset_dir, "--strategy", "qlora",
+             "--per_device_train_batch_size", "2", "--max_length", "32", "--report_to", "none", "--use_cpu",
+             "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(out)]
+    code, output = _launch_ddp([*flags, "--qlora_hooks", str(hook), "--max_steps", "6"], tmp_path,
+                               {"PROBE_DIR": str(tmp_path)})
+    assert code != 0, output[-3000:]  # the job did not finish: a scheduler can requeue it
+    assert [json.loads((tmp_path / f"stopped{r}.json").read_text())["step"] for r in (0, 1)] == [3, 3]
+    assert "stopped by SIGTERM at step 3" in output, output[-3000:]
+    assert sorted(e.name for e in out.iterdir() if "checkpoint" in e.name) == ["checkpoint-3"]
+    assert {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= set(os.listdir(out / "checkpoint-3"))
+
+    code, output = _launch_ddp([*flags, "--max_steps", "5", "--resume_from_checkpoint", "true"], tmp_path, {})
+    assert code == 0, output[-3000:]
+    assert json.loads((out / "qlora_plugin_report.json").read_text())["measured"]["steps"] == 5
 
 
 GPU = dict(device_type="cuda", bf16_native=True)
@@ -163,3 +236,44 @@ def test_launcher_settings_that_break_qlora_are_named(monkeypatch):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false")
     assert engine_warnings(Runtime(**GPU, engine="deepspeed_zero3"), "paged_adamw_32bit")
     assert engine_warnings(Runtime(**GPU, engine="ddp"), "paged_adamw_8bit") == []
+
+
+def test_fsdp_final_save_writes_the_adapter_with_a_sharded_state_dict(tiny_models, dataset_dir, tmp_path,
+                                                                        monkeypatch):
+    """FSDP needs an accelerator, so it is faked on the trainer object: its plugin says SHARDED_STATE_DICT (the
+    shipped fsdp_qlora.yaml) and `FSDP.state_dict_type` records the gather it is asked for. transformers' own
+    `save_model` writes nothing then (trainer.py: only FULL_STATE_DICT is saved); the strategy's final save
+    writes the adapter, gathering a full state dict, without CPU offload for one process (FSDP refuses it)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from datasets import load_dataset
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
+    from transformers import Trainer
+    from trl import SFTConfig
+
+    from qlora_plugin import make_trainer
+
+    args = SFTConfig(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", max_length=32)
+    trainer = make_trainer("qlora", model=tiny_models["llama"], args=args,
+                           train_dataset=load_dataset(dataset_dir, split="train").select(range(8)))
+    gathered = []
+
+    @contextlib.contextmanager
+    def state_dict_type(module, kind, config=None, optim_config=None):
+        gathered.append((kind, config.offload_to_cpu, config.rank0_only))
+        yield
+
+    monkeypatch.setattr(FSDP, "state_dict_type", staticmethod(state_dict_type))
+    plugin = SimpleNamespace(state_dict_type=StateDictType.SHARDED_STATE_DICT, fsdp_version=1)
+    monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin", plugin, raising=False)
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+
+    Trainer.save_model.__wrapped__(trainer, str(tmp_path / "transformers"))  # transformers alone
+    assert not (tmp_path / "transformers" / "adapter_model.safetensors").exists()
+    trainer.save_model(str(tmp_path / "final"))
+    adapter = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in key for key in adapter)
+    assert gathered == [(StateDictType.FULL_STATE_DICT, False, False)]

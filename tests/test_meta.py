@@ -33,6 +33,25 @@ def test_every_hook_is_exercised_by_a_test():
         assert name in tests or name in hooks, f"{name} is used by no test or tested hook file"
 
 
+def test_dependency_floors_are_the_tested_releases():
+    """Every runtime dependency's floor in pyproject.toml is the major.minor release this suite runs with: a floor
+    below it would be a promise nothing tests (the package patches private Trainer internals). Upgrading the test
+    environment fails this test until the floors are raised with it."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for dependency in project["dependencies"]:
+        requirement = Requirement(dependency)
+        floors = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
+        tested = Version(importlib.metadata.version(requirement.name))
+        assert len(floors) == 1, f"{dependency}: give one >= floor"
+        assert floors[0].release[:2] == tested.release[:2], f"{dependency}: the suite runs with {tested}"
+
+
 def test_options_reference_is_generated_from_the_dataclass():
     docs = (REPO / "docs" / "options.md").read_text()
     block = docs.split("<!-- options-table:start -->\n")[1].split("<!-- options-table:end -->")[0]

@@ -114,3 +114,58 @@ def test_guard_keeps_eval_and_generation_working_at_odd_widths(tiny_models):
         one = model(input_ids=ids[:, :1]).logits  # a single token takes bitsandbytes' gemv path
         assert torch.allclose(one, reference[:, :1], atol=1e-4)
     assert model.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_guard_needs_no_private_bitsandbytes_function_unless_a_layer_was_repacked(tiny_models, monkeypatch):
+    """Every run (GPU ones too) passes through the guard; a bitsandbytes without the private inverse of the CPU
+    repacking (older releases) must not break a base that was never repacked."""
+    import bitsandbytes.functional
+
+    from qlora_plugin import make_cpu_inference_safe
+    from qlora_plugin.quant.layers import four_bit_layers
+
+    model = load_and_wrap(tiny_models["llama"])
+    monkeypatch.delattr(bitsandbytes.functional, "_convert_weight_packed_for_cpu_inverse")
+    make_cpu_inference_safe(model)
+    assert not any(layer.support_avx512bf16_for_cpu for layer in four_bit_layers(model))
+
+
+def _frozen_bytes(model) -> int:
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    return sum(t.numel() * t.element_size() for t in [*frozen, *model.buffers()])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # separate head; head tied to the embeddings
+def test_embeddings_and_head_stay_in_the_16bit_compute_dtype(tiny_models, arch):
+    """peft's k-bit preparation alone upcasts them to fp32; the strategy keeps them as loaded (bf16 here) and the
+    norms in fp32, as the paper's code does, and the plan's weights count exactly that."""
+    from peft import prepare_model_for_kbit_training
+    from trl.trainer.utils import create_model_from_path
+
+    from qlora_plugin.model_config import load_config
+    from qlora_plugin.plan.estimate import parameter_costs
+    from qlora_plugin.plan.skeleton import skeleton
+    from qlora_plugin.quant.config import model_init_kwargs
+    from qlora_plugin.strategies.builtin import QLORA
+
+    bf16 = Runtime("cpu", bf16_native=True, engine="none")
+    base = load_and_wrap(tiny_models[arch], runtime=bf16).get_base_model()
+    embeddings = {id(m.weight): m.weight for m in (base.get_input_embeddings(), base.get_output_embeddings())}
+    assert {w.dtype for w in embeddings.values()} == {torch.bfloat16}
+    assert {p.dtype for n, p in base.named_parameters() if "norm" in n or ".ln_" in n} == {torch.float32}
+
+    loaded = create_model_from_path(tiny_models[arch], **model_init_kwargs(StrategyOptions(), {}, bf16))
+    peft_alone = prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=False)
+    assert peft_alone.get_input_embeddings().weight.dtype == torch.float32
+    saved = 2 * sum(w.numel() for w in embeddings.values())  # fp32 -> bf16: 2 bytes per element
+    assert _frozen_bytes(peft_alone) - _frozen_bytes(base) == saved
+
+    costs = parameter_costs(skeleton(load_config(tiny_models[arch]), QLORA, StrategyOptions(), "bfloat16"),
+                            StrategyOptions())
+    assert costs["packed"] + costs["other"] == _frozen_bytes(base)
+
+    # Outside autocast (generate(), evaluation by hand) the fp32 hidden states still meet the bf16 head.
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.isfinite(base(input_ids=ids).logits).all()
+    assert base.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (1, 6)

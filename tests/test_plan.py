@@ -49,6 +49,92 @@ def test_llama_65b_fits_one_48gb_gpu_and_full_needs_over_780gb(capsys):
     assert qlora["details"]["activations_with_checkpointing"] < qlora["details"]["activations_without_checkpointing"]
 
 
+def _qlora_7b_plan(capsys, *flags) -> dict:
+    code, out, _ = plan_cli([str(CONFIGS / "llama-7b"), "--json", "--strategy", "qlora", *flags], capsys)
+    assert code == 0
+    return json.loads(out)
+
+
+def test_a_gpu_without_bf16_plans_fp16_compute_with_fp32_adapters(capsys):
+    t4, a10 = (_qlora_7b_plan(capsys, "--gpu-memory", gpu) for gpu in ("t4", "a10"))
+    assert (t4["details"]["compute_dtype"], t4["details"]["adapter_dtype"]) == ("float16", "float32")
+    assert (a10["details"]["compute_dtype"], a10["details"]["adapter_dtype"]) == ("bfloat16", "bfloat16")
+    trainable = t4["details"]["trainable_params"]
+    assert t4["components"]["adapters"] == 4 * trainable and a10["components"]["adapters"] == 2 * trainable
+
+
+def test_cuda_plan_has_the_context_and_separates_the_paged_optimizer_state(capsys):
+    """On a GPU the CUDA context is on the card but outside the allocator, and bitsandbytes' paged optimizer
+    state (parameters of 100,000+ elements) lives in CUDA unified memory, outside `max_memory_reserved`: the plan
+    counts both in its peak and says what the allocator alone should reserve (what the report compares)."""
+    from qlora_plugin.plan.estimate import CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES
+
+    cuda, cpu = (_qlora_7b_plan(capsys, "--device", device) for device in ("cuda", "cpu"))
+    assert cuda["components"]["runtime"] == CUDA_CONTEXT_BYTES and cpu["components"]["runtime"] == CPU_RUNTIME_BYTES
+    # every LoRA matrix of LLaMA-7B at r=64 has 64 x 4096+ elements: all of the 32-bit state is paged
+    assert cuda["details"]["optimizer_paged_bytes"] == cuda["components"]["optimizer"] > 0
+    assert cuda["details"]["allocator_bytes"] == (cuda["total_bytes"] - CUDA_CONTEXT_BYTES
+                                                  - cuda["details"]["optimizer_paged_bytes"])
+    assert cpu["details"]["optimizer_paged_bytes"] == 0 and cpu["details"]["allocator_bytes"] is None
+
+
+def test_activations_are_counted_under_mixed_precision():
+    """Autocast does not act on meta tensors; the count stands in for it, so the matmuls keep 16-bit copies of
+    their fp32 inputs as they do in a bf16 run (before, the fp32 inputs themselves were counted)."""
+    import torch
+
+    from qlora_plugin.model_config import load_config
+    from qlora_plugin.options import StrategyOptions
+    from qlora_plugin.plan.activations import activation_bytes, saved_bytes
+    from qlora_plugin.plan.skeleton import skeleton
+    from qlora_plugin.strategies.builtin import QLORA
+
+    with torch.device("meta"):
+        linear = torch.nn.Linear(64, 32)
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.linear = torch.nn.Embedding(10, 64, device="meta"), linear
+
+        def forward(self, input_ids, labels=None):
+            return self.linear(self.embed(input_ids)).sum()
+
+    fp32 = saved_bytes(One(), 2, 8)
+    bf16 = saved_bytes(One(), 2, 8, amp_dtype=torch.bfloat16)
+    ids = 2 * 8 * 8  # the embedding's backward keeps the token ids
+    assert fp32 == ids + 2 * 8 * 64 * 4  # the linear's fp32 input (its weight is a parameter)
+    assert bf16 == ids + 2 * 8 * 64 * 2 + 32 * 64 * 2  # the bf16 copies of the input and the weight
+
+    config = load_config(str(CONFIGS / "llama-7b"))
+    build = lambda cfg: skeleton(cfg, QLORA, StrategyOptions(), "bfloat16")  # noqa: E731
+    plain = activation_bytes(config, build, 1, 512, False)
+    mixed = activation_bytes(config, build, 1, 512, False, "bfloat16")
+    assert mixed["per_layer"] < plain["per_layer"]  # q, k, v (fp32 after the 4-bit layers) kept in bf16
+
+
+def test_report_compares_like_with_like():
+    from qlora_plugin.training.report import peak_memory, prediction_error
+
+    gpu = {"memory_kind": "cuda_max_reserved", "predicted_peak_bytes": 1500, "predicted_allocator_bytes": 1000}
+    assert prediction_error(gpu, 800) == 0.25  # the allocator part against max_memory_reserved
+    cpu = {"memory_kind": "process_peak_rss", "predicted_peak_bytes": 1500}
+    assert prediction_error(cpu, 1000) == 0.5
+    assert prediction_error({"memory_kind": "process_peak_rss", "predicted_peak_bytes": None}, 1000) is None
+    assert peak_memory()["memory_kind"] == "process_peak_rss"  # no CUDA here
+
+
+def test_sharded_engines_do_not_split_the_4bit_base_at_load_time(capsys):
+    """transformers 5.24 loads the whole 4-bit base onto every rank's GPU under FSDP / ZeRO-3; plan says so when
+    a 4-bit plan does not fit one GPU, so nobody counts on two 24 GB cards for 65B."""
+    code, out, _ = plan_cli([str(CONFIGS / "llama-65b"), "--strategy", "qlora", "--gpu-memory", "24GB"], capsys)
+    assert code == 0
+    assert "qlora on several GPUs (FSDP / ZeRO-3): each GPU still holds the whole 4-bit base while the model loads " \
+           "(32.10 GiB, which does not fit in one GPU)" in out
+    code, out, _ = plan_cli([str(CONFIGS / "llama-65b"), "--strategy", "qlora", "--gpu-memory", "48GB"], capsys)
+    assert code == 0 and "several GPUs" not in out  # it fits one GPU: nothing to say
+
+
 def test_double_quantization_arithmetic():
     from qlora_plugin.plan.estimate import four_bit_bytes
 
@@ -102,7 +188,8 @@ def test_training_report_states_predicted_and_measured_peak(tmp_path):
     assert memory["memory_kind"] == "process_peak_rss"
     compute = "bfloat16" if cpu_has_native_bf16() else "float32"  # what the strategy picks on this CPU
     assert memory["predicted_for"] == {"batch_size": 8, "seq_len": 256, "gradient_checkpointing": False,
-                                       "optimizer": "paged_adamw_32bit", "device": "cpu", "compute_dtype": compute}
+                                       "optimizer": "paged_adamw_32bit", "device": "cpu", "compute_dtype": compute,
+                                       "mixed_precision": "bfloat16" if compute == "bfloat16" else None}
     runtime = memory["predicted_components"]["runtime"]
     print(f"predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB, "
           f"model terms {(predicted - runtime) / 2**20:.0f} vs {(measured - runtime) / 2**20:.0f} MiB")

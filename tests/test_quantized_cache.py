@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +79,70 @@ def test_key_follows_content_and_settings(tiny_models, tmp_path):
     assert cached_base(str(source), _kwargs()) != first
 
 
+def test_key_follows_the_device_kind_and_the_library_versions():
+    """bitsandbytes quantizes with a CUDA kernel on a GPU and with torch ops on the CPU (different code, bytes not
+    assumed equal): entries made on each are kept apart, and torch's version is in the key with bitsandbytes'."""
+    import bitsandbytes
+
+    from qlora_plugin.quant.cache import _entry_name, _settings, quantizing_device
+    from qlora_plugin.runtime import Runtime
+
+    cpu, gpu0, gpu1 = (_settings(_bnb_config(), torch.float32, d) for d in ("cpu", "cuda:0", "cuda:1"))
+    assert cpu["torch"] == torch.__version__.split("+")[0] and cpu["bitsandbytes"] == bitsandbytes.__version__
+    assert (cpu["device"], gpu0["device"]) == ("cpu", "cuda") and gpu0 == gpu1  # the kernel, not which GPU
+    assert _entry_name("m", {}, cpu) != _entry_name("m", {}, gpu0)
+    assert quantizing_device(Runtime("cuda", True, "ddp", process_index=1, num_processes=2)) == "cuda:1"
+    assert quantizing_device(Runtime("cpu", False, "ddp", process_index=1, num_processes=2)) == "cpu"
+
+
+def test_one_process_makes_a_missing_entry_while_the_others_wait(tiny_models, tmp_path, monkeypatch):
+    """Waiting is a lock file per entry (no collective, so no process-group timeout however long it takes)."""
+    import threading
+    import time
+
+    from qlora_plugin.quant import cache as quantized_cache
+
+    monkeypatch.setenv("QLORA_PLUGIN_CACHE_DIR", str(tmp_path / "cache"))
+    made, original = [], quantized_cache._quantize_into
+
+    def slow_quantize(*args):
+        made.append(threading.get_ident())
+        time.sleep(1.0)  # long enough that the other caller arrives while this one works
+        return original(*args)
+
+    monkeypatch.setattr(quantized_cache, "_quantize_into", slow_quantize)
+    entries = []
+    workers = [threading.Thread(target=lambda: entries.append(quantized_cache.cached_base(tiny_models["llama"],
+                                                                                         _kwargs())))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(made) == 1 and len(entries) == 2 and entries[0] == entries[1] is not None
+
+
+def test_record_names_the_device_that_quantized_a_cached_base(tiny_models, tmp_path, monkeypatch):
+    """The quantization record beside the adapter (what `merge` quantizes on again) is the entry's device, not
+    the device the weights were loaded onto: a CPU-made entry loaded on a GPU said `cuda`. Simulated by an entry
+    that says it was made on a GPU, loaded on the CPU."""
+    from qlora_plugin.options import StrategyOptions
+    from qlora_plugin.quant import cache as quantized_cache
+    from qlora_plugin.quant.record import quantization_record
+    from qlora_plugin.runtime import Runtime
+
+    monkeypatch.setenv("QLORA_PLUGIN_CACHE_DIR", str(tmp_path / "cache"))
+    entry = quantized_cache.cached_base(tiny_models["llama"], _kwargs())
+    runtime = Runtime("cpu", False, "none")
+    model = quantized_cache.qlora_load_model(StrategyOptions(), tiny_models["llama"], _kwargs(), runtime)
+    assert quantization_record(model)["device_type"] == "cpu"
+    info = json.loads((Path(entry) / quantized_cache.ENTRY_FILE).read_text())
+    info["settings"]["device"] = "cuda"
+    (Path(entry) / quantized_cache.ENTRY_FILE).write_text(json.dumps(info))
+    model = quantized_cache.qlora_load_model(StrategyOptions(), tiny_models["llama"], _kwargs(), runtime)
+    assert quantization_record(model)["device_type"] == "cuda"
+
+
 def test_failed_write_leaves_no_entry_and_falls_back(tiny_models, tmp_path, monkeypatch):
     import safetensors.torch
 
@@ -90,7 +155,7 @@ def test_failed_write_leaves_no_entry_and_falls_back(tiny_models, tmp_path, monk
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     assert quantized_cache.cached_base(tiny_models["llama"], _kwargs()) is None
-    leftovers = [n for n in os.listdir(tmp_path / "cache") if n != "file-hashes.json"]
+    leftovers = [n for n in os.listdir(tmp_path / "cache") if n not in ("file-hashes.json", quantized_cache.LOCKS)]
     assert leftovers == []
 
 

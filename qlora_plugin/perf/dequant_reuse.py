@@ -15,6 +15,13 @@ copy of the whole model.
 
 Results are bit-identical to bitsandbytes' path: the same dequantization ops feed the same matmuls
 (`tests/test_dequant_reuse.py` compares losses, gradients and trained adapters with `torch.equal`).
+
+CPU only. It was measured on CPU alone (docs/benchmarks.md), where a dequantization costs milliseconds of
+memory traffic. On a GPU it would hold one block's dequantized weights in GPU memory (1.7 GB in bf16 for a
+70B-shaped block) to save a dequantization kernel, and it is not measured there, so on other devices it stays
+off and the summary says so. (It does not displace bitsandbytes' fused `gemm_4bit` kernel in training: that
+runs only when no gradient is needed, bitsandbytes/autograd/_functions.py `matmul_4bit`, and this path only
+where one is: grad enabled inside a checkpointed block, whose inputs require grad under TRL's PEFT set-up.)
 """
 
 from __future__ import annotations
@@ -82,22 +89,27 @@ def install(model) -> int:
 
 
 @hookimpl(wrapper=True)
-def qlora_wrap_model(options):
-    """After whichever plugin wrapped the model: install the reuse when the option asks for it."""
+def qlora_wrap_model(options, runtime):
+    """After whichever plugin wrapped the model: install the reuse when the option asks for it, on CPU."""
     model = yield
-    if model is not None and getattr(options, "reuse_dequantized_weights", False):
+    if model is not None and getattr(options, "reuse_dequantized_weights", False) and runtime.device_type == "cpu":
         install(model)
     return model
 
 
-def inactive_note(options, gradient_checkpointing: bool) -> str | None:
+def inactive_note(options, gradient_checkpointing: bool, device_type: str = "cpu") -> str | None:
     """What the summary says when the option is on and this run cannot use it (never silently)."""
-    if options.reuse_dequantized_weights and not gradient_checkpointing:
+    if not options.reuse_dequantized_weights:
+        return None
+    if device_type != "cpu":
+        return (f"reuse_dequantized_weights acts on CPU only (not measured on {device_type}, where it would hold "
+                "a block's dequantized weights in device memory): no effect")
+    if not gradient_checkpointing:
         return "reuse_dequantized_weights acts under gradient checkpointing only, which is off: no effect"
     return None
 
 
 @hookimpl
-def qlora_run_facts(options, training_args):
-    note = inactive_note(options, bool(training_args.gradient_checkpointing))
+def qlora_run_facts(options, training_args, runtime):
+    note = inactive_note(options, bool(training_args.gradient_checkpointing), runtime.device_type)
     return {"fallbacks": [note] if note else []}

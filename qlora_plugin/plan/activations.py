@@ -10,6 +10,9 @@ even for 65B.
 - Attention: meta tensors always take SDPA's math path, which keeps the (seq x seq) scores. On CUDA and CPU
   training uses a fused kernel (flash / memory-efficient) that keeps q, k, v, the output and the log-sum-exp;
   `_fused_attention` stands in for it during the count.
+- Mixed precision: autocast does not act on meta tensors, so `_autocast_mode` stands in for it: the matmul
+  family (and the attention stand-in) take their float inputs cast to the autocast dtype, and autograd keeps
+  those copies, as under autocast (e.g. q, k, v in bf16 while the qlora residual stream is fp32).
 - Gradient checkpointing (non-reentrant, what the recipe uses) keeps each layer's input hidden states and
   recomputes one layer at a time during the backward: embedding/head/loss + L x input + one full layer.
 - Backward transient: when the loss backward starts, the gradient of the fp32 logits (batch x seq x vocab) exists
@@ -24,7 +27,7 @@ import contextlib
 from qlora_plugin.plan.skeleton import with_layers
 
 
-def _fused_attention():
+def _fused_attention(amp_dtype=None):
     import torch
 
     class FusedAttention(torch.autograd.Function):
@@ -41,25 +44,67 @@ def _fused_attention():
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
              **kwargs):
+        if amp_dtype is not None:  # SDPA is on autocast's lower-precision list: it keeps the cast q, k, v
+            query, key, value = (t.to(amp_dtype) for t in (query, key, value))
         return FusedAttention.apply(query, key, value)
 
     return sdpa
 
 
 @contextlib.contextmanager
-def _patched_sdpa():
+def _patched_sdpa(amp_dtype=None):
     import torch
 
     original = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = _fused_attention()
+    torch.nn.functional.scaled_dot_product_attention = _fused_attention(amp_dtype)
     try:
         yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
 
 
-def saved_bytes(model, batch_size: int, seq_len: int) -> int:
-    """Bytes of the distinct storages autograd saves in one training forward of `model` (meta device)."""
+def _autocast_mode(amp_dtype):
+    """Autocast for meta tensors, which the real one skips (it dispatches on CPU/CUDA keys): the matmul family
+    runs on float inputs cast to `amp_dtype`, so what autograd saves is the cast copies, as under autocast. The
+    elementwise ops (norms, activations, residual adds) stay in their dtypes, as autocast leaves them."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    cast_functions = {torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
+                      torch.mm, torch.bmm, torch.addmm, torch.baddbmm}
+
+    def cast(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != amp_dtype:
+            return value.to(amp_dtype)
+        return value
+
+    class MetaAutocast(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in cast_functions:
+                args, kwargs = tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+            return func(*args, **kwargs)
+
+    return MetaAutocast()
+
+
+def _layer_inputs(model, sizes: list):
+    """Hooks that append the bytes per element of the hidden states entering each decoder layer to `sizes`."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is not None:
+            sizes.append(hidden.element_size())
+
+    return [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()
+            if isinstance(m, GradientCheckpointingLayer)]
+
+
+def saved_bytes(model, batch_size: int, seq_len: int, layer_inputs: list | None = None, amp_dtype=None) -> int:
+    """Bytes of the distinct storages autograd saves in one training forward of `model` (meta device), under
+    mixed precision when `amp_dtype` (a torch dtype) is given; `layer_inputs`, when given, receives the bytes per
+    element of each decoder layer's input hidden states."""
     import torch
 
     params = {id(p) for p in model.parameters()}
@@ -80,29 +125,43 @@ def saved_bytes(model, batch_size: int, seq_len: int) -> int:
     model.train()
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # as the Trainer does for an adapter model
-    with _patched_sdpa(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+    hooks = _layer_inputs(model, layer_inputs) if layer_inputs is not None else []
+    autocast = _autocast_mode(amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    try:
+        with _patched_sdpa(amp_dtype), autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return sum(s.nbytes() for s in storages.values())
 
 
-def activation_bytes(config, build, batch_size: int, seq_len: int, checkpointing: bool) -> dict:
+def activation_bytes(config, build, batch_size: int, seq_len: int, checkpointing: bool, amp: str | None = None
+                     ) -> dict:
     """{"total", "with_checkpointing", "without_checkpointing", "per_layer", "outside_layers"} in bytes.
 
-    `build(config)` returns the strategy's meta-device skeleton for a config.
+    `build(config)` returns the strategy's meta-device skeleton for a config; `amp` the mixed-precision dtype of
+    the run ("bfloat16", "float16"), or None.
     """
+    import torch
+
+    amp_dtype = getattr(torch, amp) if amp else None
     text = config.get_text_config()
     layers = text.num_hidden_layers
-    one = saved_bytes(build(with_layers(config, 1)), batch_size, seq_len)
-    two = saved_bytes(build(with_layers(config, 2)), batch_size, seq_len)
+    one = saved_bytes(build(with_layers(config, 1)), batch_size, seq_len, amp_dtype=amp_dtype)
+    inputs = []  # bytes per element of the hidden states entering layer 1 and layer 2
+    two = saved_bytes(build(with_layers(config, 2)), batch_size, seq_len, inputs, amp_dtype)
     per_layer = two - one
     outside = one - per_layer
-    skeleton = build(with_layers(config, 1))
-    residual = skeleton.get_input_embeddings().weight.element_size()
-    hidden = batch_size * seq_len * text.hidden_size * residual
+    if len(inputs) != 2:  # decoder layers not found (custom code): the embeddings' dtype throughout
+        inputs = [build(with_layers(config, 1)).get_input_embeddings().weight.element_size()] * 2
+    # checkpointing keeps each layer's input: the first in the embeddings' dtype, the rest in the residual
+    # stream's (fp32 under qlora, whose fp32 norms promote it, even with 16-bit embeddings)
+    inputs_kept = batch_size * seq_len * text.hidden_size * (inputs[0] + (layers - 1) * inputs[1])
     logits_grad = batch_size * seq_len * text.vocab_size * 4
     transient = logits_grad + per_layer
     without = outside + layers * per_layer + transient
-    with_ckpt = outside + layers * hidden + per_layer + transient
+    with_ckpt = outside + inputs_kept + per_layer + transient
     return {
         "total": with_ckpt if checkpointing else without,
         "with_checkpointing": with_ckpt,

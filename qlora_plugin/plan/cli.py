@@ -23,6 +23,9 @@ from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy, hook_f
 from qlora_plugin.sizes import parse_memory
 
 GIB = 2**30
+# Named GPUs without native bf16 (compute capability below 8.0): the strategy trains in fp16 there, with fp32
+# adapters (`Runtime.half_dtype`), so `--gpu-memory NAME` plans with that unless `--dtype` says otherwise.
+NO_NATIVE_BF16 = ("t4", "v100-32gb")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -47,7 +50,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optim", default=None, help="Optimizer (default: the recipe's paged_adamw_32bit).")
     parser.add_argument("--gradient_checkpointing", "--gradient-checkpointing", type=parse_bool, default=None,
                         metavar="true|false", help="Default: the recipe's (on).")
-    parser.add_argument("--dtype", default="auto", help="Compute dtype (default: bf16 on cuda, fp32 on this CPU).")
+    parser.add_argument("--dtype", default="auto",
+                        help="Compute dtype (default: bf16 on cuda; fp16 with fp32 adapters when --gpu-memory names a "
+                             f"GPU without bf16: {', '.join(NO_NATIVE_BF16)}; fp32 on a CPU without bf16).")
     parser.add_argument("--device", default="cuda", help="cuda (allocator peak) or cpu (process RSS).")
     parser.add_argument("--gpu-memory", default=None, help="Say whether the peak fits: 48GB, 80GiB, a100-80gb, ...")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
@@ -104,11 +109,28 @@ def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "")
     for p in plans:
         d = p.details
         bits = f", 4-bit layers {d['layers_4bit']} at {d['bits_per_4bit_param']} bits/param" if d["layers_4bit"] else ""
-        lines.append(f"{p.strategy}: compute {d['compute_dtype']}, optimizer {d['optimizer']}, gradient "
+        adapters = f" (adapters {d['adapter_dtype']})" if d.get("adapter_dtype", d["compute_dtype"]) != d["compute_dtype"] else ""
+        lines.append(f"{p.strategy}: compute {d['compute_dtype']}{adapters}, optimizer {d['optimizer']}, gradient "
                      f"checkpointing {'on' if d['gradient_checkpointing'] else 'off'}, trainable "
                      f"{d['trainable_params']:,} params{bits}; activations without/with checkpointing "
                      f"{_size(d['activations_without_checkpointing'])} / {_size(d['activations_with_checkpointing'])}")
+    lines += _sharded_loading_notes(plans, gpu_memory)
     return "\n".join(lines)
+
+
+def _sharded_loading_notes(plans, gpu_memory: int | None) -> list[str]:
+    """For a 4-bit plan that does not fit one GPU: FSDP / ZeRO-3 over several do not help at load time. With
+    transformers 5.24 every rank loads the whole 4-bit base onto its own GPU (the bitsandbytes quantizer maps an
+    unset device map to the current GPU; the rank-0-only loading paths leave quantized models out), and only
+    then are the parameters sharded (docs/distributed.md)."""
+    notes = []
+    for p in plans:
+        if gpu_memory and p.details["layers_4bit"] and p.total_bytes > gpu_memory:
+            base = p.components["weights"]
+            verdict = "fits" if base <= gpu_memory else "does not fit"
+            notes.append(f"{p.strategy} on several GPUs (FSDP / ZeRO-3): each GPU still holds the whole 4-bit base "
+                         f"while the model loads ({_size(base)}, which {verdict} in one GPU)")
+    return notes
 
 
 def draw_plot(plans, model: str, gpu_memory: int | None, gpu_label: str = ""):
@@ -176,8 +198,11 @@ def main(argv: list[str]) -> int:
     gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
     if args.plot:
         _check_plot_path(args.plot)
+    dtype = args.dtype
+    if dtype == "auto" and args.device == "cuda" and (args.gpu_memory or "").strip().lower() in NO_NATIVE_BF16:
+        dtype = "float16"
     settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, eval_batch_size=args.eval_batch_size,
-                            device=args.device, dtype=args.dtype,
+                            device=args.device, dtype=dtype,
                             optim=args.optim, gradient_checkpointing=args.gradient_checkpointing,
                             trust_remote_code=args.trust_remote_code)
     plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks)

@@ -7,9 +7,10 @@ really trains, using the same code paths and defaults as the strategies:
   `should_convert_module`: every `nn.Linear`/`Conv1D` except the output head, tied and kept-in-fp32 modules);
 - 4-bit bytes per layer: packed codes + absmax per 64-block (fp32, or uint8 + an fp32 constant per 256 blocks +
   the code maps with double quantization), exactly what bitsandbytes allocates (see docs/plan.md);
-- the rest of a qlora base in fp32 (`prepare_model_for_kbit_training` upcasts it); lora/full in the compute dtype;
-- the adapter: peft's own `get_peft_model` on the skeleton with the strategy's `StrategyOptions`, in the compute
-  dtype (what `report.cast_trainable` keeps it in);
+- the rest of a qlora base in fp32 (`prepare_model_for_kbit_training` upcasts it) but the embeddings and head,
+  kept in the compute dtype (`adapters.embeddings_kept`); lora/full in the compute dtype;
+- the adapter: peft's own `get_peft_model` on the skeleton with the strategy's `StrategyOptions`, in the dtype
+  `adapters.trainable_dtype` keeps it in (the compute dtype; fp32 with fp16 compute);
 - optimizer and gradient checkpointing from `recipe.training_defaults`, lr/dropout by size from `adapters`;
 - activations: counted, not guessed (`plan_activations`).
 """
@@ -27,7 +28,7 @@ from qlora_plugin.plan.activations import activation_bytes, eval_transient_bytes
 from qlora_plugin.plan.skeleton import QuantizedLinearStandIn, skeleton
 from qlora_plugin.plugin.manager import collect_strategies, get_plugin_manager
 from qlora_plugin.runtime import Runtime, cpu_has_native_bf16
-from qlora_plugin.strategies.adapters import count_parameters
+from qlora_plugin.strategies.adapters import count_parameters, trainable_dtype
 from qlora_plugin.strategies.builtin import QLORA
 from qlora_plugin.strategies.optimizer import optim_name
 from qlora_plugin.strategies.recipe import training_defaults
@@ -41,6 +42,13 @@ DEVICES = ("cuda", "cpu")
 # at 511-543 MiB with under 2 MiB of model terms (`examples/plan_accuracy.py` prints it; docs/plan.md). The CUDA
 # context is not in `torch.cuda.max_memory_allocated`, so the cuda plan has no runtime term.
 CPU_RUNTIME_BYTES = 520 * 2**20
+# The CUDA context (driver, kernels, cuBLAS workspace): outside the allocator's figures, but on the GPU. An
+# estimate, not yet measured by this project (CUDA 12 with lazy module loading typically takes 300-600 MiB);
+# examples/gpu_smoke.py measures it (free memory before and after CUDA starts).
+CUDA_CONTEXT_BYTES = 500 * 2**20
+# bitsandbytes pages an optimizer's state only for parameters of at least this many elements
+# (bitsandbytes/optim/optimizer.py `get_state_buffer`); smaller ones stay in ordinary device memory.
+BNB_PAGED_MIN_NUMEL = 100_000
 
 # Optimizer state in bytes per trainable element: "fp32" (two fp32 moments), "param" (two moments in the
 # parameter's dtype, as torch's AdamW allocates them), "8bit" (bitsandbytes blockwise: two uint8 moments + an
@@ -150,6 +158,19 @@ def _optimizer_bytes(kind: str, params) -> int:
     return total
 
 
+def paged_optimizer_bytes(optim: str, params) -> int:
+    """Bytes of the optimizer state bitsandbytes keeps in CUDA unified memory (paged optimizers, parameters of
+    100,000+ elements): outside `torch.cuda.max_memory_reserved`, on the GPU until memory runs short."""
+    if not optim.startswith("paged"):
+        return 0
+    return _optimizer_bytes(OPTIMIZERS[optim], [p for p in params if p.numel() >= BNB_PAGED_MIN_NUMEL])
+
+
+def amp_dtype(compute: str) -> str | None:
+    """The recipe's mixed precision for a compute dtype: bf16 or fp16 autocast with 16-bit compute, none in fp32."""
+    return compute if compute in ("bfloat16", "float16") else None
+
+
 def parameter_costs(model, options: StrategyOptions) -> dict:
     """Bytes of a skeleton's parameters as trained: 4-bit packed codes and constants, everything else frozen at
     its dtype (buffers included), and the list of trainable parameters."""
@@ -206,15 +227,17 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
     weights, packed, constants, trainable = costs["other"], costs["packed"], costs["constants"], costs["trainable"]
     layers_4bit, params_4bit = costs["layers_4bit"], costs["params_4bit"]
     adapters = sum(p.numel() * p.element_size() for p in trainable)
-    acts = activation_bytes(config, build, settings.batch_size, settings.seq_len, checkpointing)
+    acts = activation_bytes(config, build, settings.batch_size, settings.seq_len, checkpointing, amp_dtype(compute))
+    cuda = settings.device == "cuda"
     components = {
         "weights": weights + packed + constants + (adapters if full else 0),  # full: the trained set is the base
         "adapters": 0 if full else adapters,
         "gradients": adapters,
         "optimizer": _optimizer_bytes(OPTIMIZERS[optim], trainable),
         "activations": acts["total"],
-        "runtime": CPU_RUNTIME_BYTES if settings.device == "cpu" else 0,
+        "runtime": CUDA_CONTEXT_BYTES if cuda else CPU_RUNTIME_BYTES,
     }
+    paged = paged_optimizer_bytes(optim, trainable) if cuda else 0
     details = {
         "params": num_params,
         "trainable_params": sum(p.numel() for p in trainable),
@@ -225,6 +248,7 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
         "weights_4bit_constants_bytes": constants,
         "weights_other_bytes": weights,
         "compute_dtype": compute,
+        "adapter_dtype": trainable_dtype(compute, fp16_amp=compute == "float16"),
         "optimizer": optim,
         "gradient_checkpointing": checkpointing,
         "batch_size": settings.batch_size,
@@ -235,6 +259,10 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
         "eval_activations": eval_transient_bytes(model, settings.eval_batch_size, settings.seq_len),
         "activations_with_checkpointing": acts["with_checkpointing"],
         "lora_r": None if full else options.lora_r,
+        "mixed_precision": amp_dtype(compute),
+        "optimizer_paged_bytes": paged,
+        # what `torch.cuda.max_memory_reserved` should show: all but the CUDA context and the paged state
+        "allocator_bytes": sum(components.values()) - components["runtime"] - paged if cuda else None,
     }
     return Plan(name, components, details)
 
@@ -280,6 +308,7 @@ def predict_for_run(model_config, strategy, options: StrategyOptions, training_a
     except Exception as err:  # noqa: BLE001 - see docstring
         return {"predicted_peak_bytes": None, "prediction_failed": f"{type(err).__name__}: {err}"}
     return {"predicted_peak_bytes": plan.total_bytes, "predicted_eval_peak_bytes": plan.eval_bytes,
-            "predicted_components": plan.components,
+            "predicted_components": plan.components, "predicted_allocator_bytes": plan.details["allocator_bytes"],
             "predicted_for": {k: plan.details[k] for k in ("batch_size", "seq_len", "gradient_checkpointing",
-                                                            "optimizer", "device", "compute_dtype")}}
+                                                            "optimizer", "device", "compute_dtype",
+                                                            "mixed_precision")}}

@@ -14,7 +14,7 @@ from qlora_plugin.options import StrategyOptions
 from qlora_plugin.plugin.manager import get_plugin_manager
 from qlora_plugin.quant.layers import four_bit_module_names
 from qlora_plugin.runtime import Runtime
-from qlora_plugin.strategies.adapters import cast_trainable
+from qlora_plugin.strategies.adapters import cast_trainable, embeddings_kept, trainable_dtype
 
 
 def with_layers(config, layers: int):
@@ -70,19 +70,21 @@ def skeleton(config, strategy, options: StrategyOptions, compute: str, pm=None, 
     quantized = four_bit_module_names(model) if options.load_in_4bit else []
     if quantized:
         standin = _standin_class()
-        model.to(torch.float32)  # prepare_model_for_kbit_training upcasts everything that is not 4-bit
+        with embeddings_kept(model):  # as the strategy's k-bit preparation: embeddings and head stay 16-bit
+            model.to(torch.float32)  # prepare_model_for_kbit_training upcasts everything else that is not 4-bit
         for name in quantized:
             old = model.get_submodule(name)
             in_f, out_f = (old.in_features, old.out_features) if hasattr(old, "in_features") else old.weight.shape
             with init_empty_weights():
                 new = standin(in_f, out_f, bias=False, dtype=dtype)
             if getattr(old, "bias", None) is not None:
-                new.bias = torch.nn.Parameter(old.bias.detach().to(dtype), requires_grad=False)
+                new.bias = torch.nn.Parameter(old.bias.detach(), requires_grad=False)  # fp32, as peft upcasts it
             model.set_submodule(name, new)
     model.requires_grad_(False)
     pm = pm or get_plugin_manager()
     runtime = Runtime(device, compute == "bfloat16", "none")
     with init_empty_weights():
         model = pm.hook.qlora_wrap_model(strategy=strategy, options=options, model=model, runtime=runtime)
-    cast_trainable(model, compute)  # as a training run keeps the adapter (strategies.adapters)
+    # as a training run keeps the adapter (strategies.adapters): fp16 compute goes with fp16 AMP, fp32 adapters
+    cast_trainable(model, trainable_dtype(compute, fp16_amp=compute == "float16"))
     return model

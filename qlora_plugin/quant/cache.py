@@ -8,14 +8,24 @@ would quantize is quantized with bitsandbytes' own `quantize_4bit`, and written 
 reads back for pre-quantized bitsandbytes checkpoints (`QuantState.as_dict(packed=True)`). Never more than one
 16-bit tensor is held at a time. The result is bit-identical to quantizing at load time (tested).
 
+Where: on the process's GPU when it trains on one (bitsandbytes' CUDA kernel: seconds per billion parameters,
+against minutes for its generic torch path on the CPU), else on the CPU. The two paths are different code
+(bitsandbytes/backends/cuda/ops.py `quantize_4bit`, a CUDA kernel, and backends/default/ops.py, torch ops), so
+their bytes are not assumed equal: the device kind is part of the key, and the entry records it for `merge`.
+
 The cache key is the SHA-256 of the source's files (config and safetensors; hashes are remembered per file by
-path, size, mtime and inode so they are computed once) plus every setting that changes the stored bytes. Entries
-are written to a temporary folder and renamed into place, so a reader never sees half an entry.
+path, size, mtime and inode so they are computed once) plus every setting that changes the stored bytes: quant
+type, double quantization, storage and load dtypes, skipped modules, the bitsandbytes, torch and transformers
+versions and the device kind. Entries are written to a temporary folder and renamed into place, so a reader
+never sees half an entry. One process makes a missing entry while the others that need it wait on a lock file
+beside it (per cache folder, so per node with local disks; no collective, so no process-group timeout however
+long quantizing takes), then read it.
 Location: `$QLORA_PLUGIN_CACHE_DIR`, else `$XDG_CACHE_HOME/qlora_plugin` (`~/.cache/qlora_plugin`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,6 +44,7 @@ _loaded_from: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -
 CACHE_DIR_ENV = "QLORA_PLUGIN_CACHE_DIR"
 FORMAT_VERSION = 1
 ENTRY_FILE = "qlora_plugin_cache.json"
+LOCKS = ".locks"  # lock files are kept (removing one while a process waits on it would let two makers in)
 SOURCE_FILES = (".safetensors", "config.json", "model.safetensors.index.json")
 
 
@@ -78,8 +89,9 @@ def source_fingerprint(folder: str) -> dict[str, str]:
     return fingerprint
 
 
-def _settings(quantization_config, dtype) -> dict:
+def _settings(quantization_config, dtype, device: str) -> dict:
     import bitsandbytes
+    import torch
     import transformers
 
     return {
@@ -92,7 +104,18 @@ def _settings(quantization_config, dtype) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "bitsandbytes": bitsandbytes.__version__.split("+")[0],
         "transformers": transformers.__version__.split("+")[0],
+        "torch": torch.__version__.split("+")[0],
+        "device": _device_kind(device),  # the kernel that quantizes (cpu or cuda), not which GPU
     }
+
+
+def _device_kind(device: str) -> str:
+    return str(device).split(":")[0]
+
+
+def quantizing_device(runtime) -> str:
+    """Where this process quantizes: its own GPU when it trains on CUDA (`cuda:<local rank>`), else the CPU."""
+    return f"cuda:{runtime.process_index}" if runtime.device_type == "cuda" else "cpu"
 
 
 def _entry_name(folder: str, fingerprint: dict, settings: dict) -> str:
@@ -122,7 +145,7 @@ def _quantized_layout(folder: str, quantization_config, dtype, trust_remote_code
     return config, names, {f"{n}.weight" for n in layers}, {f"{n}.weight" for n in conv1d}
 
 
-def _quantize_into(folder: str, tmp: str, quantization_config, dtype, trust_remote_code: bool) -> None:
+def _quantize_into(folder: str, tmp: str, quantization_config, dtype, trust_remote_code: bool, device: str) -> None:
     import bitsandbytes.functional as bnbf
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -147,14 +170,14 @@ def _quantize_into(folder: str, tmp: str, quantization_config, dtype, trust_remo
                 if key in transposed:
                     tensor = tensor.t()
                 packed, state = bnbf.quantize_4bit(
-                    tensor.to(dtype).contiguous(), blocksize=64,
+                    tensor.to(device=device, dtype=dtype).contiguous(), blocksize=64,
                     compress_statistics=quantization_config.bnb_4bit_use_double_quant,
                     quant_type=quantization_config.bnb_4bit_quant_type,
                     quant_storage=quantization_config.bnb_4bit_quant_storage,
                 )
-                tensors[key] = packed
-                tensors.update({f"{key}.{name}": value for name, value in state.as_dict(packed=True).items()})
-                del tensor
+                tensors[key] = packed.cpu()
+                tensors.update({f"{key}.{name}": value.cpu() for name, value in state.as_dict(packed=True).items()})
+                del tensor, packed, state
         save_file(tensors, os.path.join(tmp, shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shard))
         del tensors
@@ -169,9 +192,29 @@ def _quantize_into(folder: str, tmp: str, quantization_config, dtype, trust_remo
     config.save_pretrained(tmp)
 
 
-def cached_base(model_id: str, init_kwargs: dict) -> str | None:
-    """The folder of a 4-bit copy of `model_id` for these `from_pretrained` kwargs, creating it on a miss.
-    Load it without `quantization_config`: its config.json carries the one it was made with.
+@contextlib.contextmanager
+def _entry_lock(entry: str):
+    """Held while one process makes `entry`; others wait here (a file lock, not a collective: no timeout).
+    Without `fcntl` (Windows) nothing is locked: concurrent makers race, and the rename keeps one entry."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    locks = os.path.join(cache_root(), LOCKS)
+    os.makedirs(locks, exist_ok=True)
+    with open(os.path.join(locks, os.path.basename(entry) + ".lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_base(model_id: str, init_kwargs: dict, device: str = "cpu") -> str | None:
+    """The folder of a 4-bit copy of `model_id` for these `from_pretrained` kwargs, creating it on a miss by
+    quantizing on `device` ("cpu", "cuda:N"). Load it without `quantization_config`: its config.json carries the
+    one it was made with.
 
     Returns None when the cache does not apply (no 4-bit config, not a local folder of safetensors, a checkpoint
     whose tensor names differ from its modules, an unwritable cache); the caller then loads as usual.
@@ -186,19 +229,27 @@ def cached_base(model_id: str, init_kwargs: dict) -> str | None:
     if fingerprint is None:
         return None
     dtype = init_kwargs.get("dtype")
-    settings = _settings(config, dtype)
+    settings = _settings(config, dtype, device)
     entry = os.path.join(cache_root(), _entry_name(model_id, fingerprint, settings))
     if os.path.isfile(os.path.join(entry, ENTRY_FILE)):
         logger.info("Loading the 4-bit base from the cache: %s", entry)
         return entry
     try:
         os.makedirs(cache_root(), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_root())
+        with _entry_lock(entry):
+            if os.path.isfile(os.path.join(entry, ENTRY_FILE)):  # made by the process we waited for
+                return entry
+            return _make_entry(model_id, entry, config, dtype, device, fingerprint, settings,
+                               bool(init_kwargs.get("trust_remote_code")))
     except OSError as err:
         logger.warning("Quantized-base cache unavailable (%s); quantizing at load time.", err)
         return None
+
+
+def _make_entry(model_id, entry, config, dtype, device, fingerprint, settings, trust_remote_code) -> str | None:
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_root())
     try:
-        _quantize_into(model_id, tmp, config, dtype, bool(init_kwargs.get("trust_remote_code")))
+        _quantize_into(model_id, tmp, config, dtype, trust_remote_code, device)
         with open(os.path.join(tmp, ENTRY_FILE), "w", encoding="utf-8") as f:
             json.dump({"source": os.path.abspath(model_id), "files": fingerprint, "settings": settings}, f, indent=2)
         give_normal_permissions(tmp)  # mkdtemp's 0700 and safetensors' 0600: a shared cache must be readable
@@ -213,23 +264,40 @@ def cached_base(model_id: str, init_kwargs: dict) -> str | None:
         return None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if device != "cpu":
+            import torch
+
+            torch.cuda.empty_cache()  # the GPU memory quantizing used goes back before the model loads
     return entry
+
+
+def quantized_on(model) -> str | None:
+    """The device kind that quantized a (possibly PEFT-wrapped) model loaded from the cache; None otherwise.
+    Entries made before the device was recorded were all quantized on the CPU."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    entry = _loaded_from.get(base)
+    if entry is None:
+        return None
+    try:
+        with open(os.path.join(entry, ENTRY_FILE), encoding="utf-8") as f:
+            return json.load(f)["settings"].get("device", "cpu")
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 @hookimpl
 def qlora_load_model(options, model_id, init_kwargs, runtime):
-    """A local base loads from its cached 4-bit copy (made on a miss); None lets the next loader take it.
+    """A local base loads from its cached 4-bit copy (made on a miss, on this process's GPU if it has one); None
+    lets the next loader take it.
 
-    Not under FSDP/ZeRO-3, which load through their own low-memory path. Under DDP one rank quantizes while the
-    others wait, then all read the same entry.
+    Not under FSDP/ZeRO-3, which load through their own low-memory path. Under DDP the first rank to ask makes the
+    entry while the others wait on its lock file, then all read it.
     """
     if not options.quantized_cache or runtime.shards_parameters:
         return None
-    from accelerate import PartialState
     from trl.trainer.utils import create_model_from_path
 
-    with PartialState().main_process_first():
-        entry = cached_base(model_id, init_kwargs)
+    entry = cached_base(model_id, init_kwargs, quantizing_device(runtime))
     if entry is None:
         return None
     kwargs = {k: v for k, v in init_kwargs.items() if k != "quantization_config"}  # the entry's config.json has it

@@ -14,7 +14,7 @@ def require_bitsandbytes() -> None:
     except Exception as err:  # ImportError, or a broken native library
         raise QLoRAPluginError(
             f"The qlora strategy needs bitsandbytes, which could not be imported ({type(err).__name__}: {err}). "
-            "Install it with `pip install 'bitsandbytes>=0.45'` (CPU and CUDA wheels on PyPI), or use "
+            "Install it with `pip install 'bitsandbytes>=0.50'` (CPU and CUDA wheels on PyPI), or use "
             "`--strategy lora` for 16-bit LoRA without it."
         ) from None
 
@@ -30,14 +30,13 @@ def _dtype(name):
 
 
 def compute_dtype(options: StrategyOptions, runtime: Runtime, load_dtype=None):
-    """bf16 where the device runs it natively, else fp32; an explicit choice (option or `--dtype`) wins."""
-    import torch
-
+    """bf16 where the device runs it natively, fp16 on CUDA GPUs without it (T4, V100), else fp32; an explicit
+    choice (option or `--dtype`) wins."""
     if options.bnb_4bit_compute_dtype != "auto":
         return _dtype(options.bnb_4bit_compute_dtype)
     if load_dtype is not None and load_dtype != "auto":
         return _dtype(load_dtype)
-    return torch.bfloat16 if runtime.bf16_native else torch.float32
+    return _dtype(runtime.half_dtype or "float32")
 
 
 def quant_storage(options: StrategyOptions, runtime: Runtime, load_dtype):

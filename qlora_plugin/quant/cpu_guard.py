@@ -16,18 +16,24 @@ from qlora_plugin.quant.layers import four_bit_layers
 
 
 def make_cpu_inference_safe(model):
-    """Disable (and undo) bitsandbytes' AVX512-BF16 weight repacking on every 4-bit layer of `model`."""
-    layers = four_bit_layers(model)
-    if not layers:
-        return model
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    """Disable (and undo) bitsandbytes' AVX512-BF16 weight repacking on every 4-bit layer of `model`.
 
-    for layer in layers:
+    Runs for every loaded base, GPU ones included, and across bitsandbytes releases: the flag is a plain
+    attribute (releases without the repacking ignore it), and the private inverse is imported only for a layer
+    that was really repacked, which only a release that has it can do."""
+    repacked = []
+    for layer in four_bit_layers(model):
         layer.support_avx512bf16_for_cpu = False  # forward() checks this before repacking
         state = getattr(layer.weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
-            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
-            layer.quant_state = layer.weight.quant_state
+            repacked.append(layer)
+    if repacked:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        for layer in repacked:
+            weight = layer.weight
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            layer.quant_state = weight.quant_state
     return model
 
 

@@ -76,4 +76,5 @@ def quantization_facts(model) -> dict | None:
         "bits_per_param": quantized_bits_per_param(model),
         "compute_dtype": str(first.compute_dtype).replace("torch.", ""),
         "quant_storage": str(first.weight.quant_storage).replace("torch.", ""),
+        "embeddings_dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""),
     }

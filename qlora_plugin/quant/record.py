@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.files import write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
+from qlora_plugin.quant.cache import quantized_on
 from qlora_plugin.quant.layers import four_bit_layers
 
 RECORD_FILE = "qlora_plugin_quantization.json"
@@ -37,7 +38,9 @@ def quantization_record(model) -> dict:
         "bnb_4bit_use_double_quant": bool(getattr(state, "nested", False)),
         "blocksize": int(state.blocksize),
         "weight_dtype": str(state.dtype).replace("torch.", ""),  # the weights' dtype when they were quantized
-        "device_type": state.absmax.device.type,  # bitsandbytes' CPU and CUDA kernels quantize separately
+        # bitsandbytes' CPU and CUDA kernels quantize separately: where the bytes were made (a cached base may
+        # have been quantized on the CPU and loaded onto a GPU), which `merge` quantizes on again
+        "device_type": quantized_on(model) or state.absmax.device.type,
         "llm_int8_skip_modules": config.get("llm_int8_skip_modules"),
         "layers_4bit": len(layers),
     }

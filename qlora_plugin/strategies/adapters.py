@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from transformers import TrainerCallback
 
 from qlora_plugin.errors import QLoRAPluginError
@@ -55,6 +57,47 @@ def lora_dropout(options: StrategyOptions, num_params: int) -> float:
     return 0.05 if num_params > BIG_MODEL_PARAMS else 0.1
 
 
+@contextlib.contextmanager
+def embeddings_kept(model):
+    """While the body upcasts the model (peft's k-bit preparation, `plan`'s skeleton), the input embeddings and the
+    output head keep their weights as loaded: 16-bit in the compute dtype, as in the paper's code (which casts
+    `embed_tokens` and `lm_head` back to bf16 after `prepare_model_for_kbit_training`; norms stay fp32).
+
+    Why: `prepare_model_for_kbit_training` casts every 16-bit parameter that is not 4-bit to fp32 (peft 0.21,
+    peft/utils/other.py:204-209), with no option to leave some out. For the embeddings and the head that doubles
+    their memory for the whole run: about 2 GB on a 128k-vocabulary 8B model. Their data is set aside while the
+    body runs (it sees an empty tensor of the same dtype), so no fp32 copy is ever made.
+
+    The fp32 norms make the hidden states reaching the head fp32; autocast casts them for the head's matmul, and
+    outside it (`generate()`, evaluation by hand, a run with mixed precision off) the head does the same
+    (`_input_in_weight_dtype`), as bitsandbytes' 4-bit layers do with their input."""
+    import torch
+
+    kept, seen = [], set()
+    head = model.get_output_embeddings()
+    for module in (model.get_input_embeddings(), head):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and id(weight) not in seen and weight.dtype in (torch.bfloat16, torch.float16):
+            seen.add(id(weight))
+            kept.append((weight, weight.data))
+            weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+    try:
+        yield
+    finally:
+        for weight, data in kept:
+            weight.data = data
+    if head is not None and any(weight is getattr(head, "weight", None) for weight, _ in kept):
+        head.register_forward_pre_hook(_input_in_weight_dtype)
+
+
+def _input_in_weight_dtype(module, args):
+    """Forward pre-hook: the input in the module's weight dtype (what autocast does for its matmul)."""
+    hidden, *rest = args
+    if hidden.is_floating_point() and hidden.dtype != module.weight.dtype:
+        return (hidden.to(module.weight.dtype), *rest)
+    return None
+
+
 def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
     """Prepare a k-bit model for training (not under FSDP/ZeRO-3, which must not upcast) and add LoRA."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -62,8 +105,10 @@ def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
     check_target_modules(model, options.lora_target_modules)
     num_params = count_parameters(model)
     if getattr(model, "is_loaded_in_4bit", False) and not runtime.shards_parameters:
-        # Upcasts norms/embeddings to fp32 for stable training; gradient checkpointing is left to the Trainer.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # Upcasts norms to fp32 for stable training (embeddings and head kept 16-bit); gradient checkpointing is
+        # left to the Trainer.
+        with embeddings_kept(model):
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     with library_deprecations():  # peft reads transformers' deprecated `is_gradient_checkpointing`
         return get_peft_model(model, lora_config(options, num_params))
 
@@ -87,9 +132,21 @@ def lora_config(options: StrategyOptions, num_params: int, **extra):
     )
 
 
+def trainable_dtype(compute_dtype: str, fp16_amp: bool, shards_parameters: bool = False) -> str:
+    """The dtype the adapter (every trainable parameter) is kept in: the compute dtype, except under fp16 mixed
+    precision, where it is fp32 as in the paper's code. fp16 AMP scales the loss with a `GradScaler`, whose
+    `unscale_` refuses fp16 gradients ("Attempting to unscale FP16 gradients", torch/amp/grad_scaler.py), and
+    fp16 weights would lose the small updates; autocast still runs the adapter's matmuls in fp16.
+
+    Not under FSDP / ZeRO-3 (`shards_parameters`): they flatten the adapter with the 16-bit base, which needs one
+    dtype, and bring their own scaling (FSDP's `ShardedGradScaler` accepts fp16 gradients)."""
+    return "float32" if fp16_amp and not shards_parameters else compute_dtype
+
+
 def cast_trainable(model, dtype_name: str) -> None:
-    """Keep the adapter in the compute dtype. TRL casts a quantized model's trainable parameters to bf16 even
-    where the 4-bit matmuls run in fp32 (CPUs without native bf16, where bf16 matmuls are many times slower)."""
+    """Keep the adapter in `dtype_name` (`trainable_dtype`). TRL casts a quantized model's trainable parameters to
+    bf16 even where the 4-bit matmuls run in fp32 (CPUs without native bf16, where bf16 matmuls are many times
+    slower) or in fp16 (GPUs without bf16)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -113,8 +170,9 @@ class KeepAdapterDtype(TrainerCallback):
     on_train_begin = on_init_end
 
 
-def adapter_facts(model, compute_dtype: str | None) -> dict:
-    """The adapter as the summary and report describe it (rank, targets, trainable parameters, dtype)."""
+def adapter_facts(model, compute_dtype: str | None, fp16_amp: bool = False, shards_parameters: bool = False) -> dict:
+    """The adapter as the summary and report describe it (rank, targets, trainable parameters, the dtype it is
+    kept in: `trainable_dtype`)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.peft_config[model.active_adapter] if hasattr(model, "peft_config") else None
     targets = sorted({name.rsplit(".", 1)[-1] for name in (config.target_modules or [])}) if config else []
@@ -123,7 +181,7 @@ def adapter_facts(model, compute_dtype: str | None) -> dict:
         "alpha": getattr(config, "lora_alpha", None),
         "dropout": getattr(config, "lora_dropout", None),
         "use_dora": getattr(config, "use_dora", False),
-        "dtype": compute_dtype or str(model.dtype).replace("torch.", ""),
+        "dtype": trainable_dtype(compute_dtype or str(model.dtype).replace("torch.", ""), fp16_amp, shards_parameters),
         "target_modules": targets,
         "layers": sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A")),
         "trainable_params": trainable,

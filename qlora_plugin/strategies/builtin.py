@@ -63,11 +63,27 @@ def qlora_create_optimizer(training_args):
     return bitsandbytes_optimizer(training_args)
 
 
+def precision_note(runtime, training_args) -> str | None:
+    """What the summary says on a CUDA GPU without native bf16 (pre-Ampere: T4, V100)."""
+    if runtime.device_type != "cuda" or runtime.bf16_native:
+        return None
+    gpu = f"this GPU (compute capability {'.'.join(map(str, runtime.capability or ()))})"
+    if training_args.bf16:
+        return f"bf16 was asked for, but {gpu} only emulates it: steps are slow; drop --bf16 to train in fp16"
+    if training_args.fp16:
+        return (f"no native bf16 on {gpu}: fp16 compute, adapters kept in fp32, fp16 mixed precision with loss "
+                "scaling")
+    return None
+
+
 @hookimpl(trylast=True)
 def qlora_run_facts(training_args, runtime):
     notes = []
     if runtime.device_type == "cpu" and optim_name(training_args).startswith("paged"):
         notes.append(CPU_PAGING_NOTE)
+    precision = precision_note(runtime, training_args)
+    if precision:
+        notes.append(precision)
     for problem in engine_warnings(runtime, optim_name(training_args)):
         logger.warning("%s.", problem)
         notes.append(problem)

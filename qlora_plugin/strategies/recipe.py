@@ -16,13 +16,18 @@ import dataclasses
 from qlora_plugin.strategies.adapters import BIG_MODEL_PARAMS
 from qlora_plugin.runtime import Runtime
 
+MIXED_PRECISION = ("bf16", "fp16")
+
 
 def training_defaults(num_params: int, runtime: Runtime) -> dict:
     """lr 2e-4 (1e-4 above 20B), max_grad_norm 0.3, constant schedule with 3% warmup, paged AdamW 32-bit,
     gradient checkpointing (reentrant only where DeepSpeed ZeRO-3 requires it), and bf16 mixed precision only
-    where the device runs bf16 natively (TRL turns it on everywhere; emulated bf16 is many times slower)."""
+    where the device runs bf16 natively (TRL turns it on everywhere; emulated bf16 is many times slower), fp16
+    mixed precision on CUDA GPUs without it (`Runtime.half_dtype`)."""
+    fp16 = {"fp16": True} if runtime.half_dtype == "float16" else {}  # adapters then stay fp32 (`trainable_dtype`)
     return {
         "bf16": runtime.bf16_native,
+        **fp16,
         "learning_rate": 1e-4 if num_params > BIG_MODEL_PARAMS else 2e-4,
         "max_grad_norm": 0.3,
         "lr_scheduler_type": "constant_with_warmup",
@@ -82,18 +87,20 @@ def apply_training_defaults(args, defaults: dict, explicit_names) -> dict:
     from transformers.training_args import OptimizerNames
 
     converters = {"lr_scheduler_type": SchedulerType, "optim": OptimizerNames}
+    # bf16 and fp16 are one choice (mixed precision): when the user named either, neither default applies
+    precision_chosen = any(user_set(args, name, explicit_names) for name in MIXED_PRECISION if hasattr(args, name))
     applied = {}
     for name, value in defaults.items():
         name = _field(args, name)
         if name is None or user_set(args, name, explicit_names):
             continue
-        if name == "bf16" and getattr(args, "fp16", False):
-            continue  # fp16 was asked for
+        if name in MIXED_PRECISION and precision_chosen:
+            continue
         setattr(args, name, converters[name](value) if name in converters else value)
         if hasattr(args, CHECKPOINTING_ALIASES.get(name, "")):
             setattr(args, CHECKPOINTING_ALIASES[name], getattr(args, name))  # the same object, as __post_init__
         applied[name] = value
-    if "bf16" in applied:
+    if any(name in applied for name in MIXED_PRECISION):
         _sync_mixed_precision(args)
     return applied
 

@@ -10,7 +10,8 @@ Called from `trainer.prepare_trainer_kwargs` (every path: scripts, YAML, Python 
   `checkpoint-N` only once complete, so a killed process never leaves a half-written `checkpoint-N` that
   `--resume_from_checkpoint true` would pick (transformers 5.24 writes straight into `checkpoint-N`).
 - `save_model`: the final adapter is written into `.tmp-model/` and each file renamed into place, so
-  `adapter_model.safetensors` is either the previous file or the new one, never half of one.
+  `adapter_model.safetensors` is either the previous file or the new one, never half of one; under FSDP it is
+  gathered whatever the configured state dict type (`fsdp_save`).
 
 Both end with the permissions a plain write would give (`files.give_normal_permissions`): safetensors writes
 `adapter_model.safetensors` 0600 whatever the umask.
@@ -25,6 +26,7 @@ import shutil
 
 from qlora_plugin.files import give_normal_permissions
 from qlora_plugin.training.checkpoints import resolve_checkpoint
+from qlora_plugin.training.fsdp_save import save_fsdp_adapter
 from qlora_plugin.training.interruption import graceful_stop
 from qlora_plugin.training.report import StrategyReportCallback
 
@@ -125,7 +127,10 @@ def _make_save_model(original):
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         try:
-            original(self, staging, True)
+            if self.is_fsdp_enabled:
+                save_fsdp_adapter(self, staging)  # transformers writes nothing under a sharded state dict
+            else:
+                original(self, staging, True)
             self.accelerator.wait_for_everyone()
             if main:
                 give_normal_permissions(staging)  # safetensors writes the adapter 0600

@@ -6,6 +6,11 @@ a strategy trainer's `train()` runs, on the main thread; signals the process ign
 signal restores the previous handlers and re-delivers it: the process stops at once (Ctrl-C: KeyboardInterrupt).
 The exit status is 143 for SIGTERM and 130 for SIGINT, so a scheduler sees the job did not finish and can requeue
 it with `--resume_from_checkpoint true`.
+
+With several processes (DDP, FSDP, ZeRO-3) a signal may reach one rank only, or the ranks at different steps.
+A rank that stopped alone would enter the checkpoint's collectives while the others run the next step's, and
+all would hang. So the ranks agree at every step end (`agreed_signal`: one all-reduce of one integer) and all
+stop after the same step, saving one checkpoint together.
 """
 
 from __future__ import annotations
@@ -23,14 +28,37 @@ from qlora_plugin.training.checkpoints import newest_checkpoint
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def agreed_signal(signum: int | None) -> int | None:
+    """The signal every rank acts on: the largest signal number any rank received (SIGTERM over SIGINT), or None.
+
+    Every rank must call it at the same point. With several processes that is one all-reduce of one integer (on
+    the process's device: NCCL needs a GPU tensor); a single process returns `signum` without communicating."""
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes < 2 or not torch.distributed.is_initialized():
+        return signum
+    received = torch.tensor([signum or 0], dtype=torch.int32, device=state.device)
+    torch.distributed.all_reduce(received, op=torch.distributed.ReduceOp.MAX)
+    return int(received.item()) or None
+
+
 class StopOnSignal(TrainerCallback):
-    """Turns a received signal into `should_save` + `should_training_stop` at the end of the current step."""
+    """Turns a signal received by any rank into `should_save` + `should_training_stop` at the end of the current
+    step, on every rank."""
 
     def __init__(self):
-        self.signum: int | None = None
+        self.received: int | None = None  # what this process received (set by the handler, never overwritten)
+        self.signum: int | None = None  # what all ranks agreed on
+        self.acted = False
+
+    def reset(self) -> None:
+        self.received = self.signum = None
         self.acted = False
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.signum = agreed_signal(self.received)
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
@@ -41,7 +69,7 @@ class StopOnSignal(TrainerCallback):
         name = signal.Signals(signum).name
         os.write(2, f"\n[qlora-plugin] {name}: finishing this step, saving a checkpoint, then stopping "
                     f"(send {name} again to stop at once)\n".encode())
-        self.signum = signum
+        self.received = signum
 
 
 @contextlib.contextmanager
@@ -85,9 +113,10 @@ def graceful_stop(trainer):
     if stop is None:
         stop = StopOnSignal()
         trainer.add_callback(stop)
-    stop.signum, stop.acted = None, False
+    stop.reset()
     with signal_handlers(stop.handle):
         yield
+    stop.signum = agreed_signal(stop.received)  # every rank gets here once training ends
     if stop.signum is None:
         return
     if not stop.acted:  # the signal came after the last step: keep the finished state too

@@ -167,9 +167,10 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         "model": {"name_or_path": getattr(model.config, "_name_or_path", None), "params": num_params,
                   "dtype": str(model.dtype).replace("torch.", "")},
         "runtime": {"device": runtime.device_type, "bf16_native": runtime.bf16_native, "engine": runtime.engine,
-                    "processes": runtime.num_processes},
+                    "processes": runtime.num_processes, "capability": runtime.capability,
+                    "mixed_precision": "fp16" if args.fp16 else "bf16" if args.bf16 else "no"},
         "quantization": quantization,
-        "adapter": adapter_facts(model, quantization and quantization["compute_dtype"]),
+        "adapter": adapter_facts(model, compute, bool(args.fp16), runtime.shards_parameters),
         "optimizer": {"name": optim_name(args), "class": optimizer_class},
         "recipe_applied": applied,
         "user_kept": kept,
@@ -180,8 +181,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     for extra in reversed(hooks.qlora_run_facts(explicit_options=dict(request.options), model=model,
                                                 training_args=args)):
         _merge_facts(facts, extra)  # in registration order: the built-in notes first
-    facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type,
-                                      facts["adapter"]["dtype"], pm)
+    facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type, compute, pm)
     callbacks = list(kwargs.get("callbacks") or [])
     for extra in hooks.qlora_trainer_callbacks(training_args=args, facts=facts):
         callbacks.extend(extra or [])

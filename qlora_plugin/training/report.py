@@ -17,11 +17,14 @@ REPORT_FILE = "qlora_plugin_report.json"
 
 
 def peak_memory() -> dict:
-    """Peak memory so far: the CUDA allocator's on GPU, else the process's peak resident set."""
+    """Peak memory so far: on a GPU what the CUDA caching allocator reserved (what the GPU gave the process,
+    beside what it allocated), else the process's peak resident set. Neither CUDA figure holds the CUDA context
+    or bitsandbytes' paged optimizer state (CUDA unified memory)."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "memory_kind": "cuda_max_allocated"}
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_reserved()), "memory_kind": "cuda_max_reserved",
+                "peak_allocated_bytes": int(torch.cuda.max_memory_allocated())}
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
     return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
             "memory_kind": "process_peak_rss"}
@@ -67,7 +70,7 @@ def format_summary(facts: dict) -> str:
         lines.append(
             f"  4-bit base : {q['layers_4bit']} linear layers in {q['quant_type']}"
             f"{' + double quant' if q['double_quant'] else ''} ({q['bits_per_param']:.3f} bits/param), "
-            f"compute {q['compute_dtype']}, storage {q['quant_storage']}"
+            f"compute {q['compute_dtype']}, storage {q['quant_storage']}, embeddings {q['embeddings_dtype']}"
         )
         if q.get("dequant_buffer_layers"):
             lines.append(f"  dequantize : {q['dequant_buffer_layers']} large 4-bit layers into one reused buffer "
@@ -107,6 +110,14 @@ def format_summary(facts: dict) -> str:
     return "\n".join(lines)
 
 
+def prediction_error(memory: dict, measured: int) -> float | None:
+    """predicted / measured - 1, like against like: on a GPU the plan's allocator part (no CUDA context, no paged
+    optimizer state) against `max_memory_reserved`; on the CPU the whole plan against the process's peak RSS."""
+    cuda = memory.get("memory_kind") == "cuda_max_reserved"
+    predicted = memory.get("predicted_allocator_bytes") if cuda else memory.get("predicted_peak_bytes")
+    return round(predicted / measured - 1, 4) if predicted and measured else None
+
+
 class StrategyReportCallback(TrainerCallback):
     """Prints the summary when the trainer is built and writes the JSON report when training ends."""
 
@@ -142,8 +153,7 @@ class StrategyReportCallback(TrainerCallback):
         memory = self.facts.get("memory")
         if memory is not None:  # the plan's prediction beside what was measured
             memory.update(measured_peak_bytes=measured["peak_memory_bytes"], memory_kind=measured["memory_kind"])
-            if memory.get("predicted_peak_bytes"):
-                memory["prediction_error"] = round(memory["predicted_peak_bytes"] / measured["peak_memory_bytes"] - 1, 4)
+            memory["prediction_error"] = prediction_error(memory, measured["peak_memory_bytes"])
         path = os.path.join(args.output_dir, REPORT_FILE)
         write_json_atomic(path, self.facts)
         print(f"[qlora-plugin] report written to {path}", flush=True)
