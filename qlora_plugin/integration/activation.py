@@ -16,7 +16,7 @@ import sys
 from qlora_plugin.errors import QLoRAPluginError, report_and_exit
 from qlora_plugin.flags import given_flag_names, parse_bool, parse_own_flags
 from qlora_plugin.integration import import_hook, model_loading, near_miss, script_args, state, trl_patches
-from qlora_plugin.integration.bootstrap import DISABLE_ENV
+from qlora_plugin.integration.import_hook import DISABLE_ENV
 from qlora_plugin.integration.excepthook import install_excepthook
 from qlora_plugin.integration.state import EXPLICIT_ENV, OPTIONS_ENV, SOURCE_ENV, STRATEGY_ENV
 from qlora_plugin.integration.yaml_config import read as read_yaml_config

@@ -8,9 +8,8 @@ It only installs an import watcher: nothing happens until the process imports `t
 import os
 import sys
 
-from qlora_plugin.integration.import_hook import watcher
+from qlora_plugin.integration.import_hook import DISABLE_ENV, watcher
 
-DISABLE_ENV = "QLORA_PLUGIN_DISABLE"
 
 
 def disabled() -> bool:

@@ -3,6 +3,8 @@ only: the process start-up hook (`bootstrap`) installs it before anything else i
 
 import sys
 
+DISABLE_ENV = "QLORA_PLUGIN_DISABLE"  # set to 1: the start-up hook installs nothing (bootstrap)
+
 
 class _LoaderProxy:
     """Runs `callback(module)` right after the real loader executes a watched module; otherwise transparent."""
