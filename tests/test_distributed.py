@@ -127,8 +127,11 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_models, dat
     the run resumes from it."""
     hook = tmp_path / "signal_one_rank.py"
     hook.write_text(SIGNAL_ONE_RANK)
-    out = tmp_path / "run"
-    flags = ["--model_name_or_path", tiny_models["llama"], "--dataset_name", dataset_dir, "--strategy", "qlora",
+    out, data = tmp_path / "run", tmp_path / "data"
+    data.mkdir()  # 64 rows: each rank tokenizes it, twice
+    rows = (Path(dataset_dir) / "train.jsonl").read_text().splitlines(keepends=True)[:64]
+    (data / "train.jsonl").write_text("".join(rows))
+    flags = ["--model_name_or_path", tiny_models["llama"], "--dataset_name", str(data), "--strategy", "qlora",
              "--per_device_train_batch_size", "2", "--max_length", "32", "--report_to", "none", "--use_cpu",
              "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(out)]
     code, output = _launch_ddp([*flags, "--qlora_hooks", str(hook), "--max_steps", "6"], tmp_path,

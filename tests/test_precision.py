@@ -99,6 +99,7 @@ def test_pre_ampere_gpu_computes_in_fp16_with_fp32_adapters_and_fp16_amp(tmp_pat
     assert args.fp16 and not args.bf16 and args.mixed_precision == "fp16"
     assert trainable_dtype("float16", args.fp16) == "float32"
     assert trainable_dtype("float16", args.fp16, shards_parameters=True) == "float16"  # FSDP flattens one dtype
+    assert trainable_dtype("float16", False) == "float32"  # fp16 compute with AMP turned off: still fp32
     note = precision_note(T4, args)
     assert "compute capability 7.5" in note and "adapters kept in fp32" in note
 

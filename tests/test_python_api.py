@@ -78,6 +78,7 @@ def test_saved_adapter_reloads_with_plain_peft(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from qlora_plugin import make_cpu_inference_safe, make_trainer
+    from qlora_plugin.strategies.adapters import embeddings_kept
 
     trainer = make_trainer("qlora", model=tiny_models["llama_odd"], train_dataset=train_split(),
                            args=sft_config(tmp_path, max_steps=10, learning_rate=3e-3))
@@ -92,11 +93,13 @@ def test_saved_adapter_reloads_with_plain_peft(tiny_models, tmp_path):
                                bnb_4bit_compute_dtype=trained.base_model.model.model.layers[0].self_attn.q_proj
                                .base_layer.compute_dtype)
     # Quantized from the weights in the dtype training loaded them in (the quant record says which: bf16 where the
-    # CPU has it natively), then prepared for k-bit training as the strategy does (the rest upcast to fp32).
+    # CPU has it natively), then prepared for k-bit training as the strategy does (the rest upcast to fp32 but the
+    # embeddings and head, which stay in the loaded dtype).
     record = json.loads((tmp_path / "qlora_plugin_quantization.json").read_text())  # output_dir, at train end
     base = AutoModelForCausalLM.from_pretrained(tiny_models["llama_odd"], quantization_config=quant,
                                                 dtype=getattr(torch, record["weight_dtype"]))
-    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    with embeddings_kept(base):
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     reloaded = make_cpu_inference_safe(PeftModel.from_pretrained(base, str(tmp_path / "adapter"))).eval()
     adapter_dtype = next(p.dtype for n, p in trained.named_parameters() if "lora_A" in n)
     assert adapter_dtype == quant.bnb_4bit_compute_dtype  # adapters train in the compute dtype

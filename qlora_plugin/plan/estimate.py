@@ -248,7 +248,7 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
         "weights_4bit_constants_bytes": constants,
         "weights_other_bytes": weights,
         "compute_dtype": compute,
-        "adapter_dtype": trainable_dtype(compute, fp16_amp=compute == "float16"),
+        "adapter_dtype": trainable_dtype(compute, fp16_amp=False),
         "optimizer": optim,
         "gradient_checkpointing": checkpointing,
         "batch_size": settings.batch_size,

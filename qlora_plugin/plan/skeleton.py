@@ -85,6 +85,5 @@ def skeleton(config, strategy, options: StrategyOptions, compute: str, pm=None, 
     runtime = Runtime(device, compute == "bfloat16", "none")
     with init_empty_weights():
         model = pm.hook.qlora_wrap_model(strategy=strategy, options=options, model=model, runtime=runtime)
-    # as a training run keeps the adapter (strategies.adapters): fp16 compute goes with fp16 AMP, fp32 adapters
-    cast_trainable(model, trainable_dtype(compute, fp16_amp=compute == "float16"))
+    cast_trainable(model, trainable_dtype(compute, fp16_amp=False))  # as a training run keeps the adapter
     return model

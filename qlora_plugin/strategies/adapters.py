@@ -133,14 +133,16 @@ def lora_config(options: StrategyOptions, num_params: int, **extra):
 
 
 def trainable_dtype(compute_dtype: str, fp16_amp: bool, shards_parameters: bool = False) -> str:
-    """The dtype the adapter (every trainable parameter) is kept in: the compute dtype, except under fp16 mixed
-    precision, where it is fp32 as in the paper's code. fp16 AMP scales the loss with a `GradScaler`, whose
-    `unscale_` refuses fp16 gradients ("Attempting to unscale FP16 gradients", torch/amp/grad_scaler.py), and
-    fp16 weights would lose the small updates; autocast still runs the adapter's matmuls in fp16.
+    """The dtype the adapter (every trainable parameter) is kept in: the compute dtype, except with fp16 (mixed
+    precision, or fp16 compute), where it is fp32 as in the paper's code. fp16 AMP scales the loss with a
+    `GradScaler`, whose `unscale_` refuses fp16 gradients ("Attempting to unscale FP16 gradients",
+    torch/amp/grad_scaler.py), and fp16 weights would lose the small updates; autocast still runs the adapter's
+    matmuls in fp16.
 
     Not under FSDP / ZeRO-3 (`shards_parameters`): they flatten the adapter with the 16-bit base, which needs one
     dtype, and bring their own scaling (FSDP's `ShardedGradScaler` accepts fp16 gradients)."""
-    return "float32" if fp16_amp and not shards_parameters else compute_dtype
+    fp16 = fp16_amp or compute_dtype == "float16"
+    return "float32" if fp16 and not shards_parameters else compute_dtype
 
 
 def cast_trainable(model, dtype_name: str) -> None:
