@@ -433,3 +433,13 @@ def test_a_budget_that_is_not_a_size_is_refused_when_options_are_read():
         StrategyOptions(memory_budget="lots")
     assert StrategyOptions(memory_budget="auto").memory_budget == "auto"
     assert StrategyOptions(memory_budget="t4").memory_budget == "t4"
+
+
+def test_auto_budget_on_cpu_is_90_percent_of_available_memory():
+    from qlora_plugin.plan.budget import budget_bytes
+
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    budget, how = budget_bytes("auto", "cpu")
+    assert budget == pytest.approx(0.9 * available, rel=0.05) and how.startswith("auto: 90% of")
+    assert budget_bytes("24GB", "cpu") == (24 * 10**9, "as given")

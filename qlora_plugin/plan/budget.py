@@ -38,17 +38,18 @@ def budget_bytes(text: str, device: str) -> tuple[int, str]:
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         return int((total - AUTO_CUDA_RESERVE) * AUTO_FRACTION), f"auto: 90% of the GPU's {total / 2**30:.1f} GiB " \
                                                                   "less 1 GiB for its context"
-    available = _mem_available()
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
     if available is None:
         raise QLoRAPluginError("`--memory_budget auto` needs /proc/meminfo on CPU; give a size instead (e.g. 16GiB).")
     return int(available * AUTO_FRACTION), f"auto: 90% of the {available / 2**30:.1f} GiB this machine has available"
 
 
-def _mem_available() -> int | None:
+def _proc_kib(path: str, key: str) -> int | None:
+    """Bytes of a `key: N kB` line in a Linux /proc file, or None elsewhere."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open(path, encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -176,11 +177,4 @@ def memory_in_use(device: str) -> int | None:
         import torch
 
         return int(torch.cuda.memory_allocated())
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kib("/proc/self/status", "VmRSS")
