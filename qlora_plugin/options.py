@@ -15,6 +15,7 @@ from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.sizes import parse_memory
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+INIT_CHOICES = ("auto", "loftq", "default", "gaussian")
 STORAGE_CHOICES = ("auto", "uint8", "bfloat16", "float16", "float32")
 
 
@@ -121,6 +122,16 @@ class StrategyOptions:
     )
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling (alpha / sqrt(r))."})
+    init_lora_weights: str = field(
+        default="auto",
+        metadata={
+            "help": "How the adapter starts. loftq: at the best rank-r correction of each 4-bit layer's quantization "
+            "error (LoftQ; reads the base's 16-bit safetensors once), so training starts from the 16-bit model; "
+            "default: peft's (A random, B zero: the 4-bit model unchanged); gaussian: peft's gaussian A. auto: "
+            "loftq on a 4-bit base (not with DoRA or under FSDP/ZeRO-3), else default (docs/benchmarks.md).",
+            "choices": list(INIT_CHOICES),
+        },
+    )
     lora_task_type: str = field(default="CAUSAL_LM", metadata={"help": "PEFT task type of the adapter."})
     memory_budget: str | None = field(
         default=None,
@@ -146,6 +157,7 @@ class StrategyOptions:
             ("bnb_4bit_quant_type", ("nf4", "fp4")),
             ("bnb_4bit_compute_dtype", DTYPE_CHOICES),
             ("bnb_4bit_quant_storage", STORAGE_CHOICES),
+            ("init_lora_weights", INIT_CHOICES),
         ):
             if getattr(self, name) not in allowed:
                 raise QLoRAPluginError(

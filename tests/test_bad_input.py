@@ -39,6 +39,11 @@ CASES = {
         ["--strategy", "qlora", "--lora_target_modules", "q_proj", "qkv"],
         ["['qkv'] match no layer", "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"],
     ),
+    "loftq on a 16-bit base": (["--strategy", "lora", "--init_lora_weights", "loftq"],
+                               ["`init_lora_weights loftq` cannot run here: the base is 16-bit"]),
+    "loftq with DoRA": (["--strategy", "qlora", "--init_lora_weights", "loftq", "--use_dora", "true"],
+                        ["`init_lora_weights loftq` cannot run here: DoRA"]),
+    "unknown adapter start": (["--strategy", "qlora", "--init_lora_weights", "pissa"], ["invalid choice", "loftq"]),
 }
 
 

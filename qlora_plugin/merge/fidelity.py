@@ -18,6 +18,7 @@ import types
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.files import write_json_atomic
+from qlora_plugin.notices import library_deprecations
 from qlora_plugin.quant.cpu_guard import make_cpu_inference_safe
 from qlora_plugin.quant.layers import four_bit_layers
 
@@ -130,7 +131,8 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
                 param.data = param.data.float()
         for layer in four_bit_layers(base):
             layer.forward = types.MethodType(_exact_forward, layer)
-    reference = logits(PeftModel.from_pretrained(base, adapter_dir).float())
+    with library_deprecations():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        reference = logits(PeftModel.from_pretrained(base, adapter_dir).float())
     del base
     gc.collect()  # one model in memory at a time: the reference, the merge, then the naive merge
     output = getattr(torch, out_dtype)
@@ -140,8 +142,9 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
               "thresholds": {"max_relative_logit_diff": MAX_RELATIVE_DIFF[out_dtype],
                              "min_greedy_agreement": MIN_AGREEMENT}}
     if settings is not None:
-        naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder, dtype=output),
-                                          adapter_dir).merge_and_unload()
+        with library_deprecations():
+            naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder, dtype=output),
+                                              adapter_dir).merge_and_unload()
         report["naive_merge_into_16bit_base"] = compare(reference, logits(naive))
         del naive
         gc.collect()

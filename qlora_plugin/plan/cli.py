@@ -111,7 +111,8 @@ def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "")
         bits = f", 4-bit layers {d['layers_4bit']} at {d['bits_per_4bit_param']} bits/param" if d["layers_4bit"] else ""
         adapters = f" (adapters {d['adapter_dtype']})" if d.get("adapter_dtype", d["compute_dtype"]) != d["compute_dtype"] else ""
         lines.append(f"{p.strategy}: compute {d['compute_dtype']}{adapters}, optimizer {d['optimizer']}, gradient "
-                     f"checkpointing {'on' if d['gradient_checkpointing'] else 'off'}, trainable "
+                     f"checkpointing {'on' if d['gradient_checkpointing'] else 'off'}, "
+                     f"{'LoRA init ' + d['lora_init'] + ', ' if d.get('lora_init') else ''}trainable "
                      f"{d['trainable_params']:,} params{bits}; activations without/with checkpointing "
                      f"{_size(d['activations_without_checkpointing'])} / {_size(d['activations_with_checkpointing'])}")
     lines += _sharded_loading_notes(plans, gpu_memory)

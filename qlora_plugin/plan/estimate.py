@@ -259,12 +259,22 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
         "eval_activations": eval_transient_bytes(model, settings.eval_batch_size, settings.seq_len),
         "activations_with_checkpointing": acts["with_checkpointing"],
         "lora_r": None if full else options.lora_r,
+        # how the adapter starts: no memory of its own (loftq reads one 16-bit weight at a time, before training)
+        "lora_init": None if full else getattr(model, "qlora_lora_init", {}).get("method"),
         "mixed_precision": amp_dtype(compute),
         "optimizer_paged_bytes": paged,
         # what `torch.cuda.max_memory_reserved` should show: all but the CUDA context and the paged state
         "allocator_bytes": sum(components.values()) - components["runtime"] - paged if cuda else None,
     }
     return Plan(name, components, details)
+
+
+def _for_16bit(explicit_options: dict) -> dict:
+    """The options of a 16-bit plan shown beside a 4-bit one: a 4-bit-only adapter start (loftq) does not apply
+    to it (and costs no memory), so it is planned with peft's default start, as the table says."""
+    if explicit_options.get("init_lora_weights") == "loftq":
+        return {**explicit_options, "init_lora_weights": "default"}
+    return explicit_options
 
 
 def make_plans(model: str, strategies: list[str] | None, settings: PlanSettings, explicit_options: dict,
@@ -276,10 +286,13 @@ def make_plans(model: str, strategies: list[str] | None, settings: PlanSettings,
     resolved = []
     for name in strategies or ["qlora", "lora", FULL]:
         if name == FULL:
-            resolved.append((name, None, build_options({"load_in_4bit": False}, explicit_options)))
+            resolved.append((name, None, build_options({"load_in_4bit": False}, _for_16bit(explicit_options))))
         elif name in available:
             strategy = available[name]
-            resolved.append((name, strategy, build_options(dict(strategy.option_defaults), explicit_options)))
+            options = build_options(dict(strategy.option_defaults), explicit_options)
+            if not options.load_in_4bit and not strategies:  # a 16-bit plan shown beside the 4-bit one
+                options = build_options(dict(strategy.option_defaults), _for_16bit(explicit_options))
+            resolved.append((name, strategy, options))
         else:
             raise unknown_strategy_error(name, [*available, FULL])
     config = load_config(model, settings.trust_remote_code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 from transformers import TrainerCallback
 
@@ -10,6 +11,8 @@ from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.notices import library_deprecations
 from qlora_plugin.options import StrategyOptions
 from qlora_plugin.runtime import Runtime
+
+logger = logging.getLogger(__name__)
 
 BIG_MODEL_PARAMS = 20e9  # the paper's recipe changes above this size (dropout 0.05, lr 1e-4)
 
@@ -98,19 +101,57 @@ def _input_in_weight_dtype(module, args):
     return None
 
 
+def lora_init(options: StrategyOptions, four_bit: bool, shards_parameters: bool) -> str:
+    """The adapter initialisation this run uses: `init_lora_weights`, with `auto` resolved. auto is loftq on a 4-bit
+    base, where it measurably closes part of the 4-bit quality gap (docs/benchmarks.md), except where it cannot
+    run: with DoRA (its magnitude is computed from the weight before the adapter starts) and under FSDP/ZeRO-3
+    (each rank holds only a shard of each weight). An explicit loftq there is refused, never silently replaced."""
+    choice = options.init_lora_weights
+    blocker = ("the base is 16-bit, so there is no quantization error to correct" if not four_bit else
+               "DoRA computes its magnitude from the weight before the adapter is set" if options.use_dora else
+               "under FSDP / DeepSpeed ZeRO-3 each process holds only a shard of each weight"
+               if shards_parameters else None)
+    if choice == "loftq" and blocker:
+        raise QLoRAPluginError(f"`init_lora_weights loftq` cannot run here: {blocker}. Use `--init_lora_weights "
+                               "default` (or leave it at auto).")
+    if choice == "auto":
+        return "default" if blocker else "loftq"
+    return choice
+
+
 def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
-    """Prepare a k-bit model for training (not under FSDP/ZeRO-3, which must not upcast) and add LoRA."""
+    """Prepare a k-bit model for training (not under FSDP/ZeRO-3, which must not upcast), add LoRA, and start it as
+    `init_lora_weights` says (`lora_init`). On `plan`'s meta-device skeleton nothing is initialised."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     check_target_modules(model, options.lora_target_modules)
     num_params = count_parameters(model)
-    if getattr(model, "is_loaded_in_4bit", False) and not runtime.shards_parameters:
+    four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
+    init = lora_init(options, options.load_in_4bit, runtime.shards_parameters)  # also on `plan`'s skeleton
+    if four_bit and not runtime.shards_parameters:
         # Upcasts norms to fp32 for stable training (embeddings and head kept 16-bit); gradient checkpointing is
         # left to the Trainer.
         with embeddings_kept(model):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     with library_deprecations():  # peft reads transformers' deprecated `is_gradient_checkpointing`
-        return get_peft_model(model, lora_config(options, num_params))
+        model = get_peft_model(model, lora_config(options, num_params, init_lora_weights=PEFT_INIT.get(init, init)))
+    facts = {"method": init}
+    if init == "loftq" and not any(p.is_meta for p in model.parameters()):
+        from qlora_plugin.strategies.loftq import loftq_initialise
+
+        try:
+            facts.update(loftq_initialise(model))
+        except QLoRAPluginError as err:
+            if options.init_lora_weights != "auto":
+                raise
+            # auto was our choice, not the user's: the run goes on from peft's start, and says why
+            logger.warning("init_lora_weights auto: starting from peft's default instead of loftq. %s", err)
+            facts = {"method": "default", "note": f"loftq not possible: {err}"}
+    model.qlora_lora_init = facts  # read by `adapter_facts`
+    return model
+
+
+PEFT_INIT = {"default": True, "loftq": True}  # loftq: peft's default start, then replaced (`loftq_initialise`)
 
 
 def lora_config(options: StrategyOptions, num_params: int, **extra):
@@ -186,6 +227,7 @@ def adapter_facts(model, compute_dtype: str | None, fp16_amp: bool = False, shar
         "dtype": trainable_dtype(compute_dtype or str(model.dtype).replace("torch.", ""), fp16_amp, shards_parameters),
         "target_modules": targets,
         "layers": sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A")),
+        "init": getattr(model, "qlora_lora_init", {"method": "default"}),
         "trainable_params": trainable,
         "total_params": count_parameters(model),
     }

@@ -84,6 +84,13 @@ def format_summary(facts: dict) -> str:
         f"({', '.join(a['target_modules'])}); trainable {a['trainable_params']:,} of {a['total_params']:,} "
         f"params ({100 * a['trainable_params'] / max(a['total_params'], 1):.2f}%)"
     )
+    init = a.get("init") or {}
+    if init.get("method") == "loftq" and "error_cancelled" in init:
+        lines.append(f"  LoRA init  : loftq: the adapters start at a rank-{a['r']} correction of the 4-bit error, "
+                     f"{100 * init['error_cancelled']:.0f}% of it cancelled on {init['layers']} layers "
+                     f"({init['seconds']:.1f} s; init_lora_weights)")
+    elif init.get("method"):
+        lines.append(f"  LoRA init  : {init['method']} (init_lora_weights)" + (f"; {init['note']}" if init.get("note") else ""))
     if a.get("fast_dropout_layers"):
         lines.append(f"  dropout    : masks for {a['fast_dropout_layers']} LoRA layers drawn with one 32-bit draw per "
                      "element (cpu_fast_dropout)")
