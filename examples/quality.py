@@ -42,6 +42,7 @@ from real_model import NAME, ensure_model  # noqa: E402
 OUT = HERE / "output" / "quality"
 DATA = HERE / "data" / "city_json"
 DOC = HERE.parent / "docs" / "benchmarks.md"
+NOTES = HERE / "benchmark_notes.md"
 PLOT = HERE.parent / "docs" / "quality.png"
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
@@ -113,7 +114,7 @@ def summarise(results: list[dict]) -> list[dict]:
         row = {"config": config, "seeds": len(runs),
                "start": statistics.mean(r["eval_loss_start"] for r in runs),
                "end": statistics.mean(end), "end_sd": statistics.stdev(end) if len(end) > 1 else 0.0,
-               "seconds": statistics.mean(r["seconds"] for r in runs),
+               "seconds": statistics.median(r["seconds"] for r in runs),  # robust to a run slowed by the machine
                "peak_mib": statistics.mean(r["peak_mib"] for r in runs)}
         if base:
             row["vs_lora"] = row["end"] / statistics.mean(base)
@@ -124,7 +125,7 @@ def summarise(results: list[dict]) -> list[dict]:
 def table(rows: list[dict], meta: dict) -> str:
     lines = [f"{meta['model']}, city-to-JSON task (150 training / 40 held-out examples), {meta['steps']} steps of "
              f"batch {meta['batch']}, seeds {meta['seeds']}, on {meta['machine']}.", "",
-             "| configuration | held-out loss, step 0 | after training (mean ± sd) | × lora | time per run | peak memory |",
+             "| configuration | held-out loss, step 0 | after training (mean ± sd) | × lora | time per run (median) | peak memory |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['vs_lora']:.3f}" if "vs_lora" in r else "-"
@@ -156,14 +157,14 @@ def plot(results: list[dict], rows: list[dict]) -> bool:
 
 
 def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    section = f"{BEGIN}\n{text}{END}"
-    if BEGIN in doc:
+    """The table between the markers, in docs/benchmarks.md and in the notes `examples/benchmark.py` appends when it
+    rewrites that page (so neither benchmark erases the other's figures)."""
+    for path in (DOC, NOTES):
+        doc = path.read_text()
+        if BEGIN not in doc:
+            raise SystemExit(f"error: {path} has no {BEGIN} ... {END} markers to put the table between")
         head, rest = doc.split(BEGIN, 1)
-        doc = head + section + rest.split(END, 1)[1]
-    else:
-        doc += f"\n## 4-bit quality on a real model (`examples/quality.py`)\n\n{section}\n"
-    DOC.write_text(doc)
+        path.write_text(f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
 
 
 def main(argv=None) -> int:
@@ -174,20 +175,22 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--write", action="store_true", help="rewrite the section of docs/benchmarks.md and the plot")
+    parser.add_argument("--report", action="store_true", help="only rebuild the table (and with --write the docs "
+                        "section and plot) from the runs in results.json")
     parser.add_argument("--resume", action="store_true",
                         help="keep the finished runs in results.json (same steps and batch) and run only the others")
     args = parser.parse_args(argv)
 
-    model = ensure_model()
+    model = None if args.report else ensure_model()
     OUT.mkdir(parents=True, exist_ok=True)
     results_file = OUT / "results.json"
     results = []
-    if args.resume and results_file.exists():
+    if (args.resume or args.report) and results_file.exists():
         results = [r for r in json.loads(results_file.read_text())
                    if "error" not in r and r["steps"] == args.steps and r["batch"] == args.batch]
     for seed in args.seeds:  # seeds outermost: drift on the machine hits every configuration alike
         for config in args.configs:
-            if any(r["config"] == config and r["seed"] == seed for r in results):
+            if args.report or any(r["config"] == config and r["seed"] == seed for r in results):
                 continue
             result = run_one(model, config, seed, args.steps, args.batch)
             results.append(result)

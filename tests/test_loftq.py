@@ -142,3 +142,14 @@ def test_auto_falls_back_to_peft_start_and_says_why_explicit_loftq_refuses(tiny_
     model.config._name_or_path = str(tmp_path)
     with pytest.raises(QLoRAPluginError, match="has none"):
         wrap_with_lora(model, StrategyOptions(init_lora_weights="loftq"), CPU)
+
+
+def test_plan_shows_the_start_and_plans_16_bit_beside_it_with_peft_start(tiny_models, capsys):
+    from qlora_plugin.cli import main
+
+    assert main(["plan", tiny_models["llama"], "--init_lora_weights", "loftq"]) == 0
+    out = capsys.readouterr().out
+    assert "qlora: compute" in out and "LoRA init loftq" in out.split("qlora: compute")[1].split("\n")[0]
+    assert "LoRA init default" in out.split("lora: compute")[-1].split("\n")[0]
+    assert main(["plan", tiny_models["llama"]]) == 0  # auto: the same choice as a training run
+    assert "LoRA init loftq" in capsys.readouterr().out.split("qlora: compute")[1].split("\n")[0]

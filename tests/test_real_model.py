@@ -15,9 +15,10 @@ from quality import eval_losses  # noqa: E402
 from real_model import ensure_model  # noqa: E402
 
 STEPS = 20
-# qlora's held-out loss after STEPS steps over lora's, at most. Measured with examples/quality.py (docs/benchmarks.md):
-# see QLORA_OVER_LORA's derivation there; the bound leaves room for the spread over seeds and machines.
-QLORA_OVER_LORA = 1.25
+# qlora's held-out loss after STEPS steps over lora's, at most. Measured (examples/quality.py, docs/benchmarks.md):
+# 1.15-1.29 with the LoftQ start over seeds, 1.20 for this test's 20 steps; 1.60-1.78 with peft's start, which
+# this bound fails.
+QLORA_OVER_LORA = 1.4
 DATA = REPO / "examples" / "data" / "city_json"
 
 
@@ -28,7 +29,7 @@ def smollm2(tmp_path_factory) -> str:
 
 def _train(model: str, strategy: str, out) -> tuple[list[float], dict]:
     done = run_command(
-        ["qlora-plugin", "run", "--", "python", "-m", "trl.scripts.sft", "--model_name_or_path", model,
+        ["qlora-plugin", "run", "--", sys.executable, "-m", "trl.scripts.sft", "--model_name_or_path", model,
          "--dataset_name", str(DATA), "--strategy", strategy, "--seed", "0", "--max_steps", str(STEPS),
          "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--eval_strategy", "steps",
          "--eval_steps", str(STEPS), "--eval_on_start", "true", "--max_length", "128", "--logging_steps", "5",
