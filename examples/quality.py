@@ -125,11 +125,11 @@ def summarise(results: list[dict]) -> list[dict]:
 def table(rows: list[dict], meta: dict) -> str:
     lines = [f"{meta['model']}, city-to-JSON task (150 training / 40 held-out examples), {meta['steps']} steps of "
              f"batch {meta['batch']}, seeds {meta['seeds']}, on {meta['machine']}.", "",
-             "| configuration | held-out loss, step 0 | after training (mean ± sd) | × lora | time per run (median) | peak memory |",
-             "|---|---|---|---|---|---|"]
+             "| configuration | seeds | held-out loss, step 0 | after training (mean ± sd) | × lora | time per run (median) | peak memory |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['vs_lora']:.3f}" if "vs_lora" in r else "-"
-        lines.append(f"| `{r['config']}` | {r['start']:.4f} | {r['end']:.4f} ± {r['end_sd']:.4f} | {ratio} | "
+        lines.append(f"| `{r['config']}` | {r['seeds']} | {r['start']:.4f} | {r['end']:.4f} ± {r['end_sd']:.4f} | {ratio} | "
                      f"{r['seconds']:.0f} s | {r['peak_mib']:,.0f} MiB |")
     return "\n".join(lines) + "\n"
 
