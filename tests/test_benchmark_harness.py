@@ -31,6 +31,7 @@ RESULTS = {
     "qlora-buffer": [_run(20, 12, 100), _run(20, 12, 100), _run(20, 12, 100)],
     "qlora-glibc": [_run(20, 11, 200), _run(20, 11, 220), _run(20, 11, 180)],
     "qlora-torch-dropout": [_run(20, 12, 100), _run(20, 15, 110), _run(20, 11, 90)],
+    "qlora-peft-init": [_run(50, 10, 100), _run(15, 12, 110), _run(16, 11, 90)],
 }
 
 
@@ -51,6 +52,7 @@ def test_ratios_are_taken_round_by_round_and_start_up_skips_the_cache_filling_ro
     assert ratios["qlora-buffer/qlora"]["step_s"] == 12 / 11  # median of 12/10, 12/12, 12/11
     assert ratios["qlora/qlora-glibc"]["peak_rss_mib"] == 0.5  # 100/200, 110/220, 90/180
     assert ratios["qlora/qlora-torch-dropout"]["step_s"] == 10 / 12  # median of 10/12, 12/15, 11/11
+    assert ratios["qlora/qlora-peft-init"]["first_step_s"] == (20 / 15 + 22 / 16) / 2  # what the LoftQ start costs
 
 
 def test_report_has_a_row_for_every_configuration_and_pair(tmp_path):
