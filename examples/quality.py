@@ -12,6 +12,7 @@ split never shows). Every run is TRL's unmodified SFT script, started as a user 
 and the same data, steps, batch and seed; only the configuration's own flags differ:
 
   lora           --strategy lora                         16-bit base, the baseline
+  qlora-calibrated --strategy qlora --init_lora_weights loftq_calibrated   NF4 + DQ, calibrated LoftQ start (auto)
   qlora-loftq    --strategy qlora --init_lora_weights loftq     NF4 + double quantization, LoftQ start
   qlora-default  --strategy qlora --init_lora_weights default   the same, peft's start (B = 0): the 4-bit model
   nf4-no-dq      --strategy qlora --use_bnb_nested_quant false --init_lora_weights default
@@ -48,6 +49,7 @@ BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
 CONFIGS = {
     "lora": ["--strategy", "lora"],
+    "qlora-calibrated": ["--strategy", "qlora", "--init_lora_weights", "loftq_calibrated"],
     "qlora-loftq": ["--strategy", "qlora", "--init_lora_weights", "loftq"],
     "qlora-default": ["--strategy", "qlora", "--init_lora_weights", "default"],
     "nf4-no-dq": ["--strategy", "qlora", "--use_bnb_nested_quant", "false", "--init_lora_weights", "default"],

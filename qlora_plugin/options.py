@@ -15,7 +15,7 @@ from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.sizes import parse_memory
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
-INIT_CHOICES = ("auto", "loftq", "default", "gaussian")
+INIT_CHOICES = ("auto", "loftq_calibrated", "loftq", "default", "gaussian")
 STORAGE_CHOICES = ("auto", "uint8", "bfloat16", "float16", "float32")
 
 
@@ -126,9 +126,11 @@ class StrategyOptions:
         default="auto",
         metadata={
             "help": "How the adapter starts. loftq: at the best rank-r correction of each 4-bit layer's quantization "
-            "error (LoftQ; reads the base's 16-bit safetensors once), so training starts from the 16-bit model; "
-            "default: peft's (A random, B zero: the 4-bit model unchanged); gaussian: peft's gaussian A. auto: "
-            "loftq on a 4-bit base (not with DoRA or under FSDP/ZeRO-3), else default (docs/benchmarks.md).",
+            "error (LoftQ; reads the base's 16-bit safetensors once), so training starts closer to the 16-bit model; "
+            "loftq_calibrated: the same correction, weighted by each layer's inputs on the first 16 training "
+            "examples (computed when training starts); default: peft's (A random, B zero: the 4-bit model "
+            "unchanged); gaussian: peft's gaussian A. auto: loftq_calibrated on a 4-bit base (not with DoRA or "
+            "under FSDP/ZeRO-3), else default (docs/benchmarks.md).",
             "choices": list(INIT_CHOICES),
         },
     )

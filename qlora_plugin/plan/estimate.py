@@ -270,9 +270,9 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
 
 
 def _for_16bit(explicit_options: dict) -> dict:
-    """The options of a 16-bit plan shown beside a 4-bit one: a 4-bit-only adapter start (loftq) does not apply
-    to it (and costs no memory), so it is planned with peft's default start, as the table says."""
-    if explicit_options.get("init_lora_weights") == "loftq":
+    """The options of a 16-bit plan shown beside a 4-bit one: a 4-bit-only adapter start (the LoftQ ones) does
+    not apply to it (and costs no memory), so it is planned with peft's default start, as the table says."""
+    if explicit_options.get("init_lora_weights") in ("loftq", "loftq_calibrated"):
         return {**explicit_options, "init_lora_weights": "default"}
     return explicit_options
 

@@ -101,27 +101,33 @@ def _input_in_weight_dtype(module, args):
     return None
 
 
+LOFTQ_INITS = ("loftq", "loftq_calibrated")
+
+
 def lora_init(options: StrategyOptions, four_bit: bool, shards_parameters: bool) -> str:
-    """The adapter initialisation this run uses: `init_lora_weights`, with `auto` resolved. auto is loftq on a 4-bit
-    base, where it measurably closes part of the 4-bit quality gap (docs/benchmarks.md), except where it cannot
-    run: with DoRA (its magnitude is computed from the weight before the adapter starts) and under FSDP/ZeRO-3
-    (each rank holds only a shard of each weight). An explicit loftq there is refused, never silently replaced."""
+    """The adapter initialisation this run uses: `init_lora_weights`, with `auto` resolved. auto is
+    loftq_calibrated on a 4-bit base, where it measurably closes most of the 4-bit quality gap (docs/benchmarks.md),
+    except where no LoftQ start can run: with DoRA (its magnitude is computed from the weight before the adapter
+    starts) and under FSDP/ZeRO-3 (each rank holds only a shard of each weight). An explicit LoftQ start there is
+    refused, never silently replaced."""
     choice = options.init_lora_weights
     blocker = ("the base is 16-bit, so there is no quantization error to correct" if not four_bit else
                "DoRA computes its magnitude from the weight before the adapter is set" if options.use_dora else
                "under FSDP / DeepSpeed ZeRO-3 each process holds only a shard of each weight"
                if shards_parameters else None)
-    if choice == "loftq" and blocker:
-        raise QLoRAPluginError(f"`init_lora_weights loftq` cannot run here: {blocker}. Use `--init_lora_weights "
+    if choice in LOFTQ_INITS and blocker:
+        raise QLoRAPluginError(f"`init_lora_weights {choice}` cannot run here: {blocker}. Use `--init_lora_weights "
                                "default` (or leave it at auto).")
     if choice == "auto":
-        return "default" if blocker else "loftq"
+        return "default" if blocker else "loftq_calibrated"
     return choice
 
 
 def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
     """Prepare a k-bit model for training (not under FSDP/ZeRO-3, which must not upcast), add LoRA, and start it as
-    `init_lora_weights` says (`lora_init`). On `plan`'s meta-device skeleton nothing is initialised."""
+    `init_lora_weights` says (`lora_init`). On `plan`'s meta-device skeleton nothing is initialised. loftq is
+    computed here; loftq_calibrated needs the training data, so here it only checks that the 16-bit weights can be
+    read, and `calibration.CalibratedLoftQ` computes it when training starts."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     check_target_modules(model, options.lora_target_modules)
@@ -136,11 +142,17 @@ def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
     with library_deprecations():  # peft reads transformers' deprecated `is_gradient_checkpointing`
         model = get_peft_model(model, lora_config(options, num_params, init_lora_weights=PEFT_INIT.get(init, init)))
     facts = {"method": init}
-    if init == "loftq" and not any(p.is_meta for p in model.parameters()):
-        from qlora_plugin.strategies.loftq import loftq_initialise
+    if init in LOFTQ_INITS and not any(p.is_meta for p in model.parameters()):
+        from qlora_plugin.strategies.calibration import CALIBRATION_EXAMPLES
+        from qlora_plugin.strategies.loftq import SafetensorsWeights, loftq_initialise
 
         try:
-            facts.update(loftq_initialise(model))
+            if init == "loftq":
+                facts.update(loftq_initialise(model))
+            else:
+                base = model.get_base_model().config
+                SafetensorsWeights(base._name_or_path, getattr(base, "_commit_hash", None))  # readable: fail now
+                facts.update(pending=True, examples=CALIBRATION_EXAMPLES)
         except QLoRAPluginError as err:
             if options.init_lora_weights != "auto":
                 raise
@@ -151,7 +163,7 @@ def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
     return model
 
 
-PEFT_INIT = {"default": True, "loftq": True}  # loftq: peft's default start, then replaced (`loftq_initialise`)
+PEFT_INIT = {"default": True, "loftq": True, "loftq_calibrated": True}  # LoftQ: peft's start, then replaced
 
 
 def lora_config(options: StrategyOptions, num_params: int, **extra):

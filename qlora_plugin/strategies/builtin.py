@@ -10,6 +10,7 @@ import logging
 from qlora_plugin.plugin.specs import hookimpl
 from qlora_plugin.quant.config import model_init_kwargs
 from qlora_plugin.strategies.adapters import KeepAdapterDtype, wrap_with_lora
+from qlora_plugin.strategies.calibration import CalibratedLoftQ
 from qlora_plugin.strategies.engine_checks import engine_warnings
 from qlora_plugin.strategies.optimizer import CPU_PAGING_NOTE, bitsandbytes_optimizer, optim_name
 from qlora_plugin.strategies.recipe import training_defaults
@@ -91,5 +92,8 @@ def qlora_run_facts(training_args, runtime):
 
 
 @hookimpl(trylast=True)
-def qlora_trainer_callbacks(facts):
-    return [KeepAdapterDtype(facts["adapter"]["dtype"])]
+def qlora_trainer_callbacks(options, facts):
+    callbacks = [KeepAdapterDtype(facts["adapter"]["dtype"])]
+    if facts["adapter"]["init"].get("pending"):
+        callbacks.append(CalibratedLoftQ(facts["adapter"]["init"], options.init_lora_weights != "auto"))
+    return callbacks

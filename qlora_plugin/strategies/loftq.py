@@ -106,10 +106,15 @@ def low_rank(residual, rank: int):
     return u * root, (v * root).T
 
 
-def loftq_initialise(model, adapter: str = "default") -> dict:
+def loftq_initialise(model, adapter: str = "default", input_scales: dict | None = None) -> dict:
     """Set every 4-bit LoRA layer's A and B so that `scaling * B @ A` is the best rank-r approximation of that
-    layer's quantization error. Returns facts for the summary: layers initialised, the share of the quantization
-    error (squared Frobenius norm, summed over layers) the adapters now cancel, and the seconds it took."""
+    layer's quantization error R. Returns facts for the summary: layers initialised, the share of the quantization
+    error (squared norm, summed over layers) the adapters now cancel, and the seconds it took.
+
+    With `input_scales` (layer name -> root-mean-square of each input channel, `calibration.input_scales`) the
+    error is weighted by what the layer's inputs make of it: B @ A is the best rank-r approximation of R·diag(s),
+    divided back by s (activation-aware SVD, Yuan et al. 2023). A few input channels carry most of the signal, so an
+    error there costs far more than the same error elsewhere; the plain form treats all alike."""
     import time
 
     import bitsandbytes as bnb
@@ -131,11 +136,17 @@ def loftq_initialise(model, adapter: str = "default") -> dict:
             original = original.T  # GPT-2's Conv1D stores (in, out); bitsandbytes quantized the transpose
         residual = original - quantized
         del original, quantized
+        if input_scales is not None:
+            weight = input_scales[name].to(residual.device, torch.float32)
+            residual *= weight  # the error as the inputs see it: R·diag(s)
         b, a = low_rank(residual, module.r[adapter])
-        scale = math.sqrt(module.scaling[adapter])
-        starts.append((module, a / scale, b / scale))
         error += float(residual.square().sum())
         cancelled += float(residual.square().sum() - (residual - b @ a).square().sum())
+        if input_scales is not None:
+            a /= weight
+        scale = math.sqrt(module.scaling[adapter])
+        starts.append((module, a / scale, b / scale))
+        del residual
     if not starts:
         raise QLoRAPluginError("`init_lora_weights loftq` found no 4-bit layer with a LoRA adapter to initialise.")
     for module, a, b in starts:  # only once every layer has its start: a failure above changes nothing

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from qlora_plugin.files import write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
+from qlora_plugin.strategies.calibration import describe
 
 REPORT_FILE = "qlora_plugin_report.json"
 
@@ -85,10 +86,12 @@ def format_summary(facts: dict) -> str:
         f"params ({100 * a['trainable_params'] / max(a['total_params'], 1):.2f}%)"
     )
     init = a.get("init") or {}
-    if init.get("method") == "loftq" and "error_cancelled" in init:
-        lines.append(f"  LoRA init  : loftq: the adapters start at a rank-{a['r']} correction of the 4-bit error, "
-                     f"{100 * init['error_cancelled']:.0f}% of it cancelled on {init['layers']} layers "
-                     f"({init['seconds']:.1f} s; init_lora_weights)")
+    if init.get("pending"):
+        lines.append(f"  LoRA init  : {init['method']}: a rank-{a['r']} correction of the 4-bit error, weighted by the "
+                     f"inputs of the first {init['examples']} training examples, computed when training starts "
+                     "(init_lora_weights)")
+    elif "error_cancelled" in init:
+        lines.append("  " + describe(init).replace("LoRA init:", "LoRA init  :"))
     elif init.get("method"):
         lines.append(f"  LoRA init  : {init['method']} (init_lora_weights)" + (f"; {init['note']}" if init.get("note") else ""))
     if a.get("fast_dropout_layers"):
