@@ -43,6 +43,10 @@ CASES = {
                                ["`init_lora_weights loftq` cannot run here: the base is 16-bit"]),
     "loftq with DoRA": (["--strategy", "qlora", "--init_lora_weights", "loftq", "--use_dora", "true"],
                         ["`init_lora_weights loftq` cannot run here: DoRA"]),
+    "calibrated loftq with DoRA": (
+        ["--strategy", "qlora", "--init_lora_weights", "loftq_calibrated", "--use_dora", "true"],
+        ["`init_lora_weights loftq_calibrated` cannot run here: DoRA", "--init_lora_weights default"],
+    ),
     "unknown adapter start": (["--strategy", "qlora", "--init_lora_weights", "pissa"], ["invalid choice", "loftq"]),
 }
 

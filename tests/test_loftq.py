@@ -1,10 +1,15 @@
 """`init_lora_weights`: the LoftQ start cancels the 4-bit quantization error it can, deterministically, on every
-adapted layer kind; `auto` picks it only where it can run; an explicit loftq where it cannot is refused."""
+adapted layer kind; the calibrated one cancels more of what the layers' inputs see, computed from the first training
+examples when a fresh run starts; `auto` picks it only where it can run; an explicit LoftQ start where it cannot is
+refused."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.options import StrategyOptions
@@ -23,8 +28,9 @@ def _four_bit(path: str):
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
 
 
-def _layer_errors(model, path: str) -> list[tuple[str, float, float]]:
-    """(layer, |(Q + s·BA) - W|, |Q - W|) of every 4-bit LoRA layer, on the same random inputs."""
+def _layer_errors(model, path: str, inputs_like=None) -> list[tuple[str, float, float]]:
+    """(layer, |(Q + s·BA) - W|, |Q - W|) of every 4-bit LoRA layer, on the same random inputs, shaped by
+    `inputs_like(width)` when given (a vector: each channel's scale; a matrix L: inputs with second moment L·Lᵀ)."""
     import bitsandbytes as bnb
     from peft.tuners.lora import Linear4bit
 
@@ -41,6 +47,9 @@ def _layer_errors(model, path: str) -> list[tuple[str, float, float]]:
         if original.shape != quantized.shape:
             original = original.T
         x = torch.randn(16, quantized.shape[1], generator=torch.Generator().manual_seed(0))
+        if inputs_like is not None:
+            shape = inputs_like(quantized.shape[1])
+            x = x @ shape.T if shape.dim() == 2 else x * shape
         with torch.no_grad():
             adapted = module(x).float()
         target = x @ original.T
@@ -91,8 +100,136 @@ def test_loftq_is_deterministic_and_leaves_the_random_state_alone(tiny_models):
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
+def _outlier_channels(width: int):
+    """Input channels as real activations have them: a few far larger than the rest."""
+    scale = torch.ones(width)
+    scale[[1, width // 2, width - 3]] = 25.0
+    return scale
+
+
+def _correlated_outliers(width: int):
+    """The same, with the channels correlated (the Cholesky factor of their second-moment matrix)."""
+    mixing = torch.randn(width, width, generator=torch.Generator().manual_seed(width)) / width ** 0.5
+    scaled = mixing * _outlier_channels(width)
+    return torch.linalg.cholesky(scaled @ scaled.T + 0.01 * torch.eye(width))
+
+
+@pytest.mark.parametrize("inputs_like", [_outlier_channels, _correlated_outliers], ids=["channel-scales", "covariance"])
+def test_calibrated_start_cancels_more_of_the_error_the_inputs_see(tiny_models, inputs_like):
+    """Weighted by what the inputs look like, the rank-4 correction leaves every layer's output error on such inputs
+    below what the plain LoftQ start leaves."""
+    from peft.tuners.lora import Linear4bit
+
+    from qlora_plugin.strategies.loftq import loftq_initialise
+
+    path = tiny_models["llama"]
+    plain = wrap_with_lora(_four_bit(path), StrategyOptions(init_lora_weights="loftq", lora_r=4), CPU)
+    calibrated = wrap_with_lora(_four_bit(path), StrategyOptions(init_lora_weights="default", lora_r=4), CPU)
+    weights = {name: inputs_like(module.in_features) for name, module in calibrated.named_modules()
+               if isinstance(module, Linear4bit)}
+    facts = loftq_initialise(calibrated, input_weights=weights)
+    assert facts["layers"] == plain.qlora_lora_init["layers"] == len(weights)
+    seen_plain = {name: error for name, error, _ in _layer_errors(plain, path, inputs_like)}
+    for name, error, without in _layer_errors(calibrated, path, inputs_like):
+        assert error < seen_plain[name] < without, (name, error, seen_plain[name], without)
+
+
+@pytest.mark.parametrize("limit, kind", [(1 << 30, "covariance"), (0, "channel scales")])
+def test_input_weights_count_every_real_token_and_no_padding(tiny_models, limit, kind):
+    """Padding changes nothing; q/k/v (and gate/up) share the statistics of the one input they are fed; measured
+    one input per pass, the covariances are the same as in one pass; above the memory limit, per-channel scales."""
+    from qlora_plugin.strategies.calibration import InputWeights
+
+    model = wrap_with_lora(_four_bit(tiny_models["llama"]), StrategyOptions(init_lora_weights="default"), CPU)
+    names = [n for n, m in model.named_modules() if n.endswith("_proj") and hasattr(m, "lora_A")]
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(2))
+    plain = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    padded = [{"input_ids": torch.cat([ids, torch.zeros(2, 5, dtype=ids.dtype)], 1),
+               "attention_mask": torch.cat([torch.ones_like(ids), torch.zeros(2, 5, dtype=ids.dtype)], 1)}]
+    model.train()
+    one_pass = InputWeights(model, plain, covariance_limit=limit)
+    weights = {name: one_pass[name] for name in names}
+    per_input = InputWeights(model, padded, covariance_limit=limit, group_bytes=1)
+    assert model.training  # put back as it was
+    assert one_pass.kind == kind and one_pass.tokens == 14 and one_pass.passes == 1
+    for name in names:
+        width = model.get_submodule(name).in_features
+        assert weights[name].shape == ((width, width) if kind == "covariance" else (width,))
+        torch.testing.assert_close(weights[name], per_input[name], rtol=1e-4, atol=1e-5)
+    assert per_input.tokens == 14 and per_input.passes == (4 * 2 if kind == "covariance" else 1)  # 2 blocks
+    attention = [weights[n] for n in names if n.endswith(("q_proj", "k_proj", "v_proj")) and ".layers.0." in n]
+    assert len(attention) == 3 and attention[0] is attention[1] is attention[2]
+    if kind == "covariance":
+        assert all(bool(torch.all(w.diagonal() > 0)) and torch.equal(w, w.tril()) for w in weights.values())
+
+
+def test_a_fresh_run_starts_calibrated_and_a_resumed_one_keeps_its_checkpoint(tiny_models, tmp_path, capsys):
+    """auto on a 4-bit base: the summary announces the calibrated start, the first step computes it from the first
+    training examples (B no longer zero) and says so; resuming leaves the checkpoint's adapter as it was saved."""
+    from datasets import load_dataset
+    from trl import SFTConfig
+
+    from conftest import DATA
+    from qlora_plugin import make_trainer
+
+    def trainer(steps):
+        args = SFTConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, report_to="none",
+                         use_cpu=True, save_steps=1, max_length=64, seed=0, learning_rate=1e-3)
+        return make_trainer("qlora", model=tiny_models["llama"], args=args, options={"lora_r": 4},
+                            train_dataset=load_dataset(str(DATA))["train"])
+
+    first = trainer(1)
+    assert "computed when training starts" in capsys.readouterr().out
+    first.train()
+    init = first.model.qlora_lora_init
+    assert init["method"] == "loftq_calibrated" and init["examples"] == 16 and init["tokens"] > 16
+    assert 0.0 < init["error_cancelled"] < 1.0 and "pending" not in init and init["weighting"] == "covariance"
+    assert init["passes"] == 1  # the tiny model's covariances fit in one group
+    assert "loftq_calibrated: the adapters start" in capsys.readouterr().out
+    report = json.loads((tmp_path / "qlora_plugin_report.json").read_text())
+    assert report["adapter"]["init"]["examples"] == 16
+
+    resumed = trainer(2)
+    saved = {n: p.detach().clone() for n, p in resumed.model.named_parameters() if "lora_" in n}
+    captured = {}
+
+    class Capture(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            captured.update({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+
+    resumed.add_callback(Capture())
+    resumed.train(resume_from_checkpoint=True)
+    assert "resumed" in resumed.model.qlora_lora_init["note"]
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(str(tmp_path / "checkpoint-1" / "adapter_model.safetensors"))
+    assert any(not torch.equal(saved[n], captured[n]) for n in saved)  # the checkpoint replaced the fresh start
+    for name, value in checkpoint.items():
+        match = [n for n in captured if n.replace(".default", "") == name]
+        assert match and torch.allclose(captured[match[0]].float(), value.float()), name
+
+
+def test_calibration_without_training_data_says_what_to_do(tiny_models):
+    """Chosen by the user: the run stops with the fix. Chosen by auto: the plain loftq start runs, saying why."""
+    from types import SimpleNamespace
+
+    from qlora_plugin.strategies.calibration import CalibratedLoftQ
+
+    args, state = SimpleNamespace(per_device_train_batch_size=4), SimpleNamespace(global_step=0,
+                                                                                  is_world_process_zero=True)
+    model = wrap_with_lora(_four_bit(tiny_models["llama"]), StrategyOptions(), CPU)
+    assert model.qlora_lora_init["pending"]
+    with pytest.raises(QLoRAPluginError, match="no training dataloader.*--init_lora_weights loftq"):
+        CalibratedLoftQ(dict(model.qlora_lora_init), chosen_by_user=True).on_train_begin(args, state, None, model)
+    assert all(float(p.detach().abs().sum()) == 0 for n, p in model.named_parameters() if "lora_B" in n)
+    init = dict(model.qlora_lora_init)
+    CalibratedLoftQ(init, chosen_by_user=False).on_train_begin(args, state, None, model)
+    assert init["method"] == "loftq" and "not calibrated" in init["note"] and init["error_cancelled"] > 0
+    assert any(float(p.detach().abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def test_auto_is_loftq_only_where_it_can_run():
-    assert lora_init(StrategyOptions(), four_bit=True, shards_parameters=False) == "loftq"
+    assert lora_init(StrategyOptions(), four_bit=True, shards_parameters=False) == "loftq_calibrated"
     assert lora_init(StrategyOptions(), four_bit=False, shards_parameters=False) == "default"
     assert lora_init(StrategyOptions(use_dora=True), four_bit=True, shards_parameters=False) == "default"
     assert lora_init(StrategyOptions(), four_bit=True, shards_parameters=True) == "default"
@@ -101,6 +238,8 @@ def test_auto_is_loftq_only_where_it_can_run():
 
 @pytest.mark.parametrize("options, four_bit, shards, reason", [
     (StrategyOptions(init_lora_weights="loftq"), False, False, "base is 16-bit"),
+    (StrategyOptions(init_lora_weights="loftq_calibrated"), False, False, "base is 16-bit"),
+    (StrategyOptions(init_lora_weights="loftq_calibrated"), True, True, "FSDP"),
     (StrategyOptions(init_lora_weights="loftq", use_dora=True), True, False, "DoRA"),
     (StrategyOptions(init_lora_weights="loftq"), True, True, "FSDP"),
 ])
@@ -111,7 +250,7 @@ def test_explicit_loftq_where_it_cannot_run_is_refused(options, four_bit, shards
 
 
 def test_unknown_init_is_refused_with_the_choices():
-    with pytest.raises(QLoRAPluginError, match="auto, loftq, default, gaussian"):
+    with pytest.raises(QLoRAPluginError, match="auto, loftq_calibrated, loftq, default, gaussian"):
         StrategyOptions(init_lora_weights="pissa")
 
 
@@ -152,4 +291,4 @@ def test_plan_shows_the_start_and_plans_16_bit_beside_it_with_peft_start(tiny_mo
     assert "qlora: compute" in out and "LoRA init loftq" in out.split("qlora: compute")[1].split("\n")[0]
     assert "LoRA init default" in out.split("lora: compute")[-1].split("\n")[0]
     assert main(["plan", tiny_models["llama"]]) == 0  # auto: the same choice as a training run
-    assert "LoRA init loftq" in capsys.readouterr().out.split("qlora: compute")[1].split("\n")[0]
+    assert "LoRA init loftq_calibrated" in capsys.readouterr().out.split("qlora: compute")[1].split("\n")[0]

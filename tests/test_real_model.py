@@ -47,6 +47,7 @@ def test_real_model_learns_and_qlora_stays_close_to_lora(smollm2, tmp_path):
           f"ratio {qlora[-1] / lora[-1]:.3f}; qlora init {report['adapter']['init']}")
     assert len(qlora) == len(lora) == 2  # step 0 and the last step
     assert report["quantization"]["layers_4bit"] == 210 and report["quantization"]["quant_type"] == "nf4"
-    assert report["adapter"]["init"]["method"] == "loftq"  # the strategy's default start on a 4-bit base
+    assert report["adapter"]["init"]["method"] == "loftq_calibrated"  # the strategy's default start on a 4-bit base
+    assert report["adapter"]["init"]["weighting"] == "covariance" and report["adapter"]["init"]["examples"] == 16
     assert qlora[-1] < 0.5 * qlora[0] and lora[-1] < 0.5 * lora[0]  # both learned the task
     assert qlora[-1] <= QLORA_OVER_LORA * lora[-1]

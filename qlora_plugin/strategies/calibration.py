@@ -1,6 +1,8 @@
 """The calibrated LoftQ start (`init_lora_weights loftq_calibrated`, what `auto` picks on a 4-bit base): LoftQ's
-correction of each layer's 4-bit error, weighted by how large each of the layer's input channels is on the first
-training examples (`loftq.loftq_initialise`).
+correction of each layer's 4-bit error, weighted by what the layer's inputs look like on the first training examples
+(`loftq.loftq_initialise`): their second-moment matrix where all of them fit in `COVARIANCE_LIMIT` (SmolLM2-135M
+needs 768 MiB, measured in passes of at most `GROUP_BYTES`), each channel's root-mean-square above it (a 1B model
+would need several GiB).
 
 When: at `on_train_begin` of a fresh run, before `eval_on_start`, so the step-0 evaluation already sees it. Not
 earlier, because the data is tokenized only once the trainer is built; not on resume, where the checkpoint's adapter
@@ -9,7 +11,7 @@ is what training continues from.
 Every process reads the same first rows of the whole dataset (not its own shard) and so computes the same start;
 under torch.distributed the adapter is also broadcast from rank 0, so no two processes can train different ones.
 The forward passes run without gradients and keep only the last position's logits, so they cost less memory than one
-training step.
+training step; the statistics are freed before training.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_EXAMPLES = 16  # on SmolLM2-135M, 16 and 150 examples give the same start (docs/benchmarks.md)
 DAMPING = 0.01  # added to each channel's mean square, as a share of the layer's average: no channel weighs zero
+COVARIANCE_LIMIT = 1 << 30  # bytes of all input covariances; above it, per-channel scales (a 1B model: several GiB)
+GROUP_BYTES = 1 << 28  # bytes of input covariances held at once (`InputWeights`)
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -46,48 +50,124 @@ def first_batches(train_dataloader, examples: int, batch_size: int) -> tuple[lis
     return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)], len(rows)
 
 
-def input_scales(model, batches, adapter: str = "default") -> tuple[dict, int]:
-    """Root-mean-square of each input channel of every 4-bit LoRA layer over the (non-padding) tokens of `batches`,
-    and the number of tokens seen. The model runs in eval mode (no dropout), without gradients."""
-    import torch
-    from peft.tuners.lora import Linear4bit
+SHARED_INPUT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
 
-    sums, tokens, keep = {}, {}, {}
 
-    def record(name):
-        def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            if keep.get("mask") is not None and keep["mask"].numel() == x.shape[0]:
-                x = x[keep["mask"]]
-            sums[name] = sums.get(name, 0) + x.float().square().sum(0)
-            tokens[name] = tokens.get(name, 0) + x.shape[0]
-        return hook
+def input_key(name: str, module) -> tuple | str:
+    """Layers known to be fed the same tensor share a key: a block's attention projections, and its MLP's gate and
+    up projections. Any other layer is its own."""
+    block, kind = name.rsplit(".", 1)
+    return (block.rsplit(".", 1)[0], module.in_features, SHARED_INPUT[kind]) if kind in SHARED_INPUT else name
 
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit) and adapter in m.lora_A]
-    handles = [module.register_forward_pre_hook(record(name)) for name, module in layers]
-    device = next(p.device for p in model.parameters() if not p.is_meta)
-    forward = inspect.signature(model.get_base_model().forward).parameters
-    extra = {"use_cache": False, **({"logits_to_keep": 1} if "logits_to_keep" in forward else {})}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
-                mask = inputs.get("attention_mask")
-                keep["mask"] = mask.reshape(-1).bool() if mask is not None else None
-                model(**inputs, **extra)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if not sums:
-        raise QLoRAPluginError("`init_lora_weights loftq_calibrated`: no 4-bit LoRA layer saw any input.")
-    scales = {}
-    for name, total in sums.items():
-        mean_square = total / max(tokens[name], 1)
-        scales[name] = (mean_square + DAMPING * mean_square.mean()).sqrt()
-    return scales, max(tokens.values())
+
+def covariance_bytes(layers) -> int:
+    """Memory the inputs' second-moment matrices take (float64), one per distinct input (`input_key`)."""
+    return sum(8 * module.in_features ** 2 for module in dict((input_key(n, m), m) for n, m in layers).values())
+
+
+def layer_groups(layers, group_bytes: int) -> list[list]:
+    """Consecutive layers in groups whose covariances take at most `group_bytes` (a group holds at least one
+    input); layers sharing an input stay in one group."""
+    groups, size, keys = [[]], 0, set()
+    for name, module in layers:
+        key = input_key(name, module)
+        cost = 0 if key in keys else 8 * module.in_features ** 2
+        if groups[-1] and cost and size + cost > group_bytes:
+            groups.append([])
+            size, keys = 0, set()
+            cost = 8 * module.in_features ** 2
+        groups[-1].append((name, module))
+        size += cost
+        keys.add(key)
+    return groups
+
+
+class InputWeights:
+    """For every 4-bit LoRA layer, what its inputs look like over the (non-padding) tokens of `batches`, as
+    `loftq_initialise` weighs the error with (`self[name]`): the lower Cholesky factor of the inputs' second-moment
+    matrix (float64) where all of them take at most `covariance_limit` bytes, else each input channel's
+    root-mean-square.
+
+    The matrices are measured group by group, in model order, as `loftq_initialise` asks for them (one pass over
+    the batches per group of at most `group_bytes`), so no more than one group's are held at a time: SmolLM2-135M's
+    768 MiB become three passes of at most 256 MiB. The model runs in eval mode (no dropout), without gradients.
+    Layers fed the same tensor (q/k/v, gate/up: called one after the other with it) share one matrix."""
+
+    def __init__(self, model, batches, adapter: str = "default", covariance_limit: int = COVARIANCE_LIMIT,
+                 group_bytes: int = GROUP_BYTES):
+        from peft.tuners.lora import Linear4bit
+
+        self.model, self.batches = model, batches
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit) and adapter in m.lora_A]
+        self.full = covariance_bytes(layers) <= covariance_limit
+        self.kind = "covariance" if self.full else "channel scales"
+        self.groups = layer_groups(layers, group_bytes) if self.full else [layers]
+        self.current, self.tokens, self.passes = {}, 0, 0
+
+    def __getitem__(self, name: str):
+        if name not in self.current:
+            group = next((g for g in self.groups if any(n == name for n, _ in g)), None)
+            if group is None:
+                raise KeyError(name)
+            self.current = {}  # the previous group's matrices go before the next group's come
+            self.current = self._measure(group)
+        return self.current[name]
+
+    def _measure(self, layers) -> dict:
+        import torch
+
+        full, sums, tokens, owner = self.full, {}, {}, {}
+        last = {"input": None, "name": None, "mask": None}
+
+        def record(name):
+            def hook(module, args):
+                x = args[0]
+                if x is last["input"]:  # the previous layer's input: share its statistics
+                    owner[name] = last["name"]
+                    return
+                last.update(input=x, name=name)
+                owner[name] = name
+                x = x.detach().reshape(-1, x.shape[-1])
+                if last["mask"] is not None and last["mask"].numel() == x.shape[0]:
+                    x = x[last["mask"]]
+                x = x.double() if full else x.float()  # double: massive activations swamp float32's precision
+                sums[name] = sums.get(name, 0) + (x.T @ x if full else x.square().sum(0))
+                tokens[name] = tokens.get(name, 0) + x.shape[0]
+            return hook
+
+        model = self.model
+        handles = [module.register_forward_pre_hook(record(name)) for name, module in layers]
+        device = next(p.device for p in model.parameters() if not p.is_meta)
+        forward = inspect.signature(model.get_base_model().forward).parameters
+        extra = {"use_cache": False, **({"logits_to_keep": 1} if "logits_to_keep" in forward else {})}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in self.batches:
+                    inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
+                    mask = inputs.get("attention_mask")
+                    last.update(input=None, mask=mask.reshape(-1).bool() if mask is not None else None)
+                    model(**inputs, **extra)
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+            last.clear()
+        self.passes += 1
+        if not sums:
+            raise QLoRAPluginError("`init_lora_weights loftq_calibrated`: no 4-bit LoRA layer saw any input.")
+        self.tokens = max(self.tokens, *tokens.values())
+        computed = {}
+        for name in list(sums):
+            moment = sums.pop(name) / max(tokens[name], 1)
+            if full:  # damped so it is positive definite: no direction weighs zero
+                moment.diagonal().add_(DAMPING * moment.diagonal().mean())
+                computed[name] = torch.linalg.cholesky(moment).float()
+            else:
+                computed[name] = (moment + DAMPING * moment.mean()).sqrt()
+            del moment
+        return {name: computed[owner[name]] for name, _ in layers if name in owner}
 
 
 def broadcast_adapter(model) -> None:
@@ -120,8 +200,9 @@ class CalibratedLoftQ(TrainerCallback):
         try:
             batches, examples = first_batches(train_dataloader, CALIBRATION_EXAMPLES,
                                               args.per_device_train_batch_size)
-            scales, tokens = input_scales(model, batches)
-            self.init.update(loftq_initialise(model, input_scales=scales), examples=examples, tokens=tokens)
+            weights = InputWeights(model, batches)
+            self.init.update(loftq_initialise(model, input_weights=weights), examples=examples,
+                             tokens=weights.tokens, weighting=weights.kind, passes=weights.passes)
         except QLoRAPluginError as err:
             if self.chosen_by_user:
                 raise
@@ -135,8 +216,8 @@ class CalibratedLoftQ(TrainerCallback):
 
 def describe(init: dict) -> str:
     """The summary's line for a LoftQ start (plain or calibrated), once computed."""
-    seen = (f", weighted by the inputs of the first {init['examples']} training examples ({init['tokens']} tokens)"
-            if "examples" in init and "tokens" in init else "")
+    seen = (f", weighted by the inputs' {init.get('weighting', 'statistics')} over the first {init['examples']} "
+            f"training examples ({init['tokens']} tokens)" if "examples" in init and "tokens" in init else "")
     return (f"LoRA init: {init['method']}: the adapters start at the best low-rank correction of the 4-bit error"
             f"{seen}; {100 * init['error_cancelled']:.0f}% of it cancelled on {init['layers']} layers "
             f"({init['seconds']:.1f} s; init_lora_weights)")

@@ -106,15 +106,17 @@ def low_rank(residual, rank: int):
     return u * root, (v * root).T
 
 
-def loftq_initialise(model, adapter: str = "default", input_scales: dict | None = None) -> dict:
+def loftq_initialise(model, adapter: str = "default", input_weights: dict | None = None) -> dict:
     """Set every 4-bit LoRA layer's A and B so that `scaling * B @ A` is the best rank-r approximation of that
     layer's quantization error R. Returns facts for the summary: layers initialised, the share of the quantization
     error (squared norm, summed over layers) the adapters now cancel, and the seconds it took.
 
-    With `input_scales` (layer name -> root-mean-square of each input channel, `calibration.input_scales`) the
-    error is weighted by what the layer's inputs make of it: B @ A is the best rank-r approximation of R·diag(s),
-    divided back by s (activation-aware SVD, Yuan et al. 2023). A few input channels carry most of the signal, so an
-    error there costs far more than the same error elsewhere; the plain form treats all alike."""
+    With `input_weights` (layer name -> what its inputs look like, `calibration.InputWeights`), the error is
+    measured as the layer's inputs see it, ||R·L||, and B @ A is the best rank-r approximation of R·L, mapped back by
+    L⁻¹. L is the Cholesky factor of the inputs' second-moment matrix (EoRA, Liu et al. 2024, up to the choice of
+    square root), or, where that matrix is too large to hold, the diagonal of per-channel root-mean-squares
+    (activation-aware SVD, Yuan et al. 2023). A few input channels carry most of the signal, so an error there costs
+    far more than the same error elsewhere; the plain form treats all alike."""
     import time
 
     import bitsandbytes as bnb
@@ -136,14 +138,14 @@ def loftq_initialise(model, adapter: str = "default", input_scales: dict | None 
             original = original.T  # GPT-2's Conv1D stores (in, out); bitsandbytes quantized the transpose
         residual = original - quantized
         del original, quantized
-        if input_scales is not None:
-            weight = input_scales[name].to(residual.device, torch.float32)
-            residual *= weight  # the error as the inputs see it: R·diag(s)
+        weight = None if input_weights is None else input_weights[name].to(residual.device, torch.float32)
+        if weight is not None:
+            residual = residual @ weight if weight.dim() == 2 else residual * weight  # R·L: as the inputs see it
         b, a = low_rank(residual, module.r[adapter])
         error += float(residual.square().sum())
         cancelled += float(residual.square().sum() - (residual - b @ a).square().sum())
-        if input_scales is not None:
-            a /= weight
+        if weight is not None:
+            a = torch.linalg.solve_triangular(weight, a, upper=False, left=False) if weight.dim() == 2 else a / weight
         scale = math.sqrt(module.scaling[adapter])
         starts.append((module, a / scale, b / scale))
         del residual
