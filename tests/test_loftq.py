@@ -209,6 +209,26 @@ def test_a_fresh_run_starts_calibrated_and_a_resumed_one_keeps_its_checkpoint(ti
         assert match and torch.allclose(captured[match[0]].float(), value.float()), name
 
 
+def test_calibration_reads_the_first_rows_in_order_and_stops_at_the_token_cap():
+    from types import SimpleNamespace
+
+    from qlora_plugin.strategies.calibration import first_batches
+
+    rows = [{"input_ids": [i] * (10 + i)} for i in range(40)]
+
+    def collate(chunk):  # pads to the longest, as the SFT collator does
+        width = max(len(r["input_ids"]) for r in chunk)
+        ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in chunk])
+        return {"input_ids": ids, "attention_mask": (ids != 0).long() | (torch.arange(width) < 10).long()}
+
+    loader = SimpleNamespace(dataset=rows, collate_fn=collate)
+    batches, used = first_batches(loader, examples=16, batch_size=4, tokens=10_000)
+    assert used == 16 and len(batches) == 4 and batches[0]["input_ids"][1, 0] == 1  # rows 0-15, unshuffled
+    batches, used = first_batches(loader, examples=16, batch_size=4, tokens=50)  # rows 0-3 hold 10+11+12+13
+    assert used == 8 and len(batches) == 2  # the batch that crosses the cap is the last one
+    assert first_batches(loader, examples=16, batch_size=4, tokens=1)[1] == 4  # always at least one batch
+
+
 def test_calibration_without_training_data_says_what_to_do(tiny_models):
     """Chosen by the user: the run stops with the fix. Chosen by auto: the plain loftq start runs, saying why."""
     from types import SimpleNamespace

@@ -27,15 +27,17 @@ from qlora_plugin.errors import QLoRAPluginError
 logger = logging.getLogger(__name__)
 
 CALIBRATION_EXAMPLES = 16  # on SmolLM2-135M, 16 and 150 examples give the same start (docs/benchmarks.md)
+CALIBRATION_TOKENS = 1024  # and no more batches once this many tokens are in: the passes stay cheap at 1B
 DAMPING = 0.01  # added to each channel's mean square, as a share of the layer's average: no channel weighs zero
 COVARIANCE_LIMIT = 1 << 30  # bytes of all input covariances; above it, per-channel scales (a 1B model: several GiB)
 GROUP_BYTES = 1 << 28  # bytes of input covariances held at once (`InputWeights`)
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
-def first_batches(train_dataloader, examples: int, batch_size: int) -> tuple[list[dict], int]:
+def first_batches(train_dataloader, examples: int, batch_size: int, tokens: int = CALIBRATION_TOKENS):
     """The first `examples` rows of the training dataset (in order, unshuffled), collated by the trainer's own
-    collator into batches of `batch_size`, and how many rows that was."""
+    collator into batches of `batch_size`, stopping early once `tokens` tokens (not padding) are in; and how many
+    rows that was."""
     dataset = getattr(train_dataloader, "dataset", None)
     collate = getattr(train_dataloader, "collate_fn", None)
     if dataset is None or collate is None:
@@ -47,7 +49,14 @@ def first_batches(train_dataloader, examples: int, batch_size: int) -> tuple[lis
         rows = list(itertools.islice(iter(dataset), examples))
     if not rows:
         raise QLoRAPluginError("`init_lora_weights loftq_calibrated`: the training dataset is empty.")
-    return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)], len(rows)
+    batches, used, seen = [], 0, 0
+    while used < len(rows) and seen < tokens:
+        batch = collate(rows[used:used + batch_size])
+        used += len(rows[used:used + batch_size])
+        mask = batch.get("attention_mask")
+        seen += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        batches.append(batch)
+    return batches, used
 
 
 SHARED_INPUT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
