@@ -18,7 +18,7 @@ STEPS = 20
 # qlora's held-out loss after STEPS steps over lora's, at most. Measured (examples/quality.py, docs/benchmarks.md):
 # 1.15-1.32 with the LoftQ start over seeds, 1.20 for this test's 20 steps; 1.60-1.78 with peft's start, which
 # this bound fails.
-QLORA_OVER_LORA = 1.4
+QLORA_OVER_LORA = 1.12
 DATA = REPO / "examples" / "data" / "city_json"
 
 

@@ -91,6 +91,10 @@ def layer_groups(layers, group_bytes: int) -> list[list]:
     return groups
 
 
+class _GroupMeasured(Exception):
+    """Raised by the group's last layer: the forward pass stops there."""
+
+
 class InputWeights:
     """For every 4-bit LoRA layer, what its inputs look like over the (non-padding) tokens of `batches`, as
     `loftq_initialise` weighs the error with (`self[name]`): the lower Cholesky factor of the inputs' second-moment
@@ -98,8 +102,9 @@ class InputWeights:
     root-mean-square.
 
     The matrices are measured group by group, in model order, as `loftq_initialise` asks for them (one pass over
-    the batches per group of at most `group_bytes`), so no more than one group's are held at a time: SmolLM2-135M's
-    768 MiB become three passes of at most 256 MiB. The model runs in eval mode (no dropout), without gradients.
+    the batches per group of at most `group_bytes`, stopped at the group's last layer), so no more than one group's
+    are held at a time: SmolLM2-135M's 768 MiB become three passes of at most 256 MiB. The model runs in eval mode
+    (no dropout), without gradients.
     Layers fed the same tensor (q/k/v, gate/up: called one after the other with it) share one matrix."""
 
     def __init__(self, model, batches, adapter: str = "default", covariance_limit: int = COVARIANCE_LIMIT,
@@ -125,7 +130,7 @@ class InputWeights:
     def _measure(self, layers) -> dict:
         import torch
 
-        full, sums, tokens, owner = self.full, {}, {}, {}
+        full, sums, tokens, owner, final = self.full, {}, {}, {}, layers[-1][0]
         last = {"input": None, "name": None, "mask": None}
 
         def record(name):
@@ -133,15 +138,17 @@ class InputWeights:
                 x = args[0]
                 if x is last["input"]:  # the previous layer's input: share its statistics
                     owner[name] = last["name"]
-                    return
-                last.update(input=x, name=name)
-                owner[name] = name
-                x = x.detach().reshape(-1, x.shape[-1])
-                if last["mask"] is not None and last["mask"].numel() == x.shape[0]:
-                    x = x[last["mask"]]
-                x = x.double() if full else x.float()  # double: massive activations swamp float32's precision
-                sums[name] = sums.get(name, 0) + (x.T @ x if full else x.square().sum(0))
-                tokens[name] = tokens.get(name, 0) + x.shape[0]
+                else:
+                    last.update(input=x, name=name)
+                    owner[name] = name
+                    x = x.detach().reshape(-1, x.shape[-1])
+                    if last["mask"] is not None and last["mask"].numel() == x.shape[0]:
+                        x = x[last["mask"]]
+                    x = x.float()  # summed over batches in float64: massive activations swamp float32's precision
+                    sums[name] = sums.get(name, 0) + ((x.T @ x).double() if full else x.square().sum(0))
+                    tokens[name] = tokens.get(name, 0) + x.shape[0]
+                if name == final:
+                    raise _GroupMeasured  # the rest of the model has nothing for this group
             return hook
 
         model = self.model
@@ -157,7 +164,10 @@ class InputWeights:
                     inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
                     mask = inputs.get("attention_mask")
                     last.update(input=None, mask=mask.reshape(-1).bool() if mask is not None else None)
-                    model(**inputs, **extra)
+                    try:
+                        model(**inputs, **extra)
+                    except _GroupMeasured:
+                        pass
         finally:
             for handle in handles:
                 handle.remove()
