@@ -22,7 +22,7 @@ The configurations, run alternately in every round so that drift on the machine 
   (a*) qlora-torch-dropout --strategy qlora --cpu_fast_dropout false (torch's own dropout masks, as before the
                   strategy drew them with a faster generator on CPU)
   (a^) qlora-peft-init --strategy qlora --init_lora_weights default (peft's adapter start, as before the
-                  strategy started from the LoftQ correction: what that correction costs at start)
+                  strategy started from the calibrated LoftQ correction: what that correction costs at start)
 
 Each run is a fresh process. Measured from outside, the same way for all four: time from process start to the
 end of the first optimizer step (first loss log line), median step time (gaps between successive loss logs,

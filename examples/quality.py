@@ -2,7 +2,7 @@
 storage and each adapter start, against 16-bit LoRA -- the paper's NF4-vs-FP4 and "4-bit matches 16-bit" claims,
 at small scale, with the spread over seeds.
 
-    python examples/quality.py                          # 3 seeds x 5 configurations, ~35 min on 2 CPU cores
+    python examples/quality.py                          # 3 seeds x 6 configurations, ~45 min on 2 CPU cores
     python examples/quality.py --seeds 0 --configs qlora lora --steps 10    # a quick look
     python examples/quality.py --write                  # also rewrite the section in docs/benchmarks.md + plot
 

@@ -165,17 +165,18 @@ def test_input_weights_count_every_real_token_and_no_padding(tiny_models, limit,
 
 def test_a_fresh_run_starts_calibrated_and_a_resumed_one_keeps_its_checkpoint(tiny_models, tmp_path, capsys):
     """auto on a 4-bit base: the summary announces the calibrated start, the first step computes it from the first
-    training examples (B no longer zero) and says so; resuming leaves the checkpoint's adapter as it was saved."""
+    training examples and says so; the same run again loads it from the start cache, another rank does not;
+    resuming leaves the checkpoint's adapter as it was saved."""
     from datasets import load_dataset
     from trl import SFTConfig
 
     from conftest import DATA
     from qlora_plugin import make_trainer
 
-    def trainer(steps):
-        args = SFTConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, report_to="none",
+    def trainer(steps, rank=4, out=tmp_path):
+        args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, report_to="none",
                          use_cpu=True, save_steps=1, max_length=64, seed=0, learning_rate=1e-3)
-        return make_trainer("qlora", model=tiny_models["llama"], args=args, options={"lora_r": 4},
+        return make_trainer("qlora", model=tiny_models["llama"], args=args, options={"lora_r": rank},
                             train_dataset=load_dataset(str(DATA))["train"])
 
     first = trainer(1)
@@ -188,6 +189,16 @@ def test_a_fresh_run_starts_calibrated_and_a_resumed_one_keeps_its_checkpoint(ti
     assert "loftq_calibrated: the adapters start" in capsys.readouterr().out
     report = json.loads((tmp_path / "qlora_plugin_report.json").read_text())
     assert report["adapter"]["init"]["examples"] == 16
+
+    again = trainer(1)  # the same base, adapter and first batches: the start comes from the cache
+    again.train()
+    assert again.model.qlora_lora_init["cached"] and "loaded from the start cache" in capsys.readouterr().out
+    assert again.model.qlora_lora_init["error_cancelled"] == init["error_cancelled"]
+    trained = [{n: p for n, p in t.model.named_parameters() if "lora_" in n} for t in (first, again)]
+    assert trained[0].keys() == trained[1].keys() and all(torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
+    other = trainer(1, rank=2, out=tmp_path / "rank2")
+    other.train()  # another rank: another key
+    assert not other.model.qlora_lora_init.get("cached")
 
     resumed = trainer(2)
     saved = {n: p.detach().clone() for n, p in resumed.model.named_parameters() if "lora_" in n}

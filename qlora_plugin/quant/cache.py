@@ -271,6 +271,12 @@ def _make_entry(model_id, entry, config, dtype, device, fingerprint, settings, t
     return entry
 
 
+def cached_entry(model) -> str | None:
+    """The cache entry a (possibly PEFT-wrapped) model was loaded from; None if it was not loaded from the cache."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _loaded_from.get(base)
+
+
 def quantized_on(model) -> str | None:
     """The device kind that quantized a (possibly PEFT-wrapped) model loaded from the cache; None otherwise.
     Entries made before the device was recorded were all quantized on the CPU."""

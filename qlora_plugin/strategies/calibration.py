@@ -19,10 +19,13 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import time
 
 from transformers import TrainerCallback
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.strategies.loftq import OVERSAMPLE, loftq_initialise
+from qlora_plugin.strategies.start_cache import load_start, save_start, start_key
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,9 @@ DAMPING = 0.01  # added to each channel's mean square, as a share of the layer's
 COVARIANCE_LIMIT = 1 << 30  # bytes of all input covariances; above it, per-channel scales (a 1B model: several GiB)
 GROUP_BYTES = 1 << 28  # bytes of input covariances held at once (`InputWeights`)
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# what the start depends on beside the base, the adapter and the data (the cache key: `start_cache.start_key`)
+CONSTANTS = {"examples": CALIBRATION_EXAMPLES, "tokens": CALIBRATION_TOKENS, "damping": DAMPING,
+             "covariance_limit": COVARIANCE_LIMIT, "oversample": OVERSAMPLE}
 
 
 def first_batches(train_dataloader, examples: int, batch_size: int, tokens: int = CALIBRATION_TOKENS):
@@ -209,8 +215,6 @@ class CalibratedLoftQ(TrainerCallback):
         self.chosen_by_user = chosen_by_user
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        from qlora_plugin.strategies.loftq import loftq_initialise
-
         if not self.init.pop("pending", False):
             return
         if state.global_step > 0:
@@ -219,9 +223,17 @@ class CalibratedLoftQ(TrainerCallback):
         try:
             batches, examples = first_batches(train_dataloader, CALIBRATION_EXAMPLES,
                                               args.per_device_train_batch_size)
-            weights = InputWeights(model, batches)
-            self.init.update(loftq_initialise(model, input_weights=weights), examples=examples,
-                             tokens=weights.tokens, weighting=weights.kind, passes=weights.passes)
+            start = time.perf_counter()
+            key = start_key(model, batches, CONSTANTS)
+            cached = load_start(model, key) if key else None
+            if cached is not None:
+                self.init.update(cached, cached=True, seconds=round(time.perf_counter() - start, 2))
+            else:
+                weights = InputWeights(model, batches)
+                self.init.update(loftq_initialise(model, input_weights=weights), examples=examples,
+                                 tokens=weights.tokens, weighting=weights.kind, passes=weights.passes)
+                if key:
+                    save_start(model, key, {k: v for k, v in self.init.items() if k not in ("note", "method")})
         except QLoRAPluginError as err:
             if self.chosen_by_user:
                 raise
@@ -239,4 +251,5 @@ def describe(init: dict) -> str:
             f"training examples ({init['tokens']} tokens)" if "examples" in init and "tokens" in init else "")
     return (f"LoRA init: {init['method']}: the adapters start at the best low-rank correction of the 4-bit error"
             f"{seen}; {100 * init['error_cancelled']:.0f}% of it cancelled on {init['layers']} layers "
-            f"({init['seconds']:.1f} s; init_lora_weights)")
+            f"({'loaded from the start cache in ' if init.get('cached') else ''}{init['seconds']:.1f} s; "
+            "init_lora_weights)")
