@@ -57,7 +57,8 @@ class StrategyOptions:
         metadata={
             "help": "Quantize a local base once and load the cached 4-bit copy on later runs (seconds instead of "
             "minutes, never holding the 16-bit weights). Folder: $QLORA_PLUGIN_CACHE_DIR, else "
-            "~/.cache/qlora_plugin. Keyed on the files' SHA-256 and the quantization settings."
+            "~/.cache/qlora_plugin. Keyed on the files' SHA-256 and the quantization settings. The calibrated "
+            "LoRA start is cached beside it (same base, adapter and first training batches)."
         },
     )
     release_memory_after_load: bool = field(
