@@ -220,6 +220,17 @@ def test_a_fresh_run_starts_calibrated_and_a_resumed_one_keeps_its_checkpoint(ti
         assert match and torch.allclose(captured[match[0]].float(), value.float()), name
 
 
+def test_damping_makes_a_singular_covariance_factorable_and_an_empty_one_is_an_error():
+    from qlora_plugin.strategies.calibration import damped_cholesky
+
+    x = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[:, 2] = 0  # a channel that never fires, and fewer tokens than channels: singular
+    factor = damped_cholesky(x.T @ x)
+    assert torch.equal(factor, factor.tril()) and bool((factor.diagonal() > 0).all())
+    with pytest.raises(QLoRAPluginError, match="stayed singular.*--init_lora_weights loftq"):
+        damped_cholesky(torch.zeros(4, 4, dtype=torch.float64))
+
+
 def test_calibration_reads_the_first_rows_in_order_and_stops_at_the_token_cap():
     from types import SimpleNamespace
 

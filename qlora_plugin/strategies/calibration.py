@@ -97,6 +97,23 @@ def layer_groups(layers, group_bytes: int) -> list[list]:
     return groups
 
 
+def damped_cholesky(moment):
+    """Lower Cholesky factor of the second-moment matrix, damped so that no direction weighs zero: `DAMPING` times
+    the mean of its diagonal is added to it, ten times more at each try while rounding still leaves it not positive
+    definite (float64 holds it exactly enough with the damping alone on the models measured)."""
+    import torch
+
+    mean = moment.diagonal().mean()
+    for factor in (1, 10, 100, 1000):
+        damped = moment.clone()
+        damped.diagonal().add_(factor * DAMPING * mean)
+        factor_l, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            return factor_l
+    raise QLoRAPluginError("`init_lora_weights loftq_calibrated`: an input covariance stayed singular after damping "
+                           "(its inputs are all zero?). Use `--init_lora_weights loftq`.")
+
+
 class _GroupMeasured(Exception):
     """Raised by the group's last layer: the forward pass stops there."""
 
@@ -150,8 +167,8 @@ class InputWeights:
                     x = x.detach().reshape(-1, x.shape[-1])
                     if last["mask"] is not None and last["mask"].numel() == x.shape[0]:
                         x = x[last["mask"]]
-                    x = x.float()  # summed over batches in float64: massive activations swamp float32's precision
-                    sums[name] = sums.get(name, 0) + ((x.T @ x).double() if full else x.square().sum(0))
+                    x = x.double() if full else x.float()  # float64: massive activations swamp float32's precision
+                    sums[name] = sums.get(name, 0) + (x.T @ x if full else x.square().sum(0))
                     tokens[name] = tokens.get(name, 0) + x.shape[0]
                 if name == final:
                     raise _GroupMeasured  # the rest of the model has nothing for this group
@@ -186,9 +203,8 @@ class InputWeights:
         computed = {}
         for name in list(sums):
             moment = sums.pop(name) / max(tokens[name], 1)
-            if full:  # damped so it is positive definite: no direction weighs zero
-                moment.diagonal().add_(DAMPING * moment.diagonal().mean())
-                computed[name] = torch.linalg.cholesky(moment).float()
+            if full:
+                computed[name] = damped_cholesky(moment).float()
             else:
                 computed[name] = (moment + DAMPING * moment.mean()).sqrt()
             del moment
