@@ -55,6 +55,8 @@ def test_training_outputs_merge_and_cache_are_readable_like_plain_writes(tiny_mo
             "checkpoint-1", "checkpoint-2"} <= set(os.listdir(out))
     assert wrong_modes(out) == []
     entries = [e for e in os.listdir(cache) if not e.endswith(".json") and not e.startswith(".")]  # not .locks
+    assert sorted(entries)[-1] == "lora-starts" and wrong_modes(cache / "lora-starts") == []  # the cached LoRA start
+    entries.remove("lora-starts")
     assert len(entries) == 1 and wrong_modes(cache / entries[0]) == []
 
     merged = tmp_path / "merged"

@@ -163,7 +163,8 @@ def test_input_weights_count_every_real_token_and_no_padding(tiny_models, limit,
         assert all(bool(torch.all(w.diagonal() > 0)) and torch.equal(w, w.tril()) for w in weights.values())
 
 
-def test_a_fresh_run_starts_calibrated_and_a_resumed_one_keeps_its_checkpoint(tiny_models, tmp_path, capsys):
+def test_a_fresh_run_starts_calibrated_and_a_resumed_one_keeps_its_checkpoint(tiny_models, tmp_path, capsys,
+                                                                            monkeypatch):
     """auto on a 4-bit base: the summary announces the calibrated start, the first step computes it from the first
     training examples and says so; the same run again loads it from the start cache, another rank does not;
     resuming leaves the checkpoint's adapter as it was saved."""
@@ -172,6 +173,8 @@ def test_a_fresh_run_starts_calibrated_and_a_resumed_one_keeps_its_checkpoint(ti
 
     from conftest import DATA
     from qlora_plugin import make_trainer
+
+    monkeypatch.setenv("QLORA_PLUGIN_CACHE_DIR", str(tmp_path / "cache"))  # no start another test cached
 
     def trainer(steps, rank=4, out=tmp_path):
         args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, report_to="none",
