@@ -144,14 +144,13 @@ def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
     facts = {"method": init}
     if init in LOFTQ_INITS and not any(p.is_meta for p in model.parameters()):
         from qlora_plugin.strategies.calibration import CALIBRATION_EXAMPLES
-        from qlora_plugin.strategies.loftq import SafetensorsWeights, loftq_initialise
+        from qlora_plugin.strategies.loftq import base_weights, loftq_initialise
 
         try:
             if init == "loftq":
                 facts.update(loftq_initialise(model))
             else:
-                base = model.get_base_model().config
-                SafetensorsWeights(base._name_or_path, getattr(base, "_commit_hash", None))  # readable: fail now
+                base_weights(model)  # readable: fail now, not when training starts
                 facts.update(pending=True, examples=CALIBRATION_EXAMPLES)
         except QLoRAPluginError as err:
             if options.init_lora_weights != "auto":

@@ -68,6 +68,12 @@ class SafetensorsWeights:
         )
 
 
+def base_weights(model) -> SafetensorsWeights:
+    """The 16-bit weights of a PEFT model's base, from its safetensors files (raises, with the fix, if unreadable)."""
+    config = model.get_base_model().config
+    return SafetensorsWeights(config._name_or_path, getattr(config, "_commit_hash", None))
+
+
 def weights_folder(model_id: str, revision: str | None = None) -> str:
     """The local folder of a model: the path itself, or its snapshot in the Hugging Face cache (no download)."""
     if os.path.isdir(model_id):
@@ -128,7 +134,7 @@ def loftq_initialise(model, adapter: str = "default", input_weights: dict | None
 
     start = time.perf_counter()
     base_model = model.get_base_model()
-    weights = SafetensorsWeights(base_model.config._name_or_path, getattr(base_model.config, "_commit_hash", None))
+    weights = base_weights(model)
     prefix = getattr(base_model, "base_model_prefix", None)
     starts, error, cancelled = [], 0.0, 0.0
     for name, module in model.named_modules():
