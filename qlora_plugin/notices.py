@@ -4,8 +4,8 @@ Each is matched exactly (its logger or warning category, its module and the star
 is shown as the library wrote it. docs/troubleshooting.md ("What a run prints") lists them:
 
 - bitsandbytes, at import on CPUs with AVX512-BF16: "Failed to load CPU gemm_4bit_forward from kernels-community
-  ... pip install kernels". That kernel serves bitsandbytes' CPU repacking, which the strategy turns off on every
-  4-bit layer (`quant/cpu_guard.py`); the `kernels` package would download code from the Hub at run time.
+  ...". Under a strategy `hub_code.py` keeps bitsandbytes from downloading that kernel from the Hub; bitsandbytes
+  then uses its own wheel's CPU kernels, and the note says nothing the user can act on.
 - accelerate, in `trl sft`: "The following values were not passed to `accelerate launch` ..." when every value
   it lists is the single-machine default (one process, or `0` on a machine without a GPU, which runs one).
   The note that more than one GPU was found, and any other count, are kept.

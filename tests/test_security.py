@@ -220,3 +220,35 @@ def test_nothing_reaches_the_network_at_import_and_activation(tmp_path):
                                                  "HF_DATASETS_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"})
     assert proc.returncode == 0 and "activated" in proc.stdout, proc.stderr[-3000:]
     assert "NETWORK ATTEMPT" not in proc.stderr
+
+
+HUB_KERNEL_PROBE = """
+import sys
+import kernels
+
+def fetched(repo, *args, **kwargs):  # stands in for a download from the Hub
+    print(f"HUB KERNEL FETCHED {{repo}}")
+    raise OSError("not fetched in this test")
+
+kernels.get_kernel = fetched
+sys.argv[1:] = {argv!r}
+import trl, bitsandbytes
+print("bitsandbytes imported")
+"""
+
+
+@pytest.mark.parametrize("strategy", [True, False], ids=["strategy", "no-strategy"])
+def test_bitsandbytes_fetches_no_hub_kernel_under_a_strategy(tmp_path, strategy):
+    """bitsandbytes asks `kernels` for a CPU kernel from the Hub when it is imported (AVX512-BF16 CPUs); under a
+    strategy `kernels` is hidden from that import. Without a strategy the library behaves as it always does, which
+    shows this test would see a fetch."""
+    import importlib.util
+
+    from qlora_plugin.runtime import cpu_has_native_bf16
+
+    if importlib.util.find_spec("kernels") is None or not cpu_has_native_bf16():
+        pytest.skip("bitsandbytes asks for a Hub kernel only on AVX512-BF16 CPUs with `kernels` installed")
+    argv = ["--strategy", "qlora"] if strategy else []
+    proc = run_python(["-c", HUB_KERNEL_PROBE.format(argv=argv)], tmp_path)
+    assert proc.returncode == 0 and "bitsandbytes imported" in proc.stdout, proc.stderr[-3000:]
+    assert ("HUB KERNEL FETCHED" in proc.stdout) is (not strategy), proc.stdout

@@ -16,6 +16,7 @@ import sys
 from qlora_plugin.errors import QLoRAPluginError, report_and_exit
 from qlora_plugin.flags import given_flag_names, parse_bool, parse_own_flags
 from qlora_plugin.integration import import_hook, model_loading, near_miss, script_args, state, trl_patches
+from qlora_plugin.hub_code import refuse_hub_kernels
 from qlora_plugin.integration.import_hook import DISABLE_ENV
 from qlora_plugin.integration.excepthook import install_excepthook
 from qlora_plugin.integration.state import EXPLICIT_ENV, OPTIONS_ENV, SOURCE_ENV, STRATEGY_ENV
@@ -196,6 +197,7 @@ def activate_from_process() -> None:
         # Before the strategy and its libraries load, so an opted-in re-execution repeats as little as possible.
         malloc_tunables.apply_at_activation(malloc_tunables.wanted(request.options), _use_cpu(argv))
         leave_out_for_a_strategy_run("gradient_checkpointing" in request.explicit_training_args)  # before imports
+        refuse_hub_kernels()
         validate(request)
     except QLoRAPluginError as err:
         report_and_exit(err)

@@ -14,6 +14,7 @@ import os
 from transformers import set_seed
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin import hub_code
 from qlora_plugin.notices import library_deprecations
 from qlora_plugin.plan.budget import budget_bytes, choose, memory_in_use, settings_for_run
 from qlora_plugin.plan.estimate import predict_for_run
@@ -178,6 +179,8 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         "memory_budget": budget,
     }
     facts["fallbacks"].extend(budget["notes"] if budget else [])
+    if hub_code.status():
+        facts["fallbacks"].append(hub_code.status())
     for extra in reversed(hooks.qlora_run_facts(explicit_options=dict(request.options), model=model,
                                                 training_args=args)):
         _merge_facts(facts, extra)  # in registration order: the built-in notes first
