@@ -130,8 +130,8 @@ class StrategyOptions:
             "error (LoftQ; reads the base's 16-bit safetensors once), so training starts closer to the 16-bit model; "
             "loftq_calibrated: the same correction, weighted by each layer's inputs on the first 16 training "
             "examples (computed when training starts); default: peft's (A random, B zero: the 4-bit model "
-            "unchanged); gaussian: peft's gaussian A. auto: loftq_calibrated on a 4-bit base (not with DoRA or "
-            "under FSDP/ZeRO-3), else default (docs/benchmarks.md).",
+            "unchanged); gaussian: peft's gaussian A. auto: loftq_calibrated on a 4-bit base (plain loftq under "
+            "DeepSpeed ZeRO-1/2; not with DoRA or under FSDP/ZeRO-3), else default (docs/benchmarks.md).",
             "choices": list(INIT_CHOICES),
         },
     )

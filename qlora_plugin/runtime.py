@@ -23,6 +23,14 @@ class Runtime:
     process_index: int = 0
     num_processes: int = 1
     capability: tuple | None = None  # CUDA compute capability (major, minor), when on CUDA
+    # The index of the accelerator accelerate gave this process (`PartialState().device.index`): the local rank
+    # modulo the devices this process sees, so 0 where each process sees one GPU (Slurm, Kubernetes).
+    device_index: int = 0
+
+    @property
+    def device(self) -> str:
+        """This process's device as torch names it: "cuda:1", or "cpu"."""
+        return "cpu" if self.device_type == "cpu" else f"{self.device_type}:{self.device_index}"
 
     @property
     def half_dtype(self) -> str | None:
@@ -77,14 +85,28 @@ def detect_runtime() -> Runtime:
     if dist == DistributedType.FSDP:
         engine = "fsdp"
     elif dist == DistributedType.DEEPSPEED:
-        from accelerate.utils import is_deepspeed_available
-
-        engine = "deepspeed"
-        if is_deepspeed_available():
-            from transformers.integrations import is_deepspeed_zero3_enabled
-
-            if is_deepspeed_zero3_enabled():
-                engine = "deepspeed_zero3"
+        engine = "deepspeed_zero3" if deepspeed_zero3_requested() else "deepspeed"
     elif state.num_processes > 1:
         engine = "ddp"
-    return Runtime(device_type, bf16, engine, state.local_process_index, state.num_processes, capability)
+    return Runtime(device_type, bf16, engine, state.local_process_index, state.num_processes, capability,
+                   state.device.index or 0)
+
+
+ZERO_STAGE_ENV = "ACCELERATE_DEEPSPEED_ZERO_STAGE"  # set by `accelerate launch` from its DeepSpeed config
+
+
+def deepspeed_zero3_requested() -> bool:
+    """ZeRO-3 is on: transformers' `HfDeepSpeedConfig` says so (it exists once training arguments are built), or
+    the launcher's environment does, which a script that calls `from_pretrained` before building its arguments
+    already has."""
+    import os
+
+    if os.environ.get(ZERO_STAGE_ENV, "").strip() == "3":
+        return True
+    from accelerate.utils import is_deepspeed_available
+
+    if not is_deepspeed_available():
+        return False
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())

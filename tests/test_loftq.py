@@ -281,6 +281,15 @@ def test_auto_is_loftq_only_where_it_can_run():
     assert lora_init(StrategyOptions(init_lora_weights="gaussian"), True, False) == "gaussian"
 
 
+def test_under_deepspeed_zero_1_2_the_calibrated_start_is_refused_and_auto_takes_plain_loftq():
+    """The calibrated start runs when training starts, after `deepspeed.initialize` has taken the LoRA weights into
+    its flat fp32 masters: writing the adapter then would be lost (issue 26, item 3)."""
+    assert lora_init(StrategyOptions(), four_bit=True, shards_parameters=False, deepspeed=True) == "loftq"
+    with pytest.raises(QLoRAPluginError, match="cannot run under DeepSpeed.*--init_lora_weights loftq"):
+        lora_init(StrategyOptions(init_lora_weights="loftq_calibrated"), True, False, deepspeed=True)
+    assert lora_init(StrategyOptions(init_lora_weights="loftq"), True, False, deepspeed=True) == "loftq"
+
+
 @pytest.mark.parametrize("options, four_bit, shards, reason", [
     (StrategyOptions(init_lora_weights="loftq"), False, False, "base is 16-bit"),
     (StrategyOptions(init_lora_weights="loftq_calibrated"), False, False, "base is 16-bit"),

@@ -69,8 +69,51 @@ def test_quant_storage_follows_the_engine():
 def test_ddp_loads_one_copy_per_rank():
     from qlora_plugin.quant.config import model_init_kwargs
 
-    kwargs = model_init_kwargs(StrategyOptions(), {}, Runtime("cuda", True, "ddp", process_index=3, num_processes=4))
-    assert kwargs["device_map"] == {"": 3}
+    every_gpu_visible = Runtime("cuda", True, "ddp", process_index=3, num_processes=4, device_index=3)
+    assert model_init_kwargs(StrategyOptions(), {}, every_gpu_visible)["device_map"] == {"": 3}
+    one_gpu_per_process = Runtime("cuda", True, "ddp", process_index=3, num_processes=4, device_index=0)  # Slurm
+    assert model_init_kwargs(StrategyOptions(), {}, one_gpu_per_process)["device_map"] == {"": 0}
+
+
+class _FakeState:
+    """accelerate's `PartialState` as a 4-process CUDA launch shows it to local rank 3."""
+
+    def __init__(self, distributed_type, visible_gpus):
+        self.distributed_type = distributed_type
+        self.local_process_index, self.num_processes = 3, 4
+        self.device = torch.device("cuda", 3 % visible_gpus)  # what accelerate's `set_device` computes
+
+
+@pytest.mark.parametrize("visible_gpus", [4, 1])
+def test_the_device_comes_from_accelerates_process_state(monkeypatch, visible_gpus):
+    """With one visible GPU per process (Slurm, Kubernetes) local rank 3 trains on `cuda:0`, not `cuda:3`."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from qlora_plugin.quant.cache import quantizing_device
+    from qlora_plugin.runtime import detect_runtime
+
+    monkeypatch.setattr(accelerate, "PartialState", lambda: _FakeState(DistributedType.MULTI_GPU, visible_gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    runtime = detect_runtime()
+    assert (runtime.engine, runtime.process_index, runtime.device_index) == ("ddp", 3, 3 % visible_gpus)
+    assert quantizing_device(runtime) == f"cuda:{3 % visible_gpus}"
+
+
+def test_zero3_is_seen_from_the_launchers_environment(monkeypatch):
+    """A script that calls `from_pretrained` before its training arguments exist has no `HfDeepSpeedConfig` yet;
+    `accelerate launch` with a ZeRO-3 config has already said so in the environment."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from qlora_plugin.runtime import ZERO_STAGE_ENV, detect_runtime
+
+    monkeypatch.setattr(accelerate, "PartialState", lambda: _FakeState(DistributedType.DEEPSPEED, 4))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setenv(ZERO_STAGE_ENV, "2")
+    assert detect_runtime().engine == "deepspeed"
+    monkeypatch.setenv(ZERO_STAGE_ENV, "3")
+    assert detect_runtime().engine == "deepspeed_zero3"
 
 
 def test_big_models_get_the_papers_big_model_recipe():

@@ -114,8 +114,8 @@ def _device_kind(device: str) -> str:
 
 
 def quantizing_device(runtime) -> str:
-    """Where this process quantizes: its own GPU when it trains on CUDA (`cuda:<local rank>`), else the CPU."""
-    return f"cuda:{runtime.process_index}" if runtime.device_type == "cuda" else "cpu"
+    """Where this process quantizes: its own GPU when it trains on CUDA (the one accelerate gave it), else the CPU."""
+    return runtime.device if runtime.device_type == "cuda" else "cpu"
 
 
 def _entry_name(folder: str, fingerprint: dict, settings: dict) -> str:

@@ -72,7 +72,7 @@ def model_init_kwargs(options: StrategyOptions, init_kwargs: dict, runtime: Runt
     if options.load_in_4bit and "quantization_config" not in kwargs:  # a config the user passed wins
         kwargs["quantization_config"] = bnb_config(options, runtime, kwargs["dtype"])
     if runtime.engine == "ddp" and runtime.device_type != "cpu":
-        kwargs["device_map"] = {"": runtime.process_index}  # one full copy per rank, never "auto"
+        kwargs["device_map"] = {"": runtime.device_index}  # one full copy per rank on its own GPU, never "auto"
     elif runtime.engine in ("fsdp", "deepspeed_zero3", "deepspeed"):
         kwargs["device_map"] = None
     return kwargs

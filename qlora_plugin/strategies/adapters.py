@@ -104,12 +104,15 @@ def _input_in_weight_dtype(module, args):
 LOFTQ_INITS = ("loftq", "loftq_calibrated")
 
 
-def lora_init(options: StrategyOptions, four_bit: bool, shards_parameters: bool) -> str:
+def lora_init(options: StrategyOptions, four_bit: bool, shards_parameters: bool, deepspeed: bool = False) -> str:
     """The adapter initialisation this run uses: `init_lora_weights`, with `auto` resolved. auto is
     loftq_calibrated on a 4-bit base, where it measurably closes most of the 4-bit quality gap (docs/benchmarks.md),
     except where no LoftQ start can run: with DoRA (its magnitude is computed from the weight before the adapter
-    starts) and under FSDP/ZeRO-3 (each rank holds only a shard of each weight). An explicit LoftQ start there is
-    refused, never silently replaced."""
+    starts) and under FSDP/ZeRO-3 (each rank holds only a shard of each weight). Under DeepSpeed ZeRO-1/2 the
+    calibrated start cannot run either: it is computed when training starts, after `deepspeed.initialize` has
+    copied the LoRA weights into the engine's flat fp32 masters, so writing the adapter then would be lost; auto
+    takes plain loftq there (computed when the adapter is added, before the engine exists). An explicit start
+    that cannot run is refused, never silently replaced."""
     choice = options.init_lora_weights
     blocker = ("the base is 16-bit, so there is no quantization error to correct" if not four_bit else
                "DoRA computes its magnitude from the weight before the adapter is set" if options.use_dora else
@@ -118,8 +121,13 @@ def lora_init(options: StrategyOptions, four_bit: bool, shards_parameters: bool)
     if choice in LOFTQ_INITS and blocker:
         raise QLoRAPluginError(f"`init_lora_weights {choice}` cannot run here: {blocker}. Use `--init_lora_weights "
                                "default` (or leave it at auto).")
+    if choice == "loftq_calibrated" and deepspeed:
+        raise QLoRAPluginError("`init_lora_weights loftq_calibrated` cannot run under DeepSpeed: it is computed when "
+                               "training starts, after the DeepSpeed engine has copied the LoRA weights into its own "
+                               "fp32 master weights, so the start would be lost. Use `--init_lora_weights loftq` "
+                               "(computed before the engine starts; what auto picks here) or `default`.")
     if choice == "auto":
-        return "default" if blocker else "loftq_calibrated"
+        return "default" if blocker else "loftq" if deepspeed else "loftq_calibrated"
     return choice
 
 
@@ -133,7 +141,8 @@ def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
     check_target_modules(model, options.lora_target_modules)
     num_params = count_parameters(model)
     four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
-    init = lora_init(options, options.load_in_4bit, runtime.shards_parameters)  # also on `plan`'s skeleton
+    init = lora_init(options, options.load_in_4bit, runtime.shards_parameters,  # also on `plan`'s skeleton
+                     deepspeed=runtime.engine == "deepspeed")
     if four_bit and not runtime.shards_parameters:
         # Upcasts norms to fp32 for stable training (embeddings and head kept 16-bit); gradient checkpointing is
         # left to the Trainer.
