@@ -280,3 +280,23 @@ def test_fsdp_final_save_writes_the_adapter_with_a_sharded_state_dict(tiny_model
     adapter = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
     assert adapter and all("lora_" in key for key in adapter)
     assert gathered == [(StateDictType.FULL_STATE_DICT, False, False)]
+
+
+def test_the_quantization_record_is_read_from_the_layer_when_fsdp_flattened_the_weight(tiny_models):
+    """Under FSDP with `use_orig_params: false` a 4-bit layer's weight is a plain view into the flat parameter at
+    save time, without `quant_state`; the record (and the summary's facts) read the layer's own copy."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora_plugin.quant.layers import four_bit_layers, quantization_facts
+    from qlora_plugin.quant.record import quantization_record
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32,
+                                                 quantization_config=BitsAndBytesConfig(
+                                                     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))
+    expected = quantization_record(model)
+    for layer in four_bit_layers(model):
+        assert layer.quant_state is layer.weight.quant_state  # the copy bitsandbytes keeps on the layer
+        layer.weight = torch.nn.Parameter(layer.weight.data.view(-1, 1).clone(), requires_grad=False)  # FSDP's view
+        assert getattr(layer.weight, "quant_state", None) is None
+    assert quantization_record(model) == expected and expected["bnb_4bit_use_double_quant"] is True
+    assert quantization_facts(model)["quant_type"] == expected["bnb_4bit_quant_type"] == "nf4"

@@ -33,6 +33,15 @@ def four_bit_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, Linear4bit)]
 
 
+def quant_state(layer):
+    """A 4-bit layer's quantization state. Read from the weight, else from the layer itself: under FSDP with
+    `use_orig_params: false` the weight is a plain view into the flat parameter at save time, without
+    `quant_state`, while `Linear4bit` keeps its own copy (what bitsandbytes restores it from in `forward`,
+    `fix_4bit_weight_quant_state_from_module`)."""
+    state = getattr(layer.weight, "quant_state", None)
+    return state if state is not None else getattr(layer, "quant_state", None)
+
+
 def quantized_bits_per_param(model) -> float | None:
     """Measured storage of the 4-bit layers (packed codes + absmax + nested constants) per original weight."""
     layers = four_bit_layers(model)
@@ -40,7 +49,7 @@ def quantized_bits_per_param(model) -> float | None:
         return None
     bits = params = 0
     for layer in layers:
-        state = layer.weight.quant_state
+        state = quant_state(layer)
         bits += layer.weight.numel() * layer.weight.element_size() * 8
         bits += state.absmax.numel() * state.absmax.element_size() * 8
         if getattr(state, "state2", None) is not None:
@@ -54,7 +63,7 @@ def quant_state_bytes(model) -> int:
     `get_memory_footprint()` does not see (they are neither parameters nor buffers)."""
     total = 0
     for layer in four_bit_layers(model):
-        state = layer.weight.quant_state
+        state = quant_state(layer)
         tensors = [state.absmax, state.code]
         if getattr(state, "state2", None) is not None:
             tensors += [state.state2.absmax, state.state2.code, state.offset]
@@ -68,13 +77,13 @@ def quantization_facts(model) -> dict | None:
     if not layers:
         return None
     first = layers[0]
-    state = first.weight.quant_state
+    state = quant_state(first)
     return {
         "layers_4bit": len(layers),
         "quant_type": state.quant_type,
         "double_quant": getattr(state, "nested", False),
         "bits_per_param": quantized_bits_per_param(model),
         "compute_dtype": str(first.compute_dtype).replace("torch.", ""),
-        "quant_storage": str(first.weight.quant_storage).replace("torch.", ""),
+        "quant_storage": str(getattr(first.weight, "quant_storage", first.weight.dtype)).replace("torch.", ""),
         "embeddings_dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""),
     }

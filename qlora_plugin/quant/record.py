@@ -17,7 +17,7 @@ from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.files import write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
 from qlora_plugin.quant.cache import quantized_on
-from qlora_plugin.quant.layers import four_bit_layers
+from qlora_plugin.quant.layers import four_bit_layers, quant_state
 
 RECORD_FILE = "qlora_plugin_quantization.json"
 RECORD_VERSION = 1
@@ -28,7 +28,7 @@ def quantization_record(model) -> dict:
     layers = four_bit_layers(model)
     if not layers:
         return {"version": RECORD_VERSION, "load_in_4bit": False}
-    state = layers[0].weight.quant_state
+    state = quant_state(layers[0])  # under FSDP the weight may be a flat view without it
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
     return {
