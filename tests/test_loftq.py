@@ -273,6 +273,54 @@ def test_calibration_without_training_data_says_what_to_do(tiny_models):
     assert any(float(p.detach().abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
+class _TwoProcesses:
+    """torch.distributed as rank 1 of 2 sees it; rank 0's side of each broadcast is `rank_zero`."""
+
+    def __init__(self, monkeypatch, rank_zero):
+        import torch.distributed as dist
+
+        self.received = []
+        for name, value in (("is_available", lambda: True), ("is_initialized", lambda: True),
+                            ("get_rank", lambda: 1), ("get_world_size", lambda: 2),
+                            ("broadcast_object_list", self.objects), ("broadcast", self.tensor)):
+            monkeypatch.setattr(dist, name, value)
+        self.rank_zero = rank_zero
+
+    def objects(self, box, src):
+        assert src == 0 and box == [None, None]  # rank 1 sends nothing
+        box[:] = self.rank_zero
+
+    def tensor(self, tensor, src):
+        assert src == 0
+        tensor.fill_(0.5)  # rank 0's adapter
+        self.received.append(tensor)
+
+
+def test_under_torch_distributed_only_rank_zero_computes_the_start(tiny_models, monkeypatch, capsys):
+    """Rank 1 neither reads the batches nor the 16-bit base: it takes rank 0's facts and adapter (issue 26, item 6),
+    and rank 0's error stops it too instead of leaving it waiting."""
+    from types import SimpleNamespace
+
+    from qlora_plugin.strategies import calibration
+
+    model = wrap_with_lora(_four_bit(tiny_models["llama"]), StrategyOptions(), CPU)
+    computed = []
+    monkeypatch.setattr(calibration, "first_batches", lambda *a: computed.append("batches"))
+    monkeypatch.setattr(calibration, "loftq_initialise", lambda *a, **k: computed.append("loftq"))
+    rank_zero_facts = {"method": "loftq_calibrated", "error_cancelled": 0.4, "layers": 14, "seconds": 1.0}
+    group = _TwoProcesses(monkeypatch, [rank_zero_facts, None])
+    args, state = SimpleNamespace(per_device_train_batch_size=4), SimpleNamespace(global_step=0,
+                                                                                  is_world_process_zero=False)
+    init = dict(model.qlora_lora_init)
+    calibration.CalibratedLoftQ(init, chosen_by_user=False).on_train_begin(args, state, None, model, None)
+    assert computed == [] and init == rank_zero_facts
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(group.received) == len(trainable) and all(bool((p == 0.5).all()) for p in trainable)
+    _TwoProcesses(monkeypatch, [None, "`init_lora_weights loftq_calibrated`: the training dataset is empty."])
+    with pytest.raises(QLoRAPluginError, match="dataset is empty"):
+        calibration.CalibratedLoftQ(dict(model.qlora_lora_init), True).on_train_begin(args, state, None, model)
+
+
 def test_auto_is_loftq_only_where_it_can_run():
     assert lora_init(StrategyOptions(), four_bit=True, shards_parameters=False) == "loftq_calibrated"
     assert lora_init(StrategyOptions(), four_bit=False, shards_parameters=False) == "default"

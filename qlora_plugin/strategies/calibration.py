@@ -8,8 +8,8 @@ When: at `on_train_begin` of a fresh run, before `eval_on_start`, so the step-0 
 earlier, because the data is tokenized only once the trainer is built; not on resume, where the checkpoint's adapter
 is what training continues from.
 
-Every process reads the same first rows of the whole dataset (not its own shard) and so computes the same start;
-under torch.distributed the adapter is also broadcast from rank 0, so no two processes can train different ones.
+Under torch.distributed only rank 0 computes it (or loads it from the start cache) and broadcasts the adapter and
+its facts, so every process trains the same start and no other rank re-reads the 16-bit base.
 The forward passes run without gradients and keep only the last position's logits, so they cost less memory than one
 training step; the statistics are freed before training.
 """
@@ -211,20 +211,35 @@ class InputWeights:
         return {name: computed[owner[name]] for name, _ in layers if name in owner}
 
 
-def broadcast_adapter(model) -> None:
-    """Under torch.distributed, every process takes rank 0's adapter (the trainable parameters)."""
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) under an initialised torch.distributed group, else (0, 1)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def share_from_rank_zero(model, facts: dict | None, error: str | None) -> dict:
+    """Rank 0's outcome to every process: its facts (or its error, raised everywhere, so no rank waits for a
+    broadcast that never comes), then its adapter (the trainable parameters)."""
+    import torch.distributed as dist
+
+    box = [facts, error]
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise QLoRAPluginError(box[1])
     for param in model.parameters():
         if param.requires_grad:
             dist.broadcast(param.data, src=0)
+    return box[0]
 
 
 class CalibratedLoftQ(TrainerCallback):
     """Computes the `loftq_calibrated` start when a fresh run begins, and records it in the run's facts (the report
-    and the line printed under the summary)."""
+    and the line printed under the summary). Under torch.distributed only rank 0 computes it (or loads it from the
+    start cache): the others would re-read every 16-bit shard of the base for the same result. They receive its
+    adapter by broadcast, a few hundred MB at 70B and r=64."""
 
     def __init__(self, init_facts: dict, chosen_by_user: bool):
         self.init = init_facts
@@ -236,9 +251,25 @@ class CalibratedLoftQ(TrainerCallback):
         if state.global_step > 0:
             self.init["note"] = "resumed: training continues from the checkpoint's adapter"
             return
+        rank, world = _process_group()
+        error = None
+        if rank == 0:
+            try:
+                self._compute(model, train_dataloader, args.per_device_train_batch_size)
+            except QLoRAPluginError as err:
+                if world == 1:
+                    raise
+                error = str(err)
+        if world > 1:
+            shared = share_from_rank_zero(model, dict(self.init) if rank == 0 else None, error)
+            self.init.clear()
+            self.init.update(shared)
+        if state.is_world_process_zero:
+            print(f"[qlora-plugin] {describe(self.init)}", flush=True)
+
+    def _compute(self, model, train_dataloader, batch_size: int) -> None:
         try:
-            batches, examples = first_batches(train_dataloader, CALIBRATION_EXAMPLES,
-                                              args.per_device_train_batch_size)
+            batches, examples = first_batches(train_dataloader, CALIBRATION_EXAMPLES, batch_size)
             start = time.perf_counter()
             key = start_key(model, batches, CONSTANTS)
             cached = load_start(model, key) if key else None
@@ -256,9 +287,6 @@ class CalibratedLoftQ(TrainerCallback):
             # auto: the plain LoftQ start needs no data
             logger.warning("init_lora_weights auto: the plain loftq start instead of the calibrated one. %s", err)
             self.init.update(loftq_initialise(model), method="loftq", note=f"not calibrated: {err}")
-        broadcast_adapter(model)
-        if state.is_world_process_zero:
-            print(f"[qlora-plugin] {describe(self.init)}", flush=True)
 
 
 def describe(init: dict) -> str:
