@@ -66,6 +66,9 @@ def test_loftq_start_brings_every_layer_closer_to_16_bit(tiny_models, arch):
     assert len(errors) == facts["layers"]
     for name, with_adapter, without in errors:
         assert with_adapter < without, (name, with_adapter, without)
+    # laid out like the parameters they replace: DDP's gradient buckets and broadcasts assume it (a transposed
+    # factor was broadcast as its transpose under gloo, and rank 1 trained a different start)
+    assert all(p.is_contiguous() for p in model.parameters() if p.requires_grad)
 
 
 def test_loftq_at_full_rank_restores_the_16_bit_model(tiny_models):
@@ -305,7 +308,8 @@ def test_under_torch_distributed_only_rank_zero_computes_the_start(tiny_models, 
 
     model = wrap_with_lora(_four_bit(tiny_models["llama"]), StrategyOptions(), CPU)
     computed = []
-    monkeypatch.setattr(calibration, "first_batches", lambda *a: computed.append("batches"))
+    monkeypatch.setattr(calibration, "first_batches", lambda *a: ([], 16))  # every rank iterates the dataloader
+    monkeypatch.setattr(calibration, "InputWeights", lambda *a: computed.append("statistics"))
     monkeypatch.setattr(calibration, "loftq_initialise", lambda *a, **k: computed.append("loftq"))
     rank_zero_facts = {"method": "loftq_calibrated", "error_cancelled": 0.4, "layers": 14, "seconds": 1.0}
     group = _TwoProcesses(monkeypatch, [rank_zero_facts, None])

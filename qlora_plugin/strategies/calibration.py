@@ -252,24 +252,37 @@ class CalibratedLoftQ(TrainerCallback):
             self.init["note"] = "resumed: training continues from the checkpoint's adapter"
             return
         rank, world = _process_group()
-        error = None
+        error, batches = None, None
+        try:
+            # on every rank: iterating accelerate's prepared dataloader is itself collective (it synchronises the
+            # samplers' random state from rank 0), so a rank that skipped it would pair the wrong broadcasts
+            batches = first_batches(train_dataloader, CALIBRATION_EXAMPLES, args.per_device_train_batch_size)
+        except QLoRAPluginError as err:
+            if self.chosen_by_user:
+                raise  # the same data on every rank: every rank stops here with the same message
+            error = err
         if rank == 0:
             try:
-                self._compute(model, train_dataloader, args.per_device_train_batch_size)
+                self._compute(model, batches, error)
             except QLoRAPluginError as err:
                 if world == 1:
                     raise
-                error = str(err)
+                error = err
+            else:
+                error = None
         if world > 1:
-            shared = share_from_rank_zero(model, dict(self.init) if rank == 0 else None, error)
+            shared = share_from_rank_zero(model, dict(self.init) if rank == 0 else None,
+                                          str(error) if rank == 0 and error is not None else None)
             self.init.clear()
             self.init.update(shared)
         if state.is_world_process_zero:
             print(f"[qlora-plugin] {describe(self.init)}", flush=True)
 
-    def _compute(self, model, train_dataloader, batch_size: int) -> None:
+    def _compute(self, model, batches, batches_error) -> None:
         try:
-            batches, examples = first_batches(train_dataloader, CALIBRATION_EXAMPLES, batch_size)
+            if batches_error is not None:
+                raise batches_error
+            batches, examples = batches
             start = time.perf_counter()
             key = start_key(model, batches, CONSTANTS)
             cached = load_start(model, key) if key else None

@@ -115,6 +115,14 @@ def low_rank(residual, rank: int):
     return u * root, (v * root).T, float(s.square().sum())
 
 
+def transient_bytes(out_features: int, in_features: int, calibrated: bool) -> int:
+    """Peak device memory of the LoftQ start beyond the model, for one layer (they are done one at a time): the
+    layer's 16-bit weight read as fp32 and its dequantized copy (the residual is formed in place), plus the input
+    weighting's (in x in) fp32 Cholesky factor when calibrated. The SVD works on (in x (r + 8)) sketches, small
+    beside these. The finished factors wait on the CPU, in the adapter's dtype."""
+    return 4 * (2 * out_features * in_features + (in_features * in_features if calibrated else 0))
+
+
 def loftq_initialise(model, adapter: str = "default", input_weights: dict | None = None) -> dict:
     """Set every 4-bit LoRA layer's A and B so that `scaling * B @ A` is the best rank-r approximation of that
     layer's quantization error R. Returns facts for the summary: layers initialised, the share of the quantization
@@ -142,11 +150,12 @@ def loftq_initialise(model, adapter: str = "default", input_weights: dict | None
             continue
         packed = module.get_base_layer().weight
         quantized = bnb.functional.dequantize_4bit(packed.data, packed.quant_state).float()
-        original = weights.get(name[len(PEFT_PREFIX):] + ".weight", prefix).to(quantized.device, torch.float32)
-        if original.shape != quantized.shape and original.T.shape == quantized.shape:
-            original = original.T  # GPT-2's Conv1D stores (in, out); bitsandbytes quantized the transpose
-        residual = original - quantized
-        del original, quantized
+        residual = weights.get(name[len(PEFT_PREFIX):] + ".weight", prefix).to(quantized.device, torch.float32,
+                                                                               copy=True)
+        if residual.shape != quantized.shape and residual.T.shape == quantized.shape:
+            residual = residual.T  # GPT-2's Conv1D stores (in, out); bitsandbytes quantized the transpose
+        residual.sub_(quantized)  # in place: two fp32 copies of the layer at most (`transient_bytes`)
+        del quantized
         weight = None if input_weights is None else input_weights[name].to(residual.device, torch.float32)
         if weight is not None:
             residual = residual @ weight if weight.dim() == 2 else residual * weight  # R·L: as the inputs see it
@@ -156,12 +165,17 @@ def loftq_initialise(model, adapter: str = "default", input_weights: dict | None
         if weight is not None:
             a = torch.linalg.solve_triangular(weight, a, upper=False, left=False) if weight.dim() == 2 else a / weight
         scale = math.sqrt(module.scaling[adapter])
-        starts.append((module, a / scale, b / scale))
-        del residual
+        dtype = module.lora_A[adapter].weight.dtype  # kept on the CPU in the adapter's dtype until every layer is
+        starts.append((module, (a / scale).to("cpu", dtype), (b / scale).to("cpu", dtype)))  # done: no GPU build-up
+        del residual, weight, a, b
     if not starts:
         raise QLoRAPluginError("`init_lora_weights loftq` found no 4-bit layer with a LoRA adapter to initialise.")
     for module, a, b in starts:  # only once every layer has its start: a failure above changes nothing
         for weight, value in ((module.lora_A[adapter].weight, a), (module.lora_B[adapter].weight, b)):
-            weight.data = value.to(weight.dtype).to(weight.device)
+            # contiguous, like the parameter it replaces (the SVD's factors are transposed views): DDP's gradient
+            # buckets and collectives assume the layout the parameter had when the engine wrapped it
+            weight.data = value.to(weight.device, weight.dtype).contiguous()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the per-layer temporaries: back to the device before training allocates
     return {"layers": len(starts), "error_cancelled": cancelled / error if error else 0.0,
             "seconds": round(time.perf_counter() - start, 2)}
