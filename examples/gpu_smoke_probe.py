@@ -3,7 +3,7 @@
     python -m trl.scripts.sft ... --strategy qlora --qlora_hooks examples/gpu_smoke_probe.py   (SMOKE_PROBE=out.json)
 
 Writes the optimizer class, how many optimizer-state tensors are paged (bitsandbytes' CUDA unified memory), the
-dtypes and device of the trainable parameters, and the CUDA allocator's peaks.
+dtypes and device of the trainable parameters, the CUDA allocator's peaks and the CUDA context's size.
 """
 
 import json
@@ -15,6 +15,17 @@ from qlora_plugin import hookimpl
 
 
 class SmokeProbe(TrainerCallback):
+    context_bytes = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """The CUDA context (driver, kernels, cuBLAS workspace), measured inside the training process: what the
+        device uses beyond what torch's allocator reserved (other processes' memory counts too: none here)."""
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            free, total = torch.cuda.mem_get_info()
+            self.context_bytes = int(total - free - torch.cuda.memory_reserved())
+
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         import torch
 
@@ -32,6 +43,7 @@ class SmokeProbe(TrainerCallback):
             "max_memory_reserved": int(torch.cuda.max_memory_reserved()) if cuda else None,
             "max_memory_allocated": int(torch.cuda.max_memory_allocated()) if cuda else None,
             "global_step": state.global_step,
+            "context_bytes": self.context_bytes,
         }
         if state.is_world_process_zero:
             with open(os.environ["SMOKE_PROBE"], "w", encoding="utf-8") as f:
