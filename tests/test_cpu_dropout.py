@@ -189,6 +189,7 @@ def test_strategy_installs_it_on_cpu_and_says_so(tiny_models, tmp_path, capsys):
     assert "32-bit draw" not in format_summary(_facts(off))
 
 
+@pytest.mark.slow
 def test_training_runs_and_same_seed_repeats(tiny_models, tmp_path):
     from trl import SFTTrainer
 

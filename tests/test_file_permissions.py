@@ -35,6 +35,7 @@ def wrong_modes(root) -> list[str]:
     return wrong
 
 
+@pytest.mark.slow
 def test_training_outputs_merge_and_cache_are_readable_like_plain_writes(tiny_models, tmp_path, umask_027,
                                                                           monkeypatch):
     from trl import SFTConfig

@@ -26,6 +26,7 @@ def test_freed_heap_in_the_middle_of_the_heap_is_returned():
 
 
 @pytest.mark.parametrize("release", [True, False])
+@pytest.mark.slow
 def test_training_report_says_what_was_released(tiny_models, tmp_path, release):
     from trl import SFTConfig
 

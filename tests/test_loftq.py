@@ -163,6 +163,7 @@ def test_input_weights_count_every_real_token_and_no_padding(tiny_models, limit,
         assert all(bool(torch.all(w.diagonal() > 0)) and torch.equal(w, w.tril()) for w in weights.values())
 
 
+@pytest.mark.slow
 def test_a_fresh_run_starts_calibrated_and_a_resumed_one_keeps_its_checkpoint(tiny_models, tmp_path, capsys,
                                                                             monkeypatch):
     """auto on a 4-bit base: the summary announces the calibrated start, the first step computes it from the first

@@ -126,6 +126,7 @@ def test_too_little_free_space_is_refused_before_writing(adapter, tmp_path, caps
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_unreachable_hub_base_from_the_command_line(adapter, tmp_path):
     folder = copy_adapter(adapter, tmp_path)
     config = json.loads((folder / "adapter_config.json").read_text())

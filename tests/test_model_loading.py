@@ -28,6 +28,7 @@ def load_and_wrap(path, options=None, runtime=CPU):
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED_LINEARS))
+@pytest.mark.floor
 def test_every_block_linear_is_4bit_and_adapted(arch, tiny_models):
     from qlora_plugin.quant.layers import four_bit_layers, quantized_bits_per_param
 

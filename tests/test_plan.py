@@ -285,12 +285,14 @@ def test_bad_input_is_a_clear_error(tiny_models, tmp_path, capsys, argv, message
     assert sorted(os.listdir(tmp_path)) == ["empty"]  # nothing written
 
 
+@pytest.mark.slow
 def test_console_script_error_has_no_traceback(tmp_path):
     result = run_command(["qlora-plugin", "plan", str(tmp_path)], cwd=tmp_path)
     assert result.returncode == 2
     assert "has no config.json" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluation_transient_matches_a_real_forward(tmp_path):
     """The counted evaluation transient against the resident peak of the same forward run for real (fresh
     process, 32k vocabulary so the logits dominate, as in real models)."""
@@ -369,6 +371,7 @@ def test_budget_checks_batches_you_set_and_names_the_levers_when_nothing_fits(ti
         assert lever in message
 
 
+@pytest.mark.slow
 def test_memory_budget_sets_the_batches_of_a_real_run(tiny_models, tmp_path, capsys, monkeypatch):
     """`memory_budget` on a training run: the batch fitting the budget, the effective batch kept, the summary and
     the report saying so; a batch you set is yours (checked, kept)."""

@@ -174,6 +174,7 @@ def test_checkpoint_with_foreign_names_is_not_cached(tiny_models, tmp_path):
     assert set(os.listdir(os.environ["QLORA_PLUGIN_CACHE_DIR"])) == before
 
 
+@pytest.mark.slow
 def test_training_run_reuses_the_cache_and_records_the_real_base(tiny_models, dataset_dir, tmp_path):
     model = tiny_models["llama_odd"]
     reports = []
@@ -193,6 +194,7 @@ def test_training_run_reuses_the_cache_and_records_the_real_base(tiny_models, da
         assert reports[1]["measured"][key] == pytest.approx(reports[0]["measured"][key], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_cache_can_be_turned_off(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "run"
     result = run_python(
