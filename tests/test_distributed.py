@@ -122,6 +122,7 @@ def _launch_ddp(argv, cwd, env_extra, timeout=300):
     return proc.returncode, output
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_models, dataset_dir, tmp_path):
     """Both ranks stop after the step during which rank 1 got SIGTERM, save one whole checkpoint together (no
     hang: without the agreement rank 1 waits in the checkpoint's barrier while rank 0 runs the next step), and

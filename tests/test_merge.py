@@ -115,6 +115,7 @@ def test_training_records_the_quantization_beside_every_adapter(trained_adapter)
 
 
 @pytest.mark.parametrize("arch", ["llama_odd", "gpt2"])
+@pytest.mark.slow
 def test_requantizing_the_base_reproduces_the_4bit_weights_bit_for_bit(arch, tiny_models):
     """The claim merge rests on, on odd widths (blocks span rows) and on GPT-2's transposed Conv1D weights."""
     import torch
@@ -199,6 +200,7 @@ def test_merged_model_matches_the_4bit_model_it_was_trained_against(case, merged
     assert naive > NAIVE_FACTOR * ours
 
 
+@pytest.mark.slow
 def test_adapter_trained_on_a_16bit_base_merges_into_the_original_weights(tiny_models, tmp_path):
     import torch
     from peft import PeftModel

@@ -95,6 +95,7 @@ def test_pickle_only_base_is_refused_not_unpickled(adapter, tiny_models, tmp_pat
     assert_refused(code, err, out, "pytorch_model.bin", "never unpickles", "save_pretrained")
 
 
+@pytest.mark.slow
 def test_non_empty_output_needs_force(adapter, tmp_path, capsys):
     out = tmp_path / "merged"
     out.mkdir()

@@ -71,6 +71,7 @@ def _lint_imports(root):
     return subprocess.run([str(lint), "--no-cache"], cwd=root, capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_layer_contracts_hold_and_catch_an_upward_import(tmp_path):
     """`lint-imports` (run by `make test`) keeps the layers; an import from plan into integration breaks them."""
     import shutil

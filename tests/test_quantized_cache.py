@@ -34,6 +34,7 @@ def _dequantized(model) -> dict:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])  # plain Linear, GPT-2 Conv1D (transposed), fused qkv
+@pytest.mark.slow
 def test_cached_base_is_bit_identical_to_load_time_quantization(tiny_models, arch):
     from transformers import AutoModelForCausalLM
 
@@ -64,6 +65,7 @@ def test_second_lookup_reuses_the_entry(tiny_models, monkeypatch):
     assert quantized_cache.cached_base(tiny_models["llama"], _kwargs()) == entry
 
 
+@pytest.mark.slow
 def test_key_follows_content_and_settings(tiny_models, tmp_path):
     from safetensors.torch import load_file, save_file
 

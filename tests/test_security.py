@@ -40,6 +40,7 @@ def remote_code_model(tmp_path, source) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_remote_code_runs_only_when_the_user_allows_it(tiny_models, tmp_path):
     from trl import SFTConfig
 

@@ -25,6 +25,7 @@ def summary(tiny_models, tmp_path, hook_files=()) -> str:
     return format_summary(report.facts)
 
 
+@pytest.mark.slow
 def test_the_summary_names_hook_files_and_plugins_and_reads_warmup_as_a_share(tiny_models, tmp_path):
     hook = tmp_path / "my_hooks.py"
     hook.write_text("from qlora_plugin import hookimpl\n\n\n@hookimpl\ndef qlora_run_facts():\n    return None\n")
