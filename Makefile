@@ -52,7 +52,10 @@ $(FLOOR_STAMP): pyproject.toml .ci/floor_pins.py
 	$(FLOOR_PY) -m pip install -q --no-deps -e .
 	touch $(FLOOR_STAMP)
 
+# `pip check` first: the floors satisfy every declared requirement, so `pip install` into a project holding them
+# keeps them.
 test-floor: $(FLOOR_STAMP)
+	$(FLOOR_PY) -m pip check
 	QLORA_PLUGIN_FLOOR_ENV=1 QLORA_PLUGIN_FLOOR_TORCH=$(FLOOR_TORCH) $(FLOOR_PY) -m pytest -q -m floor tests
 
 clean:
