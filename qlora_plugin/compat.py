@@ -78,12 +78,15 @@ def version_report(version=None) -> list[tuple[str, str | None, str, bool]]:
 
 
 def unsupported_line(name: str, found: str | None, spec: str, why: str = "") -> str:
-    """The one line for a library outside the supported range (or installed but broken: `why`)."""
-    fix = f"pip install '{name}{spec}'"
+    """The one line for a library outside the supported range, or (`why`) a release inside it that lacks what the
+    plugin needs: then the fix is a release below that one (or a qlora-plugin that knows it)."""
     if found is None:
-        return f"{name} is not installed; qlora-plugin needs {name}{spec}. Fix: {fix}"
-    reason = f" ({why})" if why else ""
-    return f"{name} {found} is not supported by qlora-plugin{reason}; supported: {name}{spec}. Fix: {fix}"
+        return f"{name} is not installed; qlora-plugin needs {name}{spec}. Fix: pip install '{name}{spec}'"
+    if why:
+        below = re.match(r"[0-9.]*[0-9]", found).group(0) if re.match(r"[0-9]", found) else found
+        return (f"{name} {found} is not supported by qlora-plugin ({why}); supported: {name}{spec}. Fix: pip "
+                f"install '{name}{spec},<{below}', or a qlora-plugin release that supports {name} {found}")
+    return f"{name} {found} is not supported by qlora-plugin; supported: {name}{spec}. Fix: pip install '{name}{spec}'"
 
 
 def check_versions(version=None) -> None:
@@ -100,8 +103,8 @@ def _broken(library: str, what: str) -> QLoRAPluginError:
 
 # --- The internals the patches rely on, checked at activation ---------------------------------------------------
 # (library, module, attribute path or "", what breaks without it). All present in transformers 5.17 and 5.25, TRL
-# 1.12 and 1.16, bitsandbytes 0.50. Missing: the activation check ends the run with `unsupported_line` (a
-# newer release renamed it), before any patch is installed.
+# 1.8, 1.9, 1.10, 1.11, 1.12 and 1.16, peft 0.18, 0.19 and 0.21, bitsandbytes 0.49 and 0.50. Missing: the activation
+# check ends the run with `unsupported_line` (a newer release renamed it), before any patch is installed.
 INTERNALS = (
     ("transformers", "transformers.trainer", "Trainer._save_checkpoint", "atomic checkpoints, stop on a signal"),
     ("transformers", "transformers.trainer", "Trainer._get_output_dir", "atomic checkpoints"),
@@ -110,7 +113,8 @@ INTERNALS = (
     ("transformers", "transformers.modeling_utils", "PreTrainedModel._from_config", "the quantized-base cache"),
     ("transformers", "transformers.models.auto.modeling_auto", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
      "which model a script loads"),
-    ("transformers", "transformers.quantizers.base", "HfQuantizer.get_modules_to_not_convert", "which layers are 4-bit"),
+    ("transformers", "transformers.quantizers.base", "HfQuantizer.get_modules_to_not_convert",
+     "which layers are 4-bit"),
     ("transformers", "transformers.quantizers.quantizers_utils", "should_convert_module", "which layers are 4-bit"),
     ("trl", "trl.trainer.sft_trainer", "SFTTrainer", "the strategy's trainer arguments"),
     ("trl", "trl.scripts.utils", "TrlParser.set_defaults_with_config", "the plugin's YAML keys"),
@@ -200,7 +204,7 @@ def config_source(config) -> tuple[str, str | None]:
 
 # --- TRL -------------------------------------------------------------------------------------------------------
 
-# TRL 1.x vendors its own copy of `HfArgumentParser` as the base of `TrlParser` (TRL 1.12-1.16). Missing in a
+# TRL 1.x vendors its own copy of `HfArgumentParser` as the base of `TrlParser` (TRL 1.8-1.16). Missing in a
 # later release (TrlParser back on transformers' class): nothing is watched there, transformers' class is.
 TRL_VENDORED_PARSER_MODULE = "trl.scripts._hf_argparser"
 

@@ -46,7 +46,7 @@ def test_the_range_is_the_declared_dependencies():
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     expected = {Requirement(d).name: str(Requirement(d).specifier) for d in declared
                 if Requirement(d).name in compat.LIBRARIES}
-    assert compat.supported_ranges() == expected
+    assert compat.supported_ranges() == expected, "the installed metadata is older than pyproject.toml: make setup"
     assert set(expected) == set(compat.LIBRARIES)
 
 
@@ -97,7 +97,8 @@ def test_a_release_without_an_internal_the_patches_use_is_named(monkeypatch, scr
     assert exit_.value.code == 2 and err.count("\n") == 1, err
     assert re.search(r"transformers \S+ is not supported by qlora-plugin \(`transformers\.trainer\.Trainer\."
                      r"_save_checkpoint_renamed`, needed for atomic checkpoints, is missing\); supported: "
-                     r"transformers>=[0-9.]+\. Fix: pip install 'transformers>=[0-9.]+'", err), err
+                     r"transformers>=[0-9.]+\. Fix: pip install 'transformers>=[0-9.]+,<[0-9.]+', or a qlora-plugin "
+                     r"release that supports transformers \S+$", err), err
 
 
 def test_the_python_api_checks_too(monkeypatch):
