@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast test-floor lint clean
 
 # Re-runs when pyproject.toml changes (new dependencies, entry points, the start-up .pth).
 $(STAMP): pyproject.toml
@@ -29,6 +29,34 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q tests
+
+# The dev loop: everything but the tests marked `slow` (training processes, real-model runs), about a minute.
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow" tests
+
+# The oldest supported releases (README, "Supported versions"): a second environment, .venv-floor, with every
+# dependency at its pyproject.toml floor's release series (.ci/floor_pins.py reads them) and the project installed
+# with --no-deps, as into a project that already holds those releases; then the tests marked `floor`. torch is the
+# exception: the CI machine installs only its CPU build of torch 2.13 (others are multi-GB CUDA builds).
+FLOOR_VENV  := .venv-floor
+FLOOR_PY    := $(FLOOR_VENV)/bin/python
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
+FLOOR_TORCH := 2.13.0
+
+$(FLOOR_STAMP): pyproject.toml .ci/floor_pins.py
+	test -x $(FLOOR_PY) || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_PY) -m pip install -q --upgrade pip
+	$(FLOOR_PY) -m pip install -q "torch==$(FLOOR_TORCH)" || $(FLOOR_PY) -m pip install -q "torch==$(FLOOR_TORCH)" --index-url https://download.pytorch.org/whl/cpu
+	$(PYTHON) .ci/floor_pins.py --except torch --extra test > $(FLOOR_VENV)/floor-requirements.txt
+	$(FLOOR_PY) -m pip install -q "torch==$(FLOOR_TORCH)" -r $(FLOOR_VENV)/floor-requirements.txt
+	$(FLOOR_PY) -m pip install -q --no-deps -e .
+	touch $(FLOOR_STAMP)
+
+# `pip check` first: the floors satisfy every declared requirement, so `pip install` into a project holding them
+# keeps them.
+test-floor: $(FLOOR_STAMP)
+	$(FLOOR_PY) -m pip check
+	QLORA_PLUGIN_FLOOR_ENV=1 QLORA_PLUGIN_FLOOR_TORCH=$(FLOOR_TORCH) $(FLOOR_PY) -m pytest -q -m floor tests
 
 clean:
 	rm -rf examples/output

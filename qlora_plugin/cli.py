@@ -1,4 +1,5 @@
-"""`qlora-plugin`: the plugin's own command line (`strategies`, `options`, `tiny-model`, `plan`, `merge`, `run`)."""
+"""`qlora-plugin`: the plugin's own command line (`strategies`, `options`, `doctor`, `tiny-model`, `plan`, `merge`,
+`run`)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,28 @@ def _strategies(args) -> int:
 def _options(args) -> int:
     print(options_reference_markdown(), end="")
     return 0
+
+
+def _doctor(args) -> int:
+    """The installed releases against the supported range (compat), then the internals the patches use: 0 when
+    a strategy run would start, 1 when activation would refuse it (the line it would print)."""
+    from qlora_plugin import compat  # each command loads only its own stack
+
+    rows = compat.version_report()
+    print(f"{'library':<14}{'installed':<16}{'supported':<12}")
+    for name, found, spec, ok in rows:
+        print(f"{name:<14}{found or 'not installed':<16}{spec:<12}{'ok' if ok else 'UNSUPPORTED'}")
+    problems = [compat.unsupported_line(name, found, spec) for name, found, spec, ok in rows if not ok]
+    if not problems:
+        try:
+            compat.check_internals()
+        except QLoRAPluginError as err:
+            problems.append(str(err))
+    for line in problems:
+        print(f"qlora-plugin: {line}")
+    print("a strategy run would refuse to start" if problems else
+          "every library is in the supported range and has the internals the plugin uses")
+    return 1 if problems else 0
 
 
 def _tiny_model(args) -> int:
@@ -98,6 +121,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_strategies)
     p = sub.add_parser("options", help="Print the strategy options reference (Markdown).")
     p.set_defaults(func=_options)
+    p = sub.add_parser("doctor", help="Print the installed torch, transformers, TRL, peft, accelerate, bitsandbytes "
+                       "and datasets releases and whether each is supported.")
+    p.set_defaults(func=_doctor)
     p = sub.add_parser("tiny-model", help="Build a small random model + tokenizer offline (demos, tests).")
     p.add_argument("out")
     p.add_argument("--arch", default="llama", choices=["llama", "gpt2", "phi3"])

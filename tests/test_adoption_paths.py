@@ -30,6 +30,8 @@ def assert_qlora_run(proc, out_dir, source):
     return facts
 
 
+@pytest.mark.slow
+@pytest.mark.floor
 def test_unmodified_trl_script_module(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "out"
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
@@ -41,6 +43,7 @@ def test_unmodified_trl_script_module(tiny_models, dataset_dir, tmp_path):
     assert facts["recipe_applied"]["learning_rate"] == 2e-4 and facts["recipe_applied"]["max_grad_norm"] == 0.3
 
 
+@pytest.mark.slow
 def test_unmodified_trl_script_by_path_user_flags_win(tiny_models, dataset_dir, tmp_path):
     import trl.scripts.sft as sft
 
@@ -55,6 +58,8 @@ def test_unmodified_trl_script_by_path_user_flags_win(tiny_models, dataset_dir, 
     assert "learning_rate" in facts["user_kept"] and "learning_rate" not in facts["recipe_applied"]
 
 
+@pytest.mark.slow
+@pytest.mark.floor
 def test_trl_cli(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "out"
     proc = run_command(["trl", "sft", "--model_name_or_path", tiny_models["gpt2"], "--dataset_name", dataset_dir,
@@ -63,6 +68,8 @@ def test_trl_cli(tiny_models, dataset_dir, tmp_path):
     assert facts["adapter"]["target_modules"] == ["c_attn", "c_fc", "c_proj"]  # GPT-2's Conv1D layers
 
 
+@pytest.mark.slow
+@pytest.mark.floor
 def test_yaml_config_with_trl_cli(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "out"
     config = {"model_name_or_path": tiny_models["phi3"], "dataset_name": dataset_dir, "output_dir": str(out),
@@ -78,6 +85,7 @@ def test_yaml_config_with_trl_cli(tiny_models, dataset_dir, tmp_path):
     assert "qkv_proj" in facts["adapter"]["target_modules"]  # Phi-3's fused projection
 
 
+@pytest.mark.slow
 def test_yaml_env_block_sets_strategy(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "out"
     config = {"env": {"QLORA_PLUGIN_STRATEGY": "qlora"}, "model_name_or_path": tiny_models["llama"],
@@ -88,6 +96,7 @@ def test_yaml_env_block_sets_strategy(tiny_models, dataset_dir, tmp_path):
     assert_qlora_run(proc, out, "yaml")
 
 
+@pytest.mark.slow
 def test_environment_variable(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "out"
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
@@ -98,6 +107,7 @@ def test_environment_variable(tiny_models, dataset_dir, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["user_argparse_sft.py", "user_hfparser_sft.py"])
+@pytest.mark.slow
 def test_users_own_script(script, tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "out"
     if script == "user_argparse_sft.py":
@@ -109,6 +119,7 @@ def test_users_own_script(script, tiny_models, dataset_dir, tmp_path):
     assert facts["adapter"]["r"] == 16
 
 
+@pytest.mark.slow
 def test_disable_switch_leaves_trl_untouched(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "out"
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
@@ -120,6 +131,8 @@ def test_disable_switch_leaves_trl_untouched(tiny_models, dataset_dir, tmp_path)
     assert (out / "model.safetensors").is_file()  # TRL's own full fine-tune, as without the plugin
 
 
+@pytest.mark.slow
+@pytest.mark.floor
 def test_no_strategy_means_plain_trl(tiny_models, dataset_dir, tmp_path):
     """Without a strategy the patches are never installed: SFTTrainer.__init__ is TRL's own function."""
     proc = run_python(["-c", "import trl; from trl import SFTTrainer, TrlParser; "

@@ -52,6 +52,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_bad_command_line(case, tiny_models, dataset_dir, tmp_path):
     extra, fragments = CASES[case]
     out = tmp_path / "out"
@@ -59,6 +60,7 @@ def test_bad_command_line(case, tiny_models, dataset_dir, tmp_path):
     assert_clean_failure(proc, out, *fragments)
 
 
+@pytest.mark.slow
 def test_hook_file_that_fails_to_import(tiny_models, dataset_dir, tmp_path):
     (tmp_path / "broken.py").write_text("import not_a_real_module\n")
     out = tmp_path / "out"
@@ -67,6 +69,7 @@ def test_hook_file_that_fails_to_import(tiny_models, dataset_dir, tmp_path):
     assert_clean_failure(proc, out, "Hook file 'broken.py' failed to import", "ModuleNotFoundError")
 
 
+@pytest.mark.slow
 def test_bad_yaml_option(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "out"
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"strategy": "qlora", "lora_alpha": -1}))
@@ -74,6 +77,7 @@ def test_bad_yaml_option(tiny_models, dataset_dir, tmp_path):
     assert_clean_failure(proc, out, "`lora_alpha` must be a positive number")
 
 
+@pytest.mark.slow
 def test_bad_environment_options(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "out"
     proc = run_python(sft(tiny_models, dataset_dir, out), tmp_path,
@@ -81,6 +85,7 @@ def test_bad_environment_options(tiny_models, dataset_dir, tmp_path):
     assert_clean_failure(proc, out, "QLORA_PLUGIN_OPTIONS must be a JSON object")
 
 
+@pytest.mark.slow
 def test_missing_bitsandbytes(tiny_models, dataset_dir, tmp_path):
     """A broken or absent bitsandbytes gets an install hint, not an ImportError traceback."""
     shadow = tmp_path / "shadow"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -174,6 +176,7 @@ def test_a_failed_run_is_recorded_and_the_measured_ones_are_kept(tmp_path, monke
     assert calls == [] and "time budget" in json.loads((tmp_path / "results.json").read_text())["stopped"]
 
 
+@pytest.mark.slow
 def test_cuda_peak_runs_the_module_and_writes_the_peaks_however_it_ends(tmp_path):
     import json
 

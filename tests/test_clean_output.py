@@ -17,6 +17,7 @@ NOISE = ("FutureWarning", "DeprecationWarning", "kernels-community", "were not p
          "Traceback", "Retrying in")
 
 
+@pytest.mark.slow
 def test_a_trl_cli_run_prints_no_noise(tiny_models, dataset_dir, tmp_path):
     proc = run_command(["trl", "sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name", dataset_dir,
                         "--output_dir", str(tmp_path / "out"), "--strategy", "qlora", *TRAIN_FLAGS], tmp_path)
@@ -27,6 +28,7 @@ def test_a_trl_cli_run_prints_no_noise(tiny_models, dataset_dir, tmp_path):
     assert "activation_checkpointing=True, activation_checkpointing_kwargs={'use_reentrant': False}" in output
 
 
+@pytest.mark.slow
 def test_plan_prints_no_noise(tiny_models, tmp_path):
     proc = run_command(["qlora-plugin", "plan", tiny_models["llama"]], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,6 +44,7 @@ def sft_config(tmp_path, **values):
                          use_cpu=True, max_length=32, save_strategy="no", **values)
 
 
+@pytest.mark.slow
 def test_the_recipe_sets_what_the_trainer_reads_and_the_trainer_uses_it(tiny_models, tmp_path):
     """Under DeepSpeed ZeRO-3 the recipe asks for reentrant checkpointing; set after `__post_init__` under the old
     name it never reached the Trainer, whose model then checkpointed non-reentrantly."""

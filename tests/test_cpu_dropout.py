@@ -142,6 +142,7 @@ def _loss_and_grads(model, checkpointing: bool):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_checkpointing_recomputes_the_same_masks(tiny_models):
     """The recomputation draws its masks again; it must draw the ones the forward used, or gradients are wrong."""
     model = _lora_model(tiny_models["llama"], dropout=0.5)
@@ -173,6 +174,7 @@ def _facts(kwargs) -> dict:
     return next(c for c in kwargs["callbacks"] if type(c).__name__ == "StrategyReportCallback").facts
 
 
+@pytest.mark.slow
 def test_strategy_installs_it_on_cpu_and_says_so(tiny_models, tmp_path, capsys):
     from qlora_plugin.training.report import format_summary
 
@@ -189,6 +191,7 @@ def test_strategy_installs_it_on_cpu_and_says_so(tiny_models, tmp_path, capsys):
     assert "32-bit draw" not in format_summary(_facts(off))
 
 
+@pytest.mark.slow
 def test_training_runs_and_same_seed_repeats(tiny_models, tmp_path):
     from trl import SFTTrainer
 

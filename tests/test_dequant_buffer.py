@@ -35,6 +35,7 @@ def _op_calls(fn, op: str) -> int:
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.slow
 def test_training_is_bit_identical_to_bitsandbytes_path(tiny_models, tmp_path, monkeypatch, arch):
     from qlora_plugin.perf import dequant_buffer
 
@@ -87,6 +88,7 @@ def test_row_blocks_reassemble_bitsandbytes_dequantization(monkeypatch, shape, q
     assert again.data_ptr() == got.data_ptr()
 
 
+@pytest.mark.slow
 def test_buffer_holds_one_weight_and_only_large_layers_use_it(tiny_models, tmp_path, monkeypatch):
     from qlora_plugin.perf import dequant_buffer
     from qlora_plugin.quant.layers import four_bit_layers
@@ -118,6 +120,7 @@ def test_buffer_holds_one_weight_and_only_large_layers_use_it(tiny_models, tmp_p
     assert four_bit_layers(trainer.model)[0]._qlora_dequant_buffer.nbytes() == 0  # freed for the optimizer step
 
 
+@pytest.mark.slow
 def test_off_by_default_leaving_bitsandbytes_forward(tiny_models, tmp_path):
     from qlora_plugin.quant.layers import four_bit_layers
 
@@ -143,6 +146,7 @@ def test_a_forward_replaced_by_someone_else_is_kept_and_not_counted(tiny_models,
     assert dequant_buffer.buffered_layers(model) == len(layers) - 1
 
 
+@pytest.mark.slow
 def test_an_option_this_run_cannot_use_is_reported_not_ignored(tiny_models, tmp_path):
     from trl import SFTConfig
 

@@ -47,6 +47,7 @@ def _one_backward(trainer):
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.slow
 def test_training_is_bit_identical_to_bitsandbytes_path(tiny_models, tmp_path, arch):
     variants = {"bitsandbytes": {"cpu_dequant_buffer": False}, "reuse": {"reuse_dequantized_weights": True}}
     runs = {}
@@ -62,6 +63,7 @@ def test_training_is_bit_identical_to_bitsandbytes_path(tiny_models, tmp_path, a
         assert all(torch.equal(other_adapter[n], adapter[n]) for n in adapter), name
 
 
+@pytest.mark.slow
 def test_reuse_removes_one_dequantization_per_layer(tiny_models, tmp_path):
     from qlora_plugin.quant.layers import four_bit_layers
 
@@ -81,6 +83,7 @@ def test_reuse_removes_one_dequantization_per_layer(tiny_models, tmp_path):
     assert all(torch.equal(grads_on[n], grads_off[n]) for n in grads_off)
 
 
+@pytest.mark.slow
 def test_without_checkpointing_reuse_keeps_bitsandbytes_path(tiny_models, tmp_path):
     """Outside a checkpointed block nothing is kept (no dequantized copy of every layer waiting for the backward):
     the layers dequantize exactly as often as bitsandbytes' own path does."""
@@ -93,6 +96,7 @@ def test_without_checkpointing_reuse_keeps_bitsandbytes_path(tiny_models, tmp_pa
     assert calls[True] == calls[False] > 0
 
 
+@pytest.mark.slow
 def test_option_installs_on_the_blocks_4bit_layers_only_when_asked(tiny_models, tmp_path):
     from bitsandbytes.nn import Linear4bit
 

@@ -51,6 +51,7 @@ def qlora_trainer_callbacks(training_args):
 '''
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_every_rank_trains(tiny_models, dataset_dir, tmp_path):
     hook = tmp_path / "rank_probe.py"
     hook.write_text(RANK_PROBE)
@@ -121,6 +122,7 @@ def _launch_ddp(argv, cwd, env_extra, timeout=300):
     return proc.returncode, output
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_models, dataset_dir, tmp_path):
     """Both ranks stop after the step during which rank 1 got SIGTERM, save one whole checkpoint together (no
     hang: without the agreement rank 1 waits in the checkpoint's barrier while rank 0 runs the next step), and
@@ -241,6 +243,7 @@ def test_launcher_settings_that_break_qlora_are_named(monkeypatch):
     assert engine_warnings(Runtime(**GPU, engine="ddp"), "paged_adamw_8bit") == []
 
 
+@pytest.mark.slow
 def test_fsdp_final_save_writes_the_adapter_with_a_sharded_state_dict(tiny_models, dataset_dir, tmp_path,
                                                                         monkeypatch):
     """FSDP needs an accelerator, so it is faked on the trainer object: its plugin says SHARDED_STATE_DICT (the

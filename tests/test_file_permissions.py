@@ -35,6 +35,7 @@ def wrong_modes(root) -> list[str]:
     return wrong
 
 
+@pytest.mark.slow
 def test_training_outputs_merge_and_cache_are_readable_like_plain_writes(tiny_models, tmp_path, umask_027,
                                                                           monkeypatch):
     from trl import SFTConfig
@@ -64,6 +65,7 @@ def test_training_outputs_merge_and_cache_are_readable_like_plain_writes(tiny_mo
     assert wrong_modes(merged) == []
 
 
+@pytest.mark.slow
 def test_tiny_model_and_plan_plot(tmp_path, umask_027):
     from qlora_plugin.plan.cli import main as plan
     from qlora_plugin.tiny_model import build_tiny_model

@@ -77,6 +77,7 @@ FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scope
 
 @settings(FUZZ, max_examples=CASES["argv"])
 @given(st.lists(argv_token, max_size=10))
+@pytest.mark.slow
 def test_random_command_lines(workdir, monkeypatch, argv):
     monkeypatch.delattr(sys, "_qlora_plugin_own_cli", raising=False)
     activation_outcome(workdir, ["--strategy", "qlora", *argv])
@@ -84,6 +85,7 @@ def test_random_command_lines(workdir, monkeypatch, argv):
 
 @settings(FUZZ, max_examples=CASES["yaml"])
 @given(st.one_of(yaml_documents.map(lambda d: yaml.safe_dump(d, allow_unicode=True)), env_text), st.booleans())
+@pytest.mark.slow
 def test_random_yaml_configs(workdir, monkeypatch, text, strategy_on_command_line):
     monkeypatch.delattr(sys, "_qlora_plugin_own_cli", raising=False)
     (workdir / "cfg.yaml").write_text(text, encoding="utf-8")
@@ -93,6 +95,7 @@ def test_random_yaml_configs(workdir, monkeypatch, text, strategy_on_command_lin
 
 @settings(FUZZ, max_examples=CASES["env"])
 @given(st.dictionaries(st.sampled_from(ENV_NAMES), env_values, max_size=4))
+@pytest.mark.slow
 def test_random_environments(workdir, monkeypatch, env):
     monkeypatch.delattr(sys, "_qlora_plugin_own_cli", raising=False)
     activation_outcome(workdir, [], {"QLORA_PLUGIN_STRATEGY": "qlora", **env})

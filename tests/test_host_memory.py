@@ -16,6 +16,7 @@ needs_glibc = pytest.mark.skipif(host_memory._glibc() is None, reason="malloc_tr
 
 
 @needs_glibc
+@pytest.mark.slow
 def test_freed_heap_in_the_middle_of_the_heap_is_returned():
     blocks = [torch.ones(25_000) for _ in range(2000)]  # ~200 MB of 100 kB blocks: heap, not mmap
     pin = torch.ones(25_000)  # allocated above them, so freeing them cannot shrink the heap by itself
@@ -26,6 +27,7 @@ def test_freed_heap_in_the_middle_of_the_heap_is_returned():
 
 
 @pytest.mark.parametrize("release", [True, False])
+@pytest.mark.slow
 def test_training_report_says_what_was_released(tiny_models, tmp_path, release):
     from trl import SFTConfig
 

@@ -75,6 +75,7 @@ def test_trl_dtype_choice_is_trls_message(capsys):
     assert exit_.value.code == 2 and "argument --dtype: invalid choice: 'fp8'" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_misspelled_flag_gets_a_suggestion(tiny_models, tmp_path):
     out = tmp_path / "out"
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
@@ -144,6 +145,7 @@ def test_yaml_config(case, activate, tmp_path):
     assert fragment in activate([*strategy, "--config", "cfg.yaml"])
 
 
+@pytest.mark.slow
 def test_yaml_misspelled_key(tiny_models, tmp_path):
     """TRL's sft.py drops unknown YAML keys silently; one that looks like a plugin key is an error instead."""
     write(tmp_path / "cfg.yaml", "strategy: qlora\nlora_rank: 8\n")
@@ -185,6 +187,7 @@ def test_misspelled_plugin_setting(case, activate, tmp_path):
     assert fragment in err and "would go without the strategy or hook files you meant" in err
 
 
+@pytest.mark.slow
 def test_misspelled_strategy_key_in_a_yaml_recipe(tiny_models, tmp_path):
     """`stratgy: qlora` used to train a full, unquantized model and exit 0 (TRL drops unknown keys)."""
     out = tmp_path / "out"
@@ -366,6 +369,7 @@ def test_dataset_columns(case, tiny_models, tmp_path, monkeypatch):
     assert fragment in str(err.value) and "--dataset_text_field" in str(err.value)
 
 
+@pytest.mark.slow
 def test_dataset_columns_in_a_script(tiny_models, tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text('{"question": "a", "answer": "b"}\n' * 4)
@@ -377,6 +381,7 @@ def test_dataset_columns_in_a_script(tiny_models, tmp_path):
     assert "The train_dataset has columns ['question', 'answer']" in proc.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_dataset_path_missing(tiny_models, tmp_path):
     """`datasets` raises in the user's script; the active strategy's excepthook says it without the traceback."""
     out = tmp_path / "out"
@@ -389,6 +394,7 @@ def test_dataset_path_missing(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("offline", ["0", "1"])
+@pytest.mark.slow
 def test_dataset_relative_path_missing(tiny_models, tmp_path, offline):
     """A relative path that does not exist: online it is no valid Hub id either (huggingface_hub's 26-line
     `HFValidationError`), offline `datasets` says it cannot reach it on the Hub. One line says what it is."""
@@ -402,6 +408,7 @@ def test_dataset_relative_path_missing(tiny_models, tmp_path, offline):
     assert proc.stderr.strip().count("\n") == 0 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_dataset_on_an_unreachable_hub(tiny_models, tmp_path):
     """A Hub-like name with the Hub out of reach: huggingface_hub's retry lines become one line, then the message."""
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
@@ -447,6 +454,7 @@ def test_bf16_on_a_machine_without_it(excepthook, monkeypatch, tmp_path):
     assert "Add `--use_cpu`" in excepthook(err)
 
 
+@pytest.mark.slow
 def test_resume_from_missing_checkpoint(tiny_models, tmp_path, excepthook):
     """A checkpoint that is not there: named, with what to pass instead (checked before training starts)."""
     from datasets import load_dataset

@@ -58,6 +58,7 @@ def _layer_errors(model, path: str, inputs_like=None) -> list[tuple[str, float, 
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D layers, stored transposed in the checkpoint
+@pytest.mark.slow
 def test_loftq_start_brings_every_layer_closer_to_16_bit(tiny_models, arch):
     model = wrap_with_lora(_four_bit(tiny_models[arch]), StrategyOptions(init_lora_weights="loftq", lora_r=8), CPU)
     facts = model.qlora_lora_init
@@ -71,6 +72,7 @@ def test_loftq_start_brings_every_layer_closer_to_16_bit(tiny_models, arch):
     assert all(p.is_contiguous() for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 def test_loftq_at_full_rank_restores_the_16_bit_model(tiny_models):
     """Rank 64 on 64-wide layers: the whole quantization error is representable, so the 4-bit model with its
     adapters computes what the 16-bit model computes -- the scaling (alpha / r) included."""
@@ -89,6 +91,7 @@ def test_loftq_at_full_rank_restores_the_16_bit_model(tiny_models):
     assert loftq_gap < plain_gap / 20, (loftq_gap, plain_gap)
 
 
+@pytest.mark.slow
 def test_loftq_is_deterministic_and_leaves_the_random_state_alone(tiny_models):
     path = tiny_models["llama"]
     options = StrategyOptions(init_lora_weights="loftq", lora_r=4)
@@ -118,6 +121,7 @@ def _correlated_outliers(width: int):
 
 
 @pytest.mark.parametrize("inputs_like", [_outlier_channels, _correlated_outliers], ids=["channel-scales", "covariance"])
+@pytest.mark.slow
 def test_calibrated_start_cancels_more_of_the_error_the_inputs_see(tiny_models, inputs_like):
     """Weighted by what the inputs look like, the rank-4 correction leaves every layer's output error on such inputs
     below what the plain LoftQ start leaves."""
@@ -138,6 +142,7 @@ def test_calibrated_start_cancels_more_of_the_error_the_inputs_see(tiny_models, 
 
 
 @pytest.mark.parametrize("limit, kind", [(1 << 30, "covariance"), (0, "channel scales")])
+@pytest.mark.slow
 def test_input_weights_count_every_real_token_and_no_padding(tiny_models, limit, kind):
     """Padding changes nothing; q/k/v (and gate/up) share the statistics of the one input they are fed; measured
     one input per pass, the covariances are the same as in one pass; above the memory limit, per-channel scales."""
@@ -166,6 +171,7 @@ def test_input_weights_count_every_real_token_and_no_padding(tiny_models, limit,
         assert all(bool(torch.all(w.diagonal() > 0)) and torch.equal(w, w.tril()) for w in weights.values())
 
 
+@pytest.mark.slow
 def test_a_fresh_run_starts_calibrated_and_a_resumed_one_keeps_its_checkpoint(tiny_models, tmp_path, capsys,
                                                                             monkeypatch):
     """auto on a 4-bit base: the summary announces the calibrated start, the first step computes it from the first
@@ -257,6 +263,7 @@ def test_calibration_reads_the_first_rows_in_order_and_stops_at_the_token_cap():
     assert first_batches(loader, examples=16, batch_size=4, tokens=1)[1] == 4  # always at least one batch
 
 
+@pytest.mark.slow
 def test_calibration_without_training_data_says_what_to_do(tiny_models):
     """Chosen by the user: the run stops with the fix. Chosen by auto: the plain loftq start runs, saying why."""
     from types import SimpleNamespace
@@ -373,6 +380,7 @@ def test_a_hub_model_not_on_disk_says_what_to_do(monkeypatch, tmp_path):
         SafetensorsWeights("some-org/not-downloaded-model")
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_peft_start_and_says_why_explicit_loftq_refuses(tiny_models, tmp_path, caplog):
     """auto is our choice, so a base whose 16-bit weights cannot be read trains from peft's start, saying why;
     the same base with an explicit loftq stops with the reason, and no adapter was touched."""
@@ -389,6 +397,7 @@ def test_auto_falls_back_to_peft_start_and_says_why_explicit_loftq_refuses(tiny_
         wrap_with_lora(model, StrategyOptions(init_lora_weights="loftq"), CPU)
 
 
+@pytest.mark.slow
 def test_plan_shows_the_start_and_plans_16_bit_beside_it_with_peft_start(tiny_models, capsys):
     from qlora_plugin.cli import main
 

@@ -113,6 +113,7 @@ def _starts(log):
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_cpu_script_runs_once_by_default(tmp_path):
     """Everything above `import trl` (prints, file appends, run ids) happens once: no restart behind the user's back."""
     script, log = _probe(tmp_path), tmp_path / "starts.log"
@@ -123,6 +124,7 @@ def test_a_cpu_script_runs_once_by_default(tmp_path):
     assert "FACT not applied: glibc's defaults; start the command with `qlora-plugin run -- COMMAND`" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_launcher_starts_the_command_once_with_the_settings(tmp_path):
     script, log = _probe(tmp_path), tmp_path / "starts.log"
     proc = start_command(["qlora-plugin", "run", "--", sys.executable, str(script), "--strategy", "qlora",
@@ -137,12 +139,14 @@ def test_the_launcher_starts_the_command_once_with_the_settings(tmp_path):
     (["run"], "`qlora-plugin run` needs a command"),
     (["run", "--", "no-such-command-here"], "`qlora-plugin run` could not start 'no-such-command-here'"),
 ])
+@pytest.mark.slow
 def test_the_launcher_without_a_command_it_can_start(tmp_path, argv, message):
     proc = run_command(["qlora-plugin", *argv], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"qlora-plugin: error: {message}" in proc.stderr
 
 
+@pytest.mark.slow
 def test_opting_in_reexecutes_once_as_the_same_process_with_the_settings(tmp_path):
     script, log = _probe(tmp_path), tmp_path / "starts.log"
     proc = run_python([str(script), "--strategy", "qlora", "--use_cpu", "--cpu_malloc_tunables", "true", "--other",
@@ -156,6 +160,7 @@ def test_opting_in_reexecutes_once_as_the_same_process_with_the_settings(tmp_pat
     assert "ARGV ['--use_cpu', '--other', '1']" in proc.stdout  # arguments intact, plugin flags taken out
 
 
+@pytest.mark.slow
 def test_opting_in_over_the_users_own_settings_keeps_them(tmp_path):
     script, log = _probe(tmp_path), tmp_path / "starts.log"
     mine = "glibc.malloc.tcache_count=3"
@@ -166,6 +171,7 @@ def test_opting_in_over_the_users_own_settings_keeps_them(tmp_path):
     assert f"FACT yours kept: GLIBC_TUNABLES={mine}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_without_a_strategy_nothing_happens(tmp_path):
     script, log = _probe(tmp_path), tmp_path / "starts.log"
     proc = run_python([str(script), "--use_cpu", "--cpu_malloc_tunables", "true"], tmp_path,
@@ -173,6 +179,7 @@ def test_without_a_strategy_nothing_happens(tmp_path):
     assert proc.returncode == 0 and len(_starts(log)) == 1
 
 
+@pytest.mark.slow
 def test_a_user_error_is_still_reported_once_after_reexecution(tmp_path):
     script, log = _probe(tmp_path), tmp_path / "starts.log"
     proc = run_python([str(script), "--strategy", "qlora", "--use_cpu", "--cpu_malloc_tunables", "true", "--lora_r",
@@ -187,6 +194,7 @@ def test_a_user_error_is_still_reported_once_after_reexecution(tmp_path):
     (["qlora-plugin", "run", "--"], "host malloc: glibc small-block caches off, 512 MiB kept at the heap top",
      f"applied: GLIBC_TUNABLES={OURS} (set at start)"),
 ])
+@pytest.mark.slow
 def test_training_script_reports_the_settings(tiny_models, dataset_dir, tmp_path, launcher, line, fact):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"],

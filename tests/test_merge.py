@@ -75,6 +75,7 @@ def trained_adapter(tiny_models, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_base_given_by_relative_path_merges_from_any_folder(tiny_models, tmp_path):
     """The adapter records a local base by its absolute, resolved path (not `base` as typed, relative to where
     training ran), so `merge` from another folder needs no `--base`; a Hub id is recorded as it is."""
@@ -103,6 +104,7 @@ def test_a_base_given_by_relative_path_merges_from_any_folder(tiny_models, tmp_p
     assert hub.name_or_path == "Qwen/Qwen2.5-7B"
 
 
+@pytest.mark.slow
 def test_training_records_the_quantization_beside_every_adapter(trained_adapter):
     for folder in (trained_adapter, trained_adapter / "checkpoint-2"):
         assert (folder / "adapter_model.safetensors").is_file()
@@ -113,6 +115,7 @@ def test_training_records_the_quantization_beside_every_adapter(trained_adapter)
 
 
 @pytest.mark.parametrize("arch", ["llama_odd", "gpt2"])
+@pytest.mark.slow
 def test_requantizing_the_base_reproduces_the_4bit_weights_bit_for_bit(arch, tiny_models):
     """The claim merge rests on, on odd widths (blocks span rows) and on GPT-2's transposed Conv1D weights."""
     import torch
@@ -170,6 +173,8 @@ def merged(request, tiny_models, trained_adapter, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
+@pytest.mark.floor
 def test_merged_model_matches_the_4bit_model_it_was_trained_against(case, merged, capsys):
     import torch
     from peft import PeftModel
@@ -195,6 +200,7 @@ def test_merged_model_matches_the_4bit_model_it_was_trained_against(case, merged
     assert naive > NAIVE_FACTOR * ours
 
 
+@pytest.mark.slow
 def test_adapter_trained_on_a_16bit_base_merges_into_the_original_weights(tiny_models, tmp_path):
     import torch
     from peft import PeftModel
@@ -209,6 +215,7 @@ def test_adapter_trained_on_a_16bit_base_merges_into_the_original_weights(tiny_m
     assert (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), batch) - reference).abs().max() < BOUND
 
 
+@pytest.mark.slow
 def test_output_is_a_plain_safetensors_model_that_loads_without_the_plugin(merged, tmp_path):
     base, _, out = merged("gpt2, Conv1D + tied embedding LoRA")
     names = sorted(p.name for p in out.iterdir())
@@ -240,6 +247,7 @@ def test_output_is_a_plain_safetensors_model_that_loads_without_the_plugin(merge
     assert torch.allclose(torch.tensor(loaded["logits"]), here, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_bfloat16_output_with_index(merged, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -263,6 +271,7 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-s"]))
 
 
+@pytest.mark.slow
 def test_merge_checks_its_fidelity_and_reports_it(trained_adapter, tmp_path, capsys):
     """`merge` measures the merged model against the adapter on its 4-bit base, beside the naive merge."""
     out = tmp_path / "model"
@@ -277,6 +286,7 @@ def test_merge_checks_its_fidelity_and_reports_it(trained_adapter, tmp_path, cap
     assert naive["mean_kl"] > 100 * ours["mean_kl"]
 
 
+@pytest.mark.slow
 def test_a_merge_that_fails_its_check_is_kept_apart(trained_adapter, tmp_path, capsys):
     """Merged as fp4 while training used nf4: not what was trained. Not written to --out; kept, marked, explained."""
     out = tmp_path / "model"
@@ -288,6 +298,7 @@ def test_a_merge_that_fails_its_check_is_kept_apart(trained_adapter, tmp_path, c
     assert report["passed"] is False and report["failures"]
 
 
+@pytest.mark.slow
 def test_no_check_and_eval_data(trained_adapter, tmp_path, capsys):
     out = tmp_path / "unchecked"
     assert cli.main(["merge", "--adapter", str(trained_adapter), "--out", str(out), "--no_check"]) == 0

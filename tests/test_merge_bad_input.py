@@ -95,6 +95,7 @@ def test_pickle_only_base_is_refused_not_unpickled(adapter, tiny_models, tmp_pat
     assert_refused(code, err, out, "pytorch_model.bin", "never unpickles", "save_pretrained")
 
 
+@pytest.mark.slow
 def test_non_empty_output_needs_force(adapter, tmp_path, capsys):
     out = tmp_path / "merged"
     out.mkdir()
@@ -126,6 +127,7 @@ def test_too_little_free_space_is_refused_before_writing(adapter, tmp_path, caps
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_unreachable_hub_base_from_the_command_line(adapter, tmp_path):
     folder = copy_adapter(adapter, tmp_path)
     config = json.loads((folder / "adapter_config.json").read_text())

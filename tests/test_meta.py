@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 from conftest import REPO
 
 from qlora_plugin.plugin import specs as hookspecs
@@ -33,6 +35,7 @@ def test_every_hook_is_exercised_by_a_test():
         assert name in tests or name in hooks, f"{name} is used by no test or tested hook file"
 
 
+@pytest.mark.floor
 def test_the_installed_libraries_satisfy_the_declared_range():
     """Every runtime dependency declares one `>=` floor, and the environment the suite runs in satisfies every
     declared range (a fresh install takes the newest releases; the floor environment, `make test-floor`, the
@@ -68,6 +71,7 @@ def _lint_imports(root):
     return subprocess.run([str(lint), "--no-cache"], cwd=root, capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_layer_contracts_hold_and_catch_an_upward_import(tmp_path):
     """`lint-imports` (run by `make test`) keeps the layers; an import from plan into integration breaks them."""
     import shutil

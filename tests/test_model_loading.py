@@ -28,6 +28,7 @@ def load_and_wrap(path, options=None, runtime=CPU):
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED_LINEARS))
+@pytest.mark.floor
 def test_every_block_linear_is_4bit_and_adapted(arch, tiny_models):
     from qlora_plugin.quant.layers import four_bit_layers, quantized_bits_per_param
 
@@ -142,6 +143,7 @@ def test_cpu_repacking_breaks_odd_widths_without_the_guard(tiny_models):
         model(input_ids=torch.tensor([[1, 2, 3]]))
 
 
+@pytest.mark.slow
 def test_guard_keeps_eval_and_generation_working_at_odd_widths(tiny_models):
     from qlora_plugin import make_cpu_inference_safe
 
@@ -179,6 +181,7 @@ def _frozen_bytes(model) -> int:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # separate head; head tied to the embeddings
+@pytest.mark.slow
 def test_embeddings_and_head_stay_in_the_16bit_compute_dtype(tiny_models, arch):
     """peft's k-bit preparation alone upcasts them to fp32; the strategy keeps them as loaded (bf16 here) and the
     norms in fp32, as the paper's code does, and the plan's weights count exactly that."""

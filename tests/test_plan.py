@@ -27,6 +27,7 @@ def plan_cli(argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.slow
 def test_llama_65b_fits_one_48gb_gpu_and_full_needs_over_780gb(capsys):
     code, out, _ = plan_cli([str(CONFIGS / "llama-65b"), "--json", "--gpu-memory", "48GB"], capsys)
     assert code == 0
@@ -55,6 +56,7 @@ def _qlora_7b_plan(capsys, *flags) -> dict:
     return json.loads(out)
 
 
+@pytest.mark.slow
 def test_a_gpu_without_bf16_plans_fp16_compute_with_fp32_adapters(capsys):
     t4, a10 = (_qlora_7b_plan(capsys, "--gpu-memory", gpu) for gpu in ("t4", "a10"))
     assert (t4["details"]["compute_dtype"], t4["details"]["adapter_dtype"]) == ("float16", "float32")
@@ -63,6 +65,7 @@ def test_a_gpu_without_bf16_plans_fp16_compute_with_fp32_adapters(capsys):
     assert t4["components"]["adapters"] == 4 * trainable and a10["components"]["adapters"] == 2 * trainable
 
 
+@pytest.mark.slow
 def test_cuda_plan_has_the_context_and_separates_the_paged_optimizer_state(capsys):
     """On a GPU the CUDA context is on the card but outside the allocator, and bitsandbytes' paged optimizer
     state (parameters of 100,000+ elements) lives in CUDA unified memory, outside `max_memory_reserved`: the plan
@@ -124,6 +127,7 @@ def test_report_compares_like_with_like():
     assert peak_memory()["memory_kind"] == "process_peak_rss"  # no CUDA here
 
 
+@pytest.mark.slow
 def test_sharded_engines_do_not_split_the_4bit_base_at_load_time(capsys):
     """transformers 5.24 loads the whole 4-bit base onto every rank's GPU under FSDP / ZeRO-3; plan says so when
     a 4-bit plan does not fit one GPU, so nobody counts on two 24 GB cards for 65B."""
@@ -173,6 +177,7 @@ def test_weights_match_real_4bit_loads(tiny_models, arch, double_quant):
     print(f"{arch} (double quant {double_quant}): weights predicted {predicted:,} B, loaded {footprint + quant_state_bytes(loaded):,} B")
 
 
+@pytest.mark.slow
 def test_training_report_states_predicted_and_measured_peak(tmp_path):
     """Wide enough (256) that the model's terms are not lost in the framework's ~520 MiB."""
     from plan_accuracy import long_text_dataset, train_and_compare
@@ -201,6 +206,7 @@ def test_training_report_states_predicted_and_measured_peak(tmp_path):
     assert 0.25 < (predicted - runtime) / (measured - runtime) < 4  # the model's terms, beyond the baseline
 
 
+@pytest.mark.slow
 def test_table_and_plot(tiny_models, tmp_path, capsys):
     plot = tmp_path / "memory.png"
     code, out, _ = plan_cli([tiny_models["llama"], "--device", "cpu", "--plot", str(plot), "--gpu-memory", "t4"],
@@ -215,6 +221,7 @@ def test_table_and_plot(tiny_models, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["memory.png"]  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_plot_labels_never_cover_the_memory_line_or_the_bars(tiny_models, tmp_path, monkeypatch):
     """A GPU line just above a bar's top: the peak used to be written on the bar's top, across the line, and the
     legend sat inside the axes. Read from the figure `--plot` saves: where each label and the line are drawn."""
@@ -244,6 +251,7 @@ def test_plot_labels_never_cover_the_memory_line_or_the_bars(tiny_models, tmp_pa
     assert labels == [f"{p.strategy}\npeak {p.total_bytes / 2**20:,.1f} MiB" for p in plans]
 
 
+@pytest.mark.slow
 def test_options_change_the_plan(tiny_models, capsys):
     def plan(*flags):
         code, out, _ = plan_cli([tiny_models["llama"], "--strategy", "qlora", "--json", *flags], capsys)
@@ -285,12 +293,14 @@ def test_bad_input_is_a_clear_error(tiny_models, tmp_path, capsys, argv, message
     assert sorted(os.listdir(tmp_path)) == ["empty"]  # nothing written
 
 
+@pytest.mark.slow
 def test_console_script_error_has_no_traceback(tmp_path):
     result = run_command(["qlora-plugin", "plan", str(tmp_path)], cwd=tmp_path)
     assert result.returncode == 2
     assert "has no config.json" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluation_transient_matches_a_real_forward(tmp_path):
     """The counted evaluation transient against the resident peak of the same forward run for real (fresh
     process, 32k vocabulary so the logits dominate, as in real models)."""
@@ -304,6 +314,7 @@ def test_evaluation_transient_matches_a_real_forward(tmp_path):
     assert abs(predicted / measured - 1) < 0.10
 
 
+@pytest.mark.slow
 def test_plan_shows_the_evaluation_peak(tiny_models, capsys):
     code, out, _ = plan_cli([tiny_models["llama"], "--device", "cpu", "--per_device_eval_batch_size", "16",
                              "--json"], capsys)
@@ -328,6 +339,7 @@ def _budget_setup(tiny_models, dtype="float32"):
     return config, options, settings, peaks(config, "qlora", QLORA, options, settings)
 
 
+@pytest.mark.slow
 def test_budget_picks_the_largest_batch_that_fits_and_keeps_the_effective_batch(tiny_models):
     from qlora_plugin.plan.budget import PLAN_ERROR_MARGIN, choose
     from qlora_plugin.plan.estimate import plan_strategy
@@ -350,6 +362,7 @@ def test_budget_picks_the_largest_batch_that_fits_and_keeps_the_effective_batch(
     assert choice["per_device_eval_batch_size"] == 8 or p.eval(choice["per_device_eval_batch_size"] + 1) > budget
 
 
+@pytest.mark.slow
 def test_budget_checks_batches_you_set_and_names_the_levers_when_nothing_fits(tiny_models):
     from qlora_plugin import QLoRAPluginError
     from qlora_plugin.plan.budget import choose
@@ -369,6 +382,7 @@ def test_budget_checks_batches_you_set_and_names_the_levers_when_nothing_fits(ti
         assert lever in message
 
 
+@pytest.mark.slow
 def test_memory_budget_sets_the_batches_of_a_real_run(tiny_models, tmp_path, capsys, monkeypatch):
     """`memory_budget` on a training run: the batch fitting the budget, the effective batch kept, the summary and
     the report saying so; a batch you set is yours (checked, kept)."""
@@ -414,6 +428,7 @@ def test_memory_budget_sets_the_batches_of_a_real_run(tiny_models, tmp_path, cap
     assert accumulation.args.per_device_train_batch_size == chosen
 
 
+@pytest.mark.slow
 def test_budget_counts_what_the_process_already_holds(tiny_models):
     """In a live run the memory already held (measured) replaces the plan's weights and runtime terms."""
     from qlora_plugin.model_config import load_config

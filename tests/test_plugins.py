@@ -72,6 +72,7 @@ def test_strategy_with_unknown_option_is_refused():
         Strategy("odd", "x", {"lora_rank": 8})
 
 
+@pytest.mark.slow
 def test_qdora_hook_file(tiny_models, tmp_path):
     from datasets import load_dataset
     from trl import SFTConfig
@@ -91,6 +92,7 @@ def test_qdora_hook_file(tiny_models, tmp_path):
     trainer.train()
 
 
+@pytest.mark.slow
 def test_memory_report_packaged_hook_by_name(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "out"
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
@@ -127,6 +129,7 @@ def qlora_register_strategies(register):
 '''
 
 
+@pytest.mark.slow
 def test_installed_entry_point_adds_a_strategy(tiny_models, dataset_dir, tmp_path):
     """pip-install a tiny third-party package; its strategy is then usable as `--strategy wide`."""
     src = tmp_path / "src"
@@ -152,6 +155,7 @@ def test_installed_entry_point_adds_a_strategy(tiny_models, dataset_dir, tmp_pat
     assert facts["quantization"]["layers_4bit"] == 14
 
 
+@pytest.mark.slow
 def test_plugin_answers_the_optimizer_and_loading_hooks(tiny_models, tmp_path):
     """A plugin's qlora_create_optimizer and qlora_model_init_kwargs answers replace the built-in ones."""
     import torch
@@ -190,6 +194,7 @@ def _skills():
     return load_dataset(str(REPO / "examples" / "data" / "skills"))["train"]
 
 
+@pytest.mark.slow
 def test_lifecycle_hooks_load_observe_recipe_and_facts(tiny_models, tmp_path):
     """qlora_load_model, qlora_model_loaded, qlora_training_defaults and qlora_run_facts, answered by a plugin, in
     the order the pipeline calls them; the user's explicit choice still beats the plugin's recipe."""
@@ -240,6 +245,7 @@ def test_lifecycle_hooks_load_observe_recipe_and_facts(tiny_models, tmp_path):
     assert report["quantization"]["cached_base"] is None  # the plugin loaded it: the cache did not
 
 
+@pytest.mark.slow
 def test_features_are_default_plugins_a_user_can_unregister(tiny_models, tmp_path):
     """Every feature is registered like a third-party plugin; taking one out takes out exactly its effect."""
     from trl import SFTConfig
@@ -283,6 +289,7 @@ def test_plan_counts_the_adapter_a_plugin_wraps(tiny_models):
     assert qlora.details["trainable_params"] > 50 * tiny.details["trainable_params"]
 
 
+@pytest.mark.slow
 def test_packaged_hooks_load_by_name(tiny_models, tmp_path):
     """The ready hooks ship in the wheel: `--qlora_hooks qdora` works without a path; a wrong name says which exist."""
     from qlora_plugin.plugin.manager import packaged_hooks
@@ -297,6 +304,7 @@ def test_packaged_hooks_load_by_name(tiny_models, tmp_path):
     assert "  qdora: QDoRA = QLoRA + DoRA" in listing.stdout and "  memory_report: Observe training" in listing.stdout
 
 
+@pytest.mark.slow
 def test_architecture_examples_work_as_written(tiny_models, tmp_path):
     """docs/architecture.md's strategy and feature plugin, copied from the page, as hook files of a real run."""
     import os

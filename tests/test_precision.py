@@ -26,6 +26,7 @@ def _dataset():
 
 
 @pytest.mark.parametrize("strategy", ["qlora", "lora"])
+@pytest.mark.slow
 def test_fp16_mixed_precision_keeps_the_adapter_fp32_for_the_grad_scaler(strategy, tiny_models, tmp_path):
     from trl import SFTConfig
 

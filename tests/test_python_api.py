@@ -24,6 +24,7 @@ def train_split():
     return load_dataset(str(DATA))["train"]
 
 
+@pytest.mark.slow
 def test_apply_strategy_returns_plain_sfttrainer_kwargs(tiny_models, tmp_path):
     from trl import SFTTrainer
 
@@ -42,6 +43,7 @@ def test_apply_strategy_returns_plain_sfttrainer_kwargs(tiny_models, tmp_path):
     assert json.loads((tmp_path / "qlora_plugin_report.json").read_text())["source"] == "api"
 
 
+@pytest.mark.slow
 def test_lora_strategy_is_16bit(tiny_models, tmp_path):
     from qlora_plugin import make_trainer
 
@@ -50,6 +52,7 @@ def test_lora_strategy_is_16bit(tiny_models, tmp_path):
     assert trainer.model.peft_config["default"].r == 64
 
 
+@pytest.mark.slow
 def test_user_peft_config_wins(tiny_models, tmp_path):
     from peft import LoraConfig
 
@@ -61,6 +64,7 @@ def test_user_peft_config_wins(tiny_models, tmp_path):
     assert getattr(trainer.model, "is_loaded_in_4bit", False)
 
 
+@pytest.mark.slow
 def test_loss_falls_clearly_with_qlora(tiny_models, tmp_path):
     """The bundled skills dataset is learnable: 60 qlora steps cut the loss by over a quarter."""
     from qlora_plugin import make_trainer
@@ -72,6 +76,8 @@ def test_loss_falls_clearly_with_qlora(tiny_models, tmp_path):
     assert losses[-1] < 0.75 * losses[0], losses
 
 
+@pytest.mark.slow
+@pytest.mark.floor
 def test_saved_adapter_reloads_with_plain_peft(tiny_models, tmp_path):
     """The adapter saved after training loads with plain peft on a 4-bit base and reproduces the outputs."""
     from peft import PeftModel, prepare_model_for_kbit_training
@@ -126,6 +132,7 @@ def test_already_loaded_16bit_model_is_refused(tiny_models, tmp_path):
         apply_strategy({"model": model, "args": sft_config(tmp_path), "train_dataset": train_split()}, "qlora")
 
 
+@pytest.mark.slow
 def test_user_quantization_config_wins(tiny_models, tmp_path):
     from transformers import BitsAndBytesConfig
 
@@ -138,6 +145,7 @@ def test_user_quantization_config_wins(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("native", [False, True])
+@pytest.mark.slow
 def test_autocast_follows_the_recipe_bf16(tiny_models, tmp_path, monkeypatch, native):
     """TRL asks for bf16; without native bf16 the strategy turns it off, and the Accelerator's autocast with it
     (transformers derives `mixed_precision` at config time: a stale "bf16" ran every matmul emulated, 5x slower)."""

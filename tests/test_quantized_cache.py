@@ -34,6 +34,7 @@ def _dequantized(model) -> dict:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])  # plain Linear, GPT-2 Conv1D (transposed), fused qkv
+@pytest.mark.slow
 def test_cached_base_is_bit_identical_to_load_time_quantization(tiny_models, arch):
     from transformers import AutoModelForCausalLM
 
@@ -64,6 +65,7 @@ def test_second_lookup_reuses_the_entry(tiny_models, monkeypatch):
     assert quantized_cache.cached_base(tiny_models["llama"], _kwargs()) == entry
 
 
+@pytest.mark.slow
 def test_key_follows_content_and_settings(tiny_models, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -174,6 +176,7 @@ def test_checkpoint_with_foreign_names_is_not_cached(tiny_models, tmp_path):
     assert set(os.listdir(os.environ["QLORA_PLUGIN_CACHE_DIR"])) == before
 
 
+@pytest.mark.slow
 def test_training_run_reuses_the_cache_and_records_the_real_base(tiny_models, dataset_dir, tmp_path):
     model = tiny_models["llama_odd"]
     reports = []
@@ -193,6 +196,7 @@ def test_training_run_reuses_the_cache_and_records_the_real_base(tiny_models, da
         assert reports[1]["measured"][key] == pytest.approx(reports[0]["measured"][key], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_cache_can_be_turned_off(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "run"
     result = run_python(

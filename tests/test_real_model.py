@@ -40,6 +40,7 @@ def _train(model: str, strategy: str, out) -> tuple[list[float], dict]:
     return eval_losses(done.stdout + done.stderr), json.loads((out / "qlora_plugin_report.json").read_text())
 
 
+@pytest.mark.slow
 def test_real_model_learns_and_qlora_stays_close_to_lora(smollm2, tmp_path):
     qlora, report = _train(smollm2, "qlora", tmp_path / "qlora")
     lora, _ = _train(smollm2, "lora", tmp_path / "lora")

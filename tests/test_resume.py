@@ -96,6 +96,7 @@ def runs(request, tiny_models, small_dataset, tmp_path_factory):
     return dict(optim=optim, straight=straight, resumed=resumed, stopped_at=stopped_at, root=root)
 
 
+@pytest.mark.slow
 def test_resume_matches_a_straight_run_within_the_noise(runs):
     (a, b), resumed = runs["straight"], runs["resumed"]
     later = lambda losses: {step: loss for step, loss in losses.items() if step > N}  # noqa: E731
@@ -113,6 +114,7 @@ def test_resume_matches_a_straight_run_within_the_noise(runs):
     assert _losses(a)[N + 1] != _losses(a)[2 * N]
 
 
+@pytest.mark.slow
 def test_interrupted_run_stopped_after_a_complete_checkpoint(runs):
     assert [name for name in runs["stopped_at"] if name.startswith("checkpoint-")] == [f"checkpoint-{N}"]
     assert not [name for name in runs["stopped_at"] if name.startswith(STAGING_PREFIX)]
@@ -120,6 +122,7 @@ def test_interrupted_run_stopped_after_a_complete_checkpoint(runs):
     assert state["global_step"] == N
 
 
+@pytest.mark.slow
 def test_resumed_adapter_is_trainable_in_the_compute_dtype_and_owned_by_the_optimizer(runs):
     from qlora_plugin.runtime import cpu_has_native_bf16
 
@@ -137,6 +140,7 @@ def test_resumed_adapter_is_trainable_in_the_compute_dtype_and_owned_by_the_opti
 
 
 @pytest.mark.parametrize("name", ["PagedAdamW32bit", "PagedAdamW8bit"])
+@pytest.mark.floor
 def test_paged_state_round_trip(name, monkeypatch):
     import bitsandbytes.optim
 
@@ -192,6 +196,7 @@ def _checkpoint(root, step, complete=True):
     return str(folder)
 
 
+@pytest.mark.floor
 def test_resolve_checkpoint(tmp_path):
     _checkpoint(tmp_path, 2)
     newest = _checkpoint(tmp_path, 10)
@@ -212,6 +217,7 @@ def test_resolve_checkpoint(tmp_path):
     assert not (tmp_path / ".tmp-checkpoint-14").exists() and (tmp_path / "checkpoint-12").exists()
 
 
+@pytest.mark.slow
 def test_bad_resume_fails_before_the_model_loads(tiny_models, small_dataset, tmp_path, monkeypatch):
     from trl import SFTConfig
 
@@ -226,6 +232,7 @@ def test_bad_resume_fails_before_the_model_loads(tiny_models, small_dataset, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_and_final_adapter_are_written_atomically(runs, tmp_path, monkeypatch):
     trainer = runs["straight"][0]
     monkeypatch.setattr(trainer.args, "output_dir", str(tmp_path))
@@ -278,6 +285,8 @@ def _sft(model, dataset_dir, out, *extra):
             "--use_cpu", "--disable_tqdm", "true", *extra]
 
 
+@pytest.mark.slow
+@pytest.mark.floor
 def test_sigterm_through_trl_script_saves_a_checkpoint_that_resumes(tiny_models, tmp_path):
     out, dataset_dir = tmp_path / "out", tmp_path / "data"
     dataset_dir.mkdir()  # 64 rows of the bundled data: tokenizing all 2,000 twice would dominate the test

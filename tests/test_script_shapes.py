@@ -37,6 +37,8 @@ def _assert_qlora(report):
     assert report["measured"]["steps"] == 3
 
 
+@pytest.mark.slow
+@pytest.mark.floor
 def test_trl_parser_yaml_recipe_script_loads_in_4bit(tiny_models, dataset_dir, tmp_path):
     """TrlParser + ModelConfig + YAML + the script's own from_pretrained + SFTTrainer(model=object,
     peft_config=get_peft_config(model_args)): no 16-bit load, the strategy's LoRA, the user's SFT keys kept."""
@@ -57,6 +59,7 @@ def test_trl_parser_yaml_recipe_script_loads_in_4bit(tiny_models, dataset_dir, t
     assert "lr_scheduler_type" in report["user_kept"] and "lr_scheduler_type" not in report["recipe_applied"]
 
 
+@pytest.mark.slow
 def test_recipe_that_already_sets_the_qlora_keys(tiny_models, dataset_dir, tmp_path):
     """A recipe that trained in 4-bit before keeps working with the strategy added; its values win."""
     out = tmp_path / "out"
@@ -75,6 +78,7 @@ def test_recipe_that_already_sets_the_qlora_keys(tiny_models, dataset_dir, tmp_p
     assert any("lm_head" in name for name in saved) and any("embed_tokens" in name for name in saved)
 
 
+@pytest.mark.slow
 def test_own_dataclass_concrete_class_no_model_name_or_path(tiny_models, dataset_dir, tmp_path):
     """HfArgumentParser with the script's own dataclass, `LlamaForCausalLM.from_pretrained`: the first causal LM
     the script loads is the one trained."""
@@ -88,6 +92,7 @@ def test_own_dataclass_concrete_class_no_model_name_or_path(tiny_models, dataset
     assert adapter["r"] == 8 and report["adapter"]["layers"] == 14
 
 
+@pytest.mark.slow
 def test_a_second_and_third_model_are_left_alone(tiny_models, dataset_dir, tmp_path):
     """A frozen teacher loaded first (another folder) and a reference copy of the student loaded after it stay as
     the script asked; only the model from --model_name_or_path is loaded by the strategy."""
@@ -102,6 +107,7 @@ def test_a_second_and_third_model_are_left_alone(tiny_models, dataset_dir, tmp_p
     _assert_qlora(report)
 
 
+@pytest.mark.slow
 def test_lora_strategy_in_a_script_that_loads_the_model(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "out"
     recipe = _recipe(tmp_path, model_name_or_path=tiny_models["llama"], dataset_name=dataset_dir,
@@ -115,6 +121,7 @@ def test_lora_strategy_in_a_script_that_loads_the_model(tiny_models, dataset_dir
     assert adapter["r"] == 4
 
 
+@pytest.mark.slow
 def test_a_16bit_object_the_plugin_could_not_load_is_refused_with_the_fix(tiny_models, dataset_dir, tmp_path):
     """A model loaded before `import trl` (so before activation) cannot be intercepted: refused, naming the fix."""
     script = tmp_path / "early.py"
@@ -130,6 +137,7 @@ def test_a_16bit_object_the_plugin_could_not_load_is_refused_with_the_fix(tiny_m
     assert "Load it after `import trl`" in proc.stderr and "--strategy lora" in proc.stderr
 
 
+@pytest.mark.slow
 def test_an_8bit_config_is_refused_before_any_weight_is_read(tiny_models, dataset_dir, tmp_path):
     out = tmp_path / "out"
     recipe = _recipe(tmp_path, model_name_or_path=tiny_models["llama"], dataset_name=dataset_dir,

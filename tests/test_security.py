@@ -40,6 +40,7 @@ def remote_code_model(tmp_path, source) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_remote_code_runs_only_when_the_user_allows_it(tiny_models, tmp_path):
     from trl import SFTConfig
 
@@ -168,6 +169,7 @@ def test_hook_files_in_the_working_folder_are_not_loaded(tmp_path, monkeypatch, 
 TRAINER_STATE_PICKLES = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"}
 
 
+@pytest.mark.slow
 def test_weights_are_written_as_safetensors(tiny_models, tmp_path):
     """After training with checkpoints and a final save, every weight file is safetensors. The only pickles are
     transformers' Trainer state (arguments, optimizer, scheduler, RNG), which the Trainer itself writes."""
@@ -210,6 +212,7 @@ socket.create_connection = socket.getaddrinfo = refuse
 """
 
 
+@pytest.mark.slow
 def test_nothing_reaches_the_network_at_import_and_activation(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(NO_NETWORK)
     script = ("import sys; import qlora_plugin; sys.argv[1:] = ['--strategy', 'qlora', '--lora_r', '8']; import trl\n"
@@ -238,6 +241,7 @@ print("bitsandbytes imported")
 
 
 @pytest.mark.parametrize("strategy", [True, False], ids=["strategy", "no-strategy"])
+@pytest.mark.slow
 def test_bitsandbytes_fetches_no_hub_kernel_under_a_strategy(tmp_path, strategy):
     """bitsandbytes asks `kernels` for a CPU kernel from the Hub when it is imported (AVX512-BF16 CPUs); under a
     strategy `kernels` is hidden from that import. Without a strategy the library behaves as it always does, which

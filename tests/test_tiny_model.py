@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import DATA, TRAIN_FLAGS, run_command, run_python
 
 
@@ -14,6 +16,7 @@ def chat_rows(count: int) -> list[dict]:
             for r in rows]
 
 
+@pytest.mark.slow
 def test_chat_data_trains_on_a_tiny_model_built_with_data_before_out(tmp_path):
     chat = tmp_path / "chat"
     chat.mkdir()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from datasets import load_dataset
 
 from conftest import DATA, REPO, run_command
@@ -24,6 +25,7 @@ def summary(tiny_models, tmp_path, hook_files=()) -> str:
     return format_summary(report.facts)
 
 
+@pytest.mark.slow
 def test_the_summary_names_hook_files_and_plugins_and_reads_warmup_as_a_share(tiny_models, tmp_path):
     hook = tmp_path / "my_hooks.py"
     hook.write_text("from qlora_plugin import hookimpl\n\n\n@hookimpl\ndef qlora_run_facts():\n    return None\n")
@@ -33,6 +35,7 @@ def test_the_summary_names_hook_files_and_plugins_and_reads_warmup_as_a_share(ti
     assert "  plugins    : built-in only (no hook files, no installed plugins)\n" in summary(tiny_models, tmp_path)
 
 
+@pytest.mark.slow
 def test_strategies_lists_only_the_options_a_strategy_uses(tmp_path):
     proc = run_command(["qlora-plugin", "strategies"], tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from qlora_plugin.compat import TRL_VENDORED_PARSER_MODULE, check_at_activation
 from qlora_plugin.errors import QLoRAPluginError, report_and_exit
 from qlora_plugin.flags import given_flag_names, parse_bool, parse_own_flags
 from qlora_plugin.integration import import_hook, model_loading, near_miss, script_args, state, trl_patches
@@ -161,7 +162,7 @@ def activate(request: StrategyRequest) -> None:
     watcher.watch("trl.trainer.sft_trainer", trl_patches.patch_sft_trainer)
     watcher.watch("trl.scripts.utils", trl_patches.patch_trl_parser)
     watcher.watch("transformers.hf_argparser", script_args.patch_argument_parser)
-    watcher.watch("trl.scripts._hf_argparser", script_args.patch_argument_parser)  # TrlParser's own copy
+    watcher.watch(TRL_VENDORED_PARSER_MODULE, script_args.patch_argument_parser)  # TrlParser's own copy
     watcher.watch("transformers.modeling_utils", model_loading.patch_from_pretrained)
     watcher.watch("transformers.models.auto.modeling_auto", model_loading.patch_auto_causal_lm)
 
@@ -198,6 +199,7 @@ def activate_from_process() -> None:
         malloc_tunables.apply_at_activation(malloc_tunables.wanted(request.options), _use_cpu(argv))
         leave_out_for_a_strategy_run("gradient_checkpointing" in request.explicit_training_args)  # before imports
         refuse_hub_kernels()
+        check_at_activation()  # supported releases, before any patch (compat)
         validate(request)
     except QLoRAPluginError as err:
         report_and_exit(err)

@@ -9,6 +9,7 @@ or, to keep constructing the trainer yourself: `SFTTrainer(**apply_strategy(kwar
 
 from __future__ import annotations
 
+from qlora_plugin.compat import check_at_activation
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.hub_code import refuse_hub_kernels
 from qlora_plugin.request import StrategyRequest
@@ -38,6 +39,7 @@ def apply_strategy(trainer_kwargs: dict, strategy: str = "qlora", options: dict 
     if not isinstance(trainer_kwargs, dict):
         raise QLoRAPluginError(f"`trainer_kwargs` must be a dict of SFTTrainer arguments; got {trainer_kwargs!r}.")
     refuse_hub_kernels()
+    check_at_activation()  # supported releases (compat)
     request = StrategyRequest(strategy, dict(options or {}), frozenset(), _hook_file_list(hook_files), "api")
     return prepare_trainer_kwargs(request, trainer_kwargs, pm=plugin_manager)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 
+from qlora_plugin.compat import loaded_through_auto
 from qlora_plugin.integration import state
 
 
@@ -43,7 +44,7 @@ def _wrap(cls, concrete: bool) -> None:
         from qlora_plugin.training.loading import load_for_script, strategy_loading
 
         request = state.active_request()
-        if (request is None or args or strategy_loading() or (concrete and kwargs.get("_from_auto"))
+        if (request is None or args or strategy_loading() or (concrete and loaded_through_auto(kwargs))
                 or not _is_training_model(klass, pretrained_model_name_or_path, request) or not state.claim_model()):
             return original(klass, pretrained_model_name_or_path, *args, **kwargs)
         return load_for_script(request, klass, str(pretrained_model_name_or_path), kwargs)

@@ -15,6 +15,8 @@ import types
 
 import torch
 
+from qlora_plugin.compat import fix_4bit_quant_state
+
 
 def route(layer, path, priority: int) -> None:
     """Send `layer`'s calls through `_forward` (once; a forward someone else set on the instance is left alone),
@@ -35,11 +37,9 @@ def routed(layer) -> bool:
 
 
 def _forward(self, x: torch.Tensor):
-    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
     if not self.training or x.numel() == 0:
         return type(self).forward(self, x)
-    fix_4bit_weight_quant_state_from_module(self)
+    fix_4bit_quant_state(self)
     quant_state = self.weight.quant_state
     if getattr(quant_state, "packing_format_for_cpu", False):
         return type(self).forward(self, x)

@@ -34,6 +34,7 @@ import shutil
 import tempfile
 import weakref
 
+from qlora_plugin.compat import model_from_config
 from qlora_plugin.files import give_normal_permissions, write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
 from qlora_plugin.quant.layers import four_bit_layers, four_bit_module_names
@@ -135,9 +136,8 @@ def _quantized_layout(folder: str, quantization_config, dtype, trust_remote_code
     # The class TRL's `create_model_from_path` will load, so the skeleton has the same modules.
     architecture = getattr(transformers, (config.architectures or [""])[0], None)
     with init_empty_weights():
-        if architecture is not None and hasattr(architecture, "_from_config"):
-            skeleton = architecture._from_config(config, dtype=dtype)
-        else:
+        skeleton = None if architecture is None else model_from_config(architecture, config, dtype)
+        if skeleton is None:
             skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     names = set(skeleton.state_dict())
     conv1d = {name for name, module in skeleton.named_modules() if isinstance(module, Conv1D)}

@@ -11,6 +11,7 @@ dequantize-then-matmul path it falls back to is correct for every shape.
 
 from __future__ import annotations
 
+from qlora_plugin.compat import undo_cpu_weight_packing
 from qlora_plugin.plugin.specs import hookimpl
 from qlora_plugin.quant.layers import four_bit_layers
 
@@ -27,13 +28,8 @@ def make_cpu_inference_safe(model):
         state = getattr(layer.weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
             repacked.append(layer)
-    if repacked:
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        for layer in repacked:
-            weight = layer.weight
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-            layer.quant_state = weight.quant_state
+    for layer in repacked:
+        undo_cpu_weight_packing(layer)
     return model
 
 

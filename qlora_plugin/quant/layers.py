@@ -6,6 +6,8 @@ the measured storage of a loaded model's 4-bit layers (the summary's bits/param,
 
 from __future__ import annotations
 
+from qlora_plugin.compat import keep_in_fp32_modules
+
 
 def four_bit_module_names(model, skip_modules=None) -> list[str]:
     """Names of the layers transformers' bitsandbytes integration turns into `Linear4bit`, by its own rule: every
@@ -18,7 +20,7 @@ def four_bit_module_names(model, skip_modules=None) -> list[str]:
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    skip = HfQuantizer.get_modules_to_not_convert(model, skip_modules, model._keep_in_fp32_modules)
+    skip = HfQuantizer.get_modules_to_not_convert(model, skip_modules, keep_in_fp32_modules(model))
     return [name for name, module in model.named_modules()
             if name and should_convert_module(name, skip)
             and (isinstance(module, Conv1D) or type(module) is torch.nn.Linear)]

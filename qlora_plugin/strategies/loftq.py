@@ -23,6 +23,7 @@ import json
 import math
 import os
 
+from qlora_plugin.compat import config_source
 from qlora_plugin.errors import QLoRAPluginError
 
 PEFT_PREFIX = "base_model.model."
@@ -71,7 +72,7 @@ class SafetensorsWeights:
 def base_weights(model) -> SafetensorsWeights:
     """The 16-bit weights of a PEFT model's base, from its safetensors files (raises, with the fix, if unreadable)."""
     config = model.get_base_model().config
-    return SafetensorsWeights(config._name_or_path, getattr(config, "_commit_hash", None))
+    return SafetensorsWeights(*config_source(config))
 
 
 def weights_folder(model_id: str, revision: str | None = None) -> str:

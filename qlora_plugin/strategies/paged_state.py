@@ -14,6 +14,8 @@ The same code runs on every device; on CPU the buffers are ordinary tensors (bit
 
 from __future__ import annotations
 
+from qlora_plugin.compat import fsdp_wrapped_quant_state_key
+
 MOMENT_KEYS = ("state1", "state2")
 
 
@@ -31,7 +33,7 @@ class ResumablePagedState:
         if torch.cuda.is_available() and any(_is_paged(v) for s in self.state.values() for v in s.values()):
             torch.cuda.synchronize()  # paged updates are asynchronous
         for param_state in state_dict["state"].values():
-            for holder in (param_state, param_state.get(self._FSDP_WRAPPED_QUANT_STATE_KEY, {})):
+            for holder in (param_state, param_state.get(fsdp_wrapped_quant_state_key(self), {})):
                 for key, value in holder.items():
                     if _is_paged(value):
                         holder[key] = value.clone()

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 
+from qlora_plugin.compat import redirect_output_dir, restore_output_dir, trainer_output_dir
 from qlora_plugin.files import give_normal_permissions
 from qlora_plugin.training.checkpoints import resolve_checkpoint
 from qlora_plugin.training.fsdp_save import save_fsdp_adapter
@@ -88,7 +89,7 @@ def _make_save_checkpoint(original):
             return original(self, model, trial)
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-        run_dir = self._get_output_dir(trial=trial)
+        run_dir = trainer_output_dir(self, trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging_root = os.path.join(run_dir, STAGING_PREFIX + name)
         staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
@@ -96,7 +97,7 @@ def _make_save_checkpoint(original):
         if main:
             shutil.rmtree(staging_root, ignore_errors=True)  # left by a process killed mid-save
         self.accelerator.wait_for_everyone()
-        self._get_output_dir = lambda trial=None: staging_root  # transformers saves into <run_dir>/checkpoint-N
+        redirect_output_dir(self, staging_root)  # transformers saves into <run_dir>/checkpoint-N
         try:
             original(self, model, trial)
             self.accelerator.wait_for_everyone()
@@ -109,7 +110,7 @@ def _make_save_checkpoint(original):
                 rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint,
                                    use_mtime=True)
         finally:
-            del self._get_output_dir
+            restore_output_dir(self)
             if main:
                 shutil.rmtree(staging_root, ignore_errors=True)
 

@@ -16,6 +16,8 @@ does by switching to `FULL_STATE_DICT` before its final `save_model`. Checkpoint
 
 from __future__ import annotations
 
+from qlora_plugin.compat import trainer_save
+
 
 def full_state_dict(trainer) -> dict:
     """The FSDP model's full state dict: on rank 0 only (CPU) with several processes, in place with one."""
@@ -33,4 +35,4 @@ def full_state_dict(trainer) -> dict:
 
 def save_fsdp_adapter(trainer, output_dir: str) -> None:
     """Every rank calls this (the gather is collective); rank 0 writes the adapter, config and tokenizer."""
-    trainer._save(output_dir, state_dict=full_state_dict(trainer))
+    trainer_save(trainer, output_dir, full_state_dict(trainer))

@@ -23,6 +23,7 @@ import threading
 
 from transformers import TrainerCallback
 
+from qlora_plugin.compat import save_checkpoint
 from qlora_plugin.training.checkpoints import newest_checkpoint
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -120,7 +121,7 @@ def graceful_stop(trainer):
     if stop.signum is None:
         return
     if not stop.acted:  # the signal came after the last step: keep the finished state too
-        trainer._save_checkpoint(trainer.model, trial=None)
+        save_checkpoint(trainer)
     if trainer.args.should_save:
         newest = newest_checkpoint(trainer.args.output_dir)
         print(f"[qlora-plugin] stopped by {signal.Signals(stop.signum).name} at step {trainer.state.global_step}; "
