@@ -423,3 +423,39 @@ def test_lock_held_for_a_dead_process_is_taken_over(tmp_path, caplog):
     finally:
         stale.close()
     assert any("Taking over" in m and str(dead.pid) in m for m in _cache_warnings(caplog))
+
+
+NAN_HOOK = '''
+from transformers import TrainerCallback
+
+from qlora_plugin import hookimpl
+
+
+class Poison(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.data.fill_(float("nan"))
+
+
+@hookimpl
+def qlora_trainer_callbacks():
+    return [Poison()]
+'''
+
+
+@pytest.mark.slow
+def test_script_that_goes_nan_ends_with_one_line_and_no_adapter(tiny_models, dataset_dir, tmp_path):
+    from conftest import TRAIN_FLAGS, run_python
+
+    hook = tmp_path / "poison.py"
+    hook.write_text(NAN_HOOK)
+    out = tmp_path / "out"
+    result = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
+                         dataset_dir, "--strategy", "qlora", "--init_lora_weights", "default", "--qlora_hooks",
+                         str(hook), *TRAIN_FLAGS, "--output_dir", str(out)], cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "qlora-plugin: error:" in line]  # after a progress bar
+    assert len(errors) == 1 and "Training stopped at step 1" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Training completed" not in result.stdout + result.stderr
+    assert not (out / "adapter_model.safetensors").exists()
