@@ -53,7 +53,7 @@ def _cache_warnings(caplog) -> list[str]:
 
 
 # 24.2: a damaged entry is found when used, rebuilt, and the message names the cache, not the user's model.
-@pytest.mark.parametrize("damage", ["truncated shard", "garbage config.json", "missing index"])
+@pytest.mark.parametrize("damage", ["truncated shard", "garbage config.json", "missing index", "missing record"])
 def test_damaged_entry_is_rebuilt_with_a_notice_naming_the_cache(model_copy, cache_dir, caplog, damage):
     from transformers import AutoModelForCausalLM
 
@@ -68,8 +68,10 @@ def test_damaged_entry_is_rebuilt_with_a_notice_naming_the_cache(model_copy, cac
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     elif damage == "garbage config.json":
         (entry / "config.json").write_text("{not json")
-    else:
+    elif damage == "missing index":
         (entry / "model.safetensors.index.json").unlink()
+    else:
+        (entry / quantized_cache.ENTRY_FILE).unlink()
     with caplog.at_level(logging.WARNING):
         model = quantized_cache.qlora_load_model(StrategyOptions(), str(model_copy), _kwargs(),
                                                  Runtime("cpu", False, "none"))

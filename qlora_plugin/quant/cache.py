@@ -173,12 +173,14 @@ def _quantize_into(folder: str, tmp: str, quantization_config, dtype, trust_remo
 
 def _entry_problem(entry: str) -> str | None:
     """None when `entry` is complete and as written; `MISSING` when absent; else what is wrong with it."""
-    record_path = os.path.join(entry, ENTRY_FILE)
-    if not os.path.lexists(record_path):
+    if not os.path.lexists(entry):
         return MISSING
+    record_path = os.path.join(entry, ENTRY_FILE)
+    if not os.path.isfile(record_path) or os.path.islink(record_path):
+        return f"its record {ENTRY_FILE} is missing"
     record = read_record(record_path)
     if record is None:
-        return f"{ENTRY_FILE} is unreadable"
+        return f"its record {ENTRY_FILE} is unreadable"
     return contents_problem(entry, record.get("contents"))
 
 
