@@ -10,6 +10,8 @@ and since when every `ANNOUNCE_SECONDS`, and takes over a lock whose holder is a
 longer exists (an inherited descriptor or a network file system can keep a lock past its owner). Each staging
 folder names its owner (`OWNER_FILE`: pid, host, entry); the next run removes those of processes gone from this
 host, and, under an entry's lock, every staging folder of that entry (its maker held the same lock and is gone).
+A host is its hostname: containers that share a cache folder and a hostname but not a process namespace can take
+each other's live processes for gone; then two may make one entry, and the rename into place keeps one.
 """
 
 from __future__ import annotations
