@@ -461,3 +461,28 @@ def test_script_that_goes_nan_ends_with_one_line_and_no_adapter(tiny_models, dat
     assert len(errors) == 1 and "Training stopped at step 1" in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "Training completed" not in result.stdout + result.stderr
     assert not (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_training_run_on_a_hub_id_reuses_the_cache_and_records_the_hub_id(tiny_models, dataset_dir, tmp_path):
+    """`--model_name_or_path org/name` with the model in the Hugging Face cache (HF_HUB_CACHE, offline): the second
+    run loads the cached 4-bit base; the adapter names the Hub id; the LoftQ start reads the snapshot."""
+    from conftest import TRAIN_FLAGS, run_python
+
+    hub = tmp_path / "hub"
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    _hub_cache(hub, "tiny-org/tiny-llama", tiny_models["llama"], commit)
+    reports = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        result = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", "tiny-org/tiny-llama", "--dataset_name",
+                             dataset_dir, "--strategy", "qlora", *TRAIN_FLAGS, "--output_dir", str(out)], cwd=tmp_path,
+                            env_extra={"HF_HUB_CACHE": str(hub), "QLORA_PLUGIN_CACHE_DIR": str(tmp_path / "cache")})
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports.append(json.loads((out / "qlora_plugin_report.json").read_text()))
+    entry = reports[0]["quantization"]["cached_base"]
+    assert entry and entry == reports[1]["quantization"]["cached_base"]
+    assert json.loads((Path(entry) / "qlora_plugin_cache.json").read_text())["files"]["commit"] == commit
+    assert json.loads((tmp_path / "second" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "tiny-org/tiny-llama"
+    assert reports[1]["adapter"]["init"]["method"] == "loftq_calibrated"
