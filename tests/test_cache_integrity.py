@@ -486,3 +486,26 @@ def test_training_run_on_a_hub_id_reuses_the_cache_and_records_the_hub_id(tiny_m
     assert json.loads((tmp_path / "second" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         "tiny-org/tiny-llama"
     assert reports[1]["adapter"]["init"]["method"] == "loftq_calibrated"
+
+
+def test_fp16_overflow_alone_does_not_stop_the_run_but_a_lasting_one_does():
+    """Under fp16 loss scaling an infinite gradient norm is an overflow the scaler skips (a run's first steps):
+    only `FP16_OVERFLOW_LOGS` in a row stop it. In bf16 or fp32 the first one does."""
+    from types import SimpleNamespace
+
+    from qlora_plugin.errors import QLoRAPluginError
+    from qlora_plugin.training.finite_guard import FP16_OVERFLOW_LOGS, StopOnNonFinite
+
+    state = SimpleNamespace(global_step=1)
+    guard = StopOnNonFinite()
+    for _ in range(FP16_OVERFLOW_LOGS - 1):
+        guard.on_log(SimpleNamespace(fp16=True), state, None, logs={"loss": 2.0, "grad_norm": float("inf")})
+    guard.on_log(SimpleNamespace(fp16=True), state, None, logs={"loss": 2.0, "grad_norm": 1.0})  # the count resets
+    for _ in range(FP16_OVERFLOW_LOGS - 1):
+        guard.on_log(SimpleNamespace(fp16=True), state, None, logs={"loss": 2.0, "grad_norm": float("inf")})
+    with pytest.raises(QLoRAPluginError, match="gradient norm inf"):
+        guard.on_log(SimpleNamespace(fp16=True), state, None, logs={"loss": 2.0, "grad_norm": float("inf")})
+    with pytest.raises(QLoRAPluginError, match="gradient norm inf"):
+        StopOnNonFinite().on_log(SimpleNamespace(fp16=False), state, None, logs={"grad_norm": float("inf")})
+    with pytest.raises(QLoRAPluginError, match="loss nan"):
+        StopOnNonFinite().on_log(SimpleNamespace(fp16=True), state, None, logs={"loss": float("nan")})

@@ -7,6 +7,10 @@ gradient norm (`grad_norm nan`) and the trainable weights do not lie.
 When: at every log (`logging_steps`), for every strategy: the logged loss and gradient norm, and the trainable
 parameters (the adapter: a pass over a few megabytes), must be finite. The error names the step and the value, ends
 the script like any user error (one line, no traceback), and nothing more is saved.
+
+Under fp16 loss scaling an overflowing step's gradient norm is infinite and the scaler skips that step (its usual
+first steps, while the scale comes down): that alone does not stop the run; `FP16_OVERFLOW_LOGS` logs in a row do
+(16 halvings take the scaler's initial 2^16 scale to 1: past that, the gradients are not finite at any scale).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.plugin.specs import hookimpl
 
 WATCHED = ("loss", "grad_norm")
+FP16_OVERFLOW_LOGS = 17
 
 
 def _not_finite(logs: dict) -> dict:
@@ -48,8 +53,15 @@ class StopOnNonFinite(TrainerCallback):
     """Raises `QLoRAPluginError` at the first log where the loss, the gradient norm or a trainable weight is NaN
     or infinite."""
 
+    def __init__(self):
+        self.overflows = 0  # consecutive logs with a non-finite gradient norm under fp16 loss scaling
+
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         bad = _not_finite(logs or {})
+        if getattr(args, "fp16", False) and "grad_norm" in (logs or {}):
+            self.overflows = self.overflows + 1 if "grad_norm" in bad else 0
+            if "grad_norm" in bad and self.overflows < FP16_OVERFLOW_LOGS:
+                del bad["grad_norm"]  # an overflow the scaler skips
         parameter = _first_non_finite_parameter(model) if bad or "loss" in (logs or {}) else None
         if not bad and parameter is None:
             return
