@@ -509,3 +509,19 @@ def test_fp16_overflow_alone_does_not_stop_the_run_but_a_lasting_one_does():
         StopOnNonFinite().on_log(SimpleNamespace(fp16=False), state, None, logs={"grad_norm": float("inf")})
     with pytest.raises(QLoRAPluginError, match="loss nan"):
         StopOnNonFinite().on_log(SimpleNamespace(fp16=True), state, None, logs={"loss": float("nan")})
+
+
+def test_an_entry_touched_but_unchanged_is_checked_once(model_copy, cache_dir, monkeypatch):
+    """A new stamp with the same bytes (touch, chmod, a restore) costs one digest pass, then the record is
+    updated and later runs stat only."""
+    from qlora_plugin.quant import cache_contents
+    from qlora_plugin.quant.cache import cached_base
+
+    entry = Path(cached_base(str(model_copy), _kwargs()))
+    os.chmod(entry / "model.safetensors", 0o644)  # moves the change time, not the bytes
+    hashed, real = [], cache_contents.sha256_file
+    monkeypatch.setattr(cache_contents, "sha256_file", lambda path: hashed.append(path) or real(path))
+    assert cached_base(str(model_copy), _kwargs()) == str(entry)
+    assert hashed == [str(entry / "model.safetensors")]
+    assert cached_base(str(model_copy), _kwargs()) == str(entry)
+    assert len(hashed) == 1

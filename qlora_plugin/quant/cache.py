@@ -36,7 +36,7 @@ import os
 import shutil
 import weakref
 
-from qlora_plugin.files import give_normal_permissions
+from qlora_plugin.files import give_normal_permissions, write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
 from qlora_plugin.quant.cache_contents import contents_problem, read_record, record_contents
 from qlora_plugin.quant.cache_lock import OWNER_FILE, entry_lock, make_staging, remove_stale_staging
@@ -181,7 +181,16 @@ def _entry_problem(entry: str) -> str | None:
     record = read_record(record_path)
     if record is None:
         return f"its record {ENTRY_FILE} is unreadable"
-    return contents_problem(entry, record.get("contents"))
+    restamped = {}
+    problem = contents_problem(entry, record.get("contents"), restamped)
+    if problem is None and restamped:  # same bytes, new stamps (a touch, a chmod, a restore): check once, not again
+        for name, stamp in restamped.items():
+            record["contents"][name].update(stamp)
+        try:
+            write_json_atomic(record_path, record)
+        except OSError:  # a read-only cache: checked again next time
+            pass
+    return problem
 
 
 def cached_base(model_id: str, init_kwargs: dict, device: str = "cpu") -> str | None:
