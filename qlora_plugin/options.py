@@ -55,9 +55,11 @@ class StrategyOptions:
     quantized_cache: bool = field(
         default=True,
         metadata={
-            "help": "Quantize a local base once and load the cached 4-bit copy on later runs (seconds instead of "
-            "minutes, never holding the 16-bit weights). Folder: $QLORA_PLUGIN_CACHE_DIR, else "
-            "~/.cache/qlora_plugin. Keyed on the files' SHA-256 and the quantization settings. The calibrated "
+            "help": "Quantize the base once (a local folder, or a Hub model already in the Hugging Face cache) and "
+            "load the cached 4-bit copy on later runs (seconds instead of minutes, never holding the 16-bit "
+            "weights). Folder: $QLORA_PLUGIN_CACHE_DIR, else ~/.cache/qlora_plugin. Keyed on the files' identity "
+            "(sizes, times, inodes, safetensors headers, the Hub commit) and the quantization settings; each entry "
+            "is checked against the digests recorded when it was written, and rebuilt if damaged. The calibrated "
             "LoRA start is cached beside it (same base, adapter and first training batches)."
         },
     )

@@ -39,6 +39,7 @@ DEFAULT_PLUGINS = (
     "qlora_plugin.perf.host_memory",
     "qlora_plugin.perf.malloc_tunables",
     "qlora_plugin.training.report",  # the summary and qlora_plugin_report.json
+    "qlora_plugin.training.finite_guard",  # stop at the first logged step whose loss or gradient norm is NaN/inf
 )
 
 

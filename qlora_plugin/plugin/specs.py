@@ -40,7 +40,7 @@ def qlora_load_model(strategy, options, model_id, init_kwargs, runtime):
     `SomeClass.from_pretrained(...)` call, `init_kwargs["architecture"]` is that class (the parameter of TRL's
     `create_model_from_path`; pop it if you call `from_pretrained` yourself). The built-in implementation (last) is
     TRL's `create_model_from_path`; the quantized-base cache answers first when it holds (or can make) a packed
-    4-bit copy of a local base. Stops at the first non-None result.
+    4-bit copy of a base on this machine. Stops at the first non-None result.
     """
 
 

@@ -13,40 +13,46 @@ against minutes for its generic torch path on the CPU), else on the CPU. The two
 (bitsandbytes/backends/cuda/ops.py `quantize_4bit`, a CUDA kernel, and backends/default/ops.py, torch ops), so
 their bytes are not assumed equal: the device kind is part of the key, and the entry records it for `merge`.
 
-The cache key is the SHA-256 of the source's files (config and safetensors; hashes are remembered per file by
-path, size, mtime and inode so they are computed once) plus every setting that changes the stored bytes: quant
-type, double quantization, storage and load dtypes, skipped modules, the bitsandbytes, torch and transformers
-versions and the device kind. Entries are written to a temporary folder and renamed into place, so a reader
-never sees half an entry. One process makes a missing entry while the others that need it wait on a lock file
-beside it (per cache folder, so per node with local disks; no collective, so no process-group timeout however
-long quantizing takes), then read it.
+Which bases: a local folder, or a Hub id whose snapshot is in the Hugging Face cache, with `from_pretrained`'s
+`subfolder` and `revision` (`cache_source`). The cache key is the base's identity, read without its weights
+(`cache_source.source_identity`: file sizes, modification and change times, inodes, safetensors headers, the
+snapshot's commit), plus every setting that changes the stored bytes: quant type, double quantization, storage and
+load dtypes, skipped modules, the bitsandbytes, torch and transformers versions and the device kind. Entries are
+written to a staging folder and renamed into place, so a reader never sees half an entry; each records its files'
+sizes and digests and is checked before use (`cache_contents`): a damaged entry is rebuilt with a notice naming it.
+One process makes a missing entry while the others that need it wait on a lock file beside it (per cache folder,
+so per node with local disks; no collective, so no process-group timeout however long quantizing takes; waiting
+says who holds it, and a dead holder's lock is taken over: `cache_lock`), then read it. Staging folders left by
+killed makers are removed by the next run.
 Location: `$QLORA_PLUGIN_CACHE_DIR`, else `$XDG_CACHE_HOME/qlora_plugin` (`~/.cache/qlora_plugin`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import weakref
 
 from qlora_plugin.compat import model_from_config
 from qlora_plugin.files import give_normal_permissions, write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
+from qlora_plugin.quant.cache_contents import contents_problem, read_record, record_contents
+from qlora_plugin.quant.cache_lock import OWNER_FILE, entry_lock, make_staging, remove_stale_staging
+from qlora_plugin.quant.cache_source import local_source, source_identity
 from qlora_plugin.quant.layers import four_bit_layers, four_bit_module_names
 
 logger = logging.getLogger(__name__)
 _loaded_from: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the cache entry it came from
 
 CACHE_DIR_ENV = "QLORA_PLUGIN_CACHE_DIR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: keyed on the source's identity (not its bytes' digest); entries record their contents
 ENTRY_FILE = "qlora_plugin_cache.json"
 LOCKS = ".locks"  # lock files are kept (removing one while a process waits on it would let two makers in)
-SOURCE_FILES = (".safetensors", "config.json", "model.safetensors.index.json")
+MISSING = "missing"
+ENTRY_HAS = ("quantization_config", "subfolder", "revision", "cache_dir")  # kwargs the entry folder answers itself
 
 
 def cache_root() -> str:
@@ -55,39 +61,6 @@ def cache_root() -> str:
         return os.path.abspath(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "qlora_plugin")
-
-
-def _file_sha256(path: str, memo: dict) -> str:
-    stat = os.stat(path)
-    signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
-    known = memo.get(path)
-    if known and known["signature"] == signature:
-        return known["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    memo[path] = {"signature": signature, "sha256": digest.hexdigest()}
-    return memo[path]["sha256"]
-
-
-def source_fingerprint(folder: str) -> dict[str, str]:
-    """SHA-256 of each file that defines the weights; None when the folder has no safetensors weights."""
-    names = sorted(n for n in os.listdir(folder) if n.endswith(SOURCE_FILES))
-    if not any(n.endswith(".safetensors") for n in names):
-        return None
-    memo_path = os.path.join(cache_root(), "file-hashes.json")
-    try:
-        with open(memo_path, encoding="utf-8") as f:
-            memo = json.load(f)
-    except (OSError, ValueError):
-        memo = {}
-    fingerprint = {name: _file_sha256(os.path.realpath(os.path.join(folder, name)), memo) for name in names}
-    try:
-        write_json_atomic(memo_path, memo)
-    except OSError:  # a read-only cache still works, it just hashes again next time
-        pass
-    return fingerprint
 
 
 def _settings(quantization_config, dtype, device: str) -> dict:
@@ -119,9 +92,15 @@ def quantizing_device(runtime) -> str:
     return runtime.device if runtime.device_type == "cuda" else "cpu"
 
 
-def _entry_name(folder: str, fingerprint: dict, settings: dict) -> str:
-    key = hashlib.sha256(json.dumps([fingerprint, settings], sort_keys=True).encode()).hexdigest()[:20]
-    return f"{os.path.basename(os.path.normpath(folder))}-{key}"
+def _entry_name(label: str, identity: dict, settings: dict) -> str:
+    key = hashlib.sha256(json.dumps([identity, settings], sort_keys=True).encode()).hexdigest()[:20]
+    return f"{label}-{key}"
+
+
+def _label(model_id: str, subfolder: str | None) -> str:
+    """The readable start of an entry's name: the model's last path part (and the subfolder's)."""
+    label = os.path.basename(os.path.normpath(model_id))
+    return f"{label}-{subfolder.strip('/').replace('/', '-')}" if subfolder else label
 
 
 def _quantized_layout(folder: str, quantization_config, dtype, trust_remote_code: bool):
@@ -192,75 +171,105 @@ def _quantize_into(folder: str, tmp: str, quantization_config, dtype, trust_remo
     config.save_pretrained(tmp)
 
 
-@contextlib.contextmanager
-def _entry_lock(entry: str):
-    """Held while one process makes `entry`; others wait here (a file lock, not a collective: no timeout).
-    Without `fcntl` (Windows) nothing is locked: concurrent makers race, and the rename keeps one entry."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    locks = os.path.join(cache_root(), LOCKS)
-    os.makedirs(locks, exist_ok=True)
-    with open(os.path.join(locks, os.path.basename(entry) + ".lock"), "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def _entry_problem(entry: str) -> str | None:
+    """None when `entry` is complete and as written; `MISSING` when absent; else what is wrong with it."""
+    if not os.path.lexists(entry):
+        return MISSING
+    record_path = os.path.join(entry, ENTRY_FILE)
+    if not os.path.isfile(record_path) or os.path.islink(record_path):
+        return f"its record {ENTRY_FILE} is missing"
+    record = read_record(record_path)
+    if record is None:
+        return f"its record {ENTRY_FILE} is unreadable"
+    restamped = {}
+    problem = contents_problem(entry, record.get("contents"), restamped)
+    if problem is None and restamped:  # same bytes, new stamps (a touch, a chmod, a restore): check once, not again
+        for name, stamp in restamped.items():
+            record["contents"][name].update(stamp)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            write_json_atomic(record_path, record)
+        except OSError:  # a read-only cache: checked again next time
+            pass
+    return problem
 
 
 def cached_base(model_id: str, init_kwargs: dict, device: str = "cpu") -> str | None:
-    """The folder of a 4-bit copy of `model_id` for these `from_pretrained` kwargs, creating it on a miss by
-    quantizing on `device` ("cpu", "cuda:N"). Load it without `quantization_config`: its config.json carries the
-    one it was made with.
+    """The folder of a 4-bit copy of `model_id` for these `from_pretrained` kwargs, creating it on a miss (and
+    rebuilding a damaged one) by quantizing on `device` ("cpu", "cuda:N"). Load it without `quantization_config`
+    or `subfolder`: its config.json carries the config it was made with.
 
-    Returns None when the cache does not apply (no 4-bit config, not a local folder of safetensors, a checkpoint
-    whose tensor names differ from its modules, an unwritable cache); the caller then loads as usual.
+    Returns None when the cache does not apply (no 4-bit config, weights not on this machine, no safetensors, custom
+    modelling code, a checkpoint whose tensor names differ from its modules, an unwritable cache); the caller then
+    loads as usual.
     """
     config = init_kwargs.get("quantization_config")
-    if config is None or not getattr(config, "load_in_4bit", False) or not os.path.isdir(model_id):
+    if config is None or not getattr(config, "load_in_4bit", False):
         return None
-    with open(os.path.join(model_id, "config.json"), encoding="utf-8") as f:
-        if "auto_map" in json.load(f):  # custom modelling code: its files and loading are its own
-            return None
-    fingerprint = source_fingerprint(model_id)
-    if fingerprint is None:
+    source = local_source(model_id, init_kwargs)
+    if source is None:
+        return None
+    folder, commit = source
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            if "auto_map" in json.load(f):  # custom modelling code: its files and loading are its own
+                return None
+        identity = source_identity(folder, commit)
+    except (OSError, ValueError, AttributeError, TypeError):  # the model's own problem: its loading says so
+        return None
+    if identity is None:
         return None
     dtype = init_kwargs.get("dtype")
     settings = _settings(config, dtype, device)
-    entry = os.path.join(cache_root(), _entry_name(model_id, fingerprint, settings))
-    if os.path.isfile(os.path.join(entry, ENTRY_FILE)):
+    root = cache_root()
+    name = _entry_name(_label(model_id, init_kwargs.get("subfolder")), identity, settings)
+    entry = os.path.join(root, name)
+    if _entry_problem(entry) is None:
         logger.info("Loading the 4-bit base from the cache: %s", entry)
         return entry
     try:
-        os.makedirs(cache_root(), exist_ok=True)
-        with _entry_lock(entry):
-            if os.path.isfile(os.path.join(entry, ENTRY_FILE)):  # made by the process we waited for
+        os.makedirs(root, exist_ok=True)
+        remove_stale_staging(root)
+        with entry_lock(os.path.join(root, LOCKS, name + ".lock"), f"the cached 4-bit base {entry}"):
+            problem = _entry_problem(entry)
+            if problem is None:  # made (or repaired) by the process we waited for
                 return entry
-            return _make_entry(model_id, entry, config, dtype, device, fingerprint, settings,
+            remove_stale_staging(root, name)  # its maker held this lock: it is gone
+            if problem != MISSING:
+                logger.warning("The quantized-base cache entry %s is damaged (%s); rebuilding it from %s. (The "
+                               "cache is at %s: $%s.)", entry, problem, model_id, root, CACHE_DIR_ENV)
+                _discard(root, name, entry)
+            return _make_entry(folder, entry, config, dtype, device, identity, settings,
                                bool(init_kwargs.get("trust_remote_code")))
     except OSError as err:
-        logger.warning("Quantized-base cache unavailable (%s); quantizing at load time.", err)
+        logger.warning("Quantized-base cache %s unavailable (%s); quantizing at load time.", root, err)
         return None
 
 
-def _make_entry(model_id, entry, config, dtype, device, fingerprint, settings, trust_remote_code) -> str | None:
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_root())
+def _discard(root: str, name: str, entry: str) -> None:
+    """Move a damaged entry into a staging folder (gone at once; a killed run's leftover is cleaned next time)."""
+    trash = make_staging(root, name)
+    os.rename(entry, os.path.join(trash, "damaged"))
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _make_entry(folder, entry, config, dtype, device, identity, settings, trust_remote_code) -> str | None:
+    root = os.path.dirname(entry)
+    tmp = make_staging(root, os.path.basename(entry))
     try:
-        _quantize_into(model_id, tmp, config, dtype, trust_remote_code, device)
-        with open(os.path.join(tmp, ENTRY_FILE), "w", encoding="utf-8") as f:
-            json.dump({"source": os.path.abspath(model_id), "files": fingerprint, "settings": settings}, f, indent=2)
+        _quantize_into(folder, tmp, config, dtype, trust_remote_code, device)
         give_normal_permissions(tmp)  # mkdtemp's 0700 and safetensors' 0600: a shared cache must be readable
+        contents = record_contents(tmp, leave_out=(OWNER_FILE, ENTRY_FILE))  # after the chmod: it moves ctime
+        with open(os.path.join(tmp, ENTRY_FILE), "w", encoding="utf-8") as f:
+            json.dump({"source": os.path.abspath(folder), "files": identity, "settings": settings,
+                       "contents": contents}, f, indent=2)
         os.rename(tmp, entry)
     except LookupError as err:
-        logger.info("Not caching %s (%s); quantizing at load time.", model_id, err)
+        logger.info("Not caching %s (%s); quantizing at load time.", folder, err)
         return None
     except OSError as err:
-        if os.path.isfile(os.path.join(entry, ENTRY_FILE)):  # another process finished the same entry first
+        if _entry_problem(entry) is None:  # another process finished the same entry first
             return entry
-        logger.warning("Could not write the quantized-base cache (%s); quantizing at load time.", err)
+        logger.warning("Could not write the quantized-base cache entry %s (%s); quantizing at load time.", entry, err)
         return None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -270,6 +279,15 @@ def _make_entry(model_id, entry, config, dtype, device, fingerprint, settings, t
             torch.cuda.empty_cache()  # the GPU memory quantizing used goes back before the model loads
     return entry
 
+
+def recorded_base(model_id: str, init_kwargs: dict) -> str:
+    """The name a model loaded with `from_pretrained(model_id, subfolder=...)` records as its base (what the
+    adapter names, what LoftQ reads the 16-bit weights from): the folder holding its weights, which loads by itself;
+    without a subfolder, `model_id` as given."""
+    if not init_kwargs.get("subfolder"):
+        return model_id
+    source = local_source(model_id, init_kwargs)
+    return source[0] if source else model_id
 
 def cached_entry(model) -> str | None:
     """The cache entry a (possibly PEFT-wrapped) model was loaded from; None if it was not loaded from the cache."""
@@ -293,22 +311,36 @@ def quantized_on(model) -> str | None:
 
 @hookimpl
 def qlora_load_model(options, model_id, init_kwargs, runtime):
-    """A local base loads from its cached 4-bit copy (made on a miss, on this process's GPU if it has one); None
-    lets the next loader take it.
+    """A base on this machine (a folder, or a Hub id's snapshot in the Hugging Face cache) loads from its cached
+    4-bit copy (made on a miss, on this process's GPU if it has one); None lets the next loader take it.
 
     Not under FSDP/ZeRO-3, which load through their own low-memory path. Under DDP the first rank to ask makes the
-    entry while the others wait on its lock file, then all read it.
+    entry while the others wait on its lock file, then all read it. An entry that fails to load although it checked
+    out is left to the usual loader (the failure then is the model's or the kwargs', said as such).
     """
     if not options.quantized_cache or runtime.shards_parameters:
         return None
+    import torch
     from trl.trainer.utils import create_model_from_path
 
     entry = cached_base(model_id, init_kwargs, quantizing_device(runtime))
     if entry is None:
         return None
-    kwargs = {k: v for k, v in init_kwargs.items() if k != "quantization_config"}  # the entry's config.json has it
-    model = create_model_from_path(entry, **kwargs)
-    model.config._name_or_path = model.name_or_path = model_id  # what the adapter records as its base
+    # The entry is one flat local folder whose config.json carries the quantization config.
+    kwargs = {k: v for k, v in init_kwargs.items() if k not in ENTRY_HAS}
+    try:
+        model = create_model_from_path(entry, **kwargs)
+    except (torch.OutOfMemoryError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever it is, loading without the cache says it in the model's terms
+        logger.warning("Could not load the cached 4-bit base %s (%s: %s); loading %s without the cache.", entry,
+                       type(err).__name__, err, model_id)
+        return None
+    model.config._name_or_path = model.name_or_path = recorded_base(model_id, init_kwargs)  # what adapters record
+    record = read_record(os.path.join(entry, ENTRY_FILE)) or {}
+    commit = (record.get("files") or {}).get("commit")
+    if commit:
+        model.config._commit_hash = commit  # the snapshot LoftQ reads the 16-bit weights from
     _loaded_from[model] = entry
     return model
 

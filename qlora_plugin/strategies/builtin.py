@@ -46,7 +46,21 @@ def qlora_model_init_kwargs(options, init_kwargs, runtime):
 def qlora_load_model(model_id, init_kwargs):
     from trl.trainer.utils import create_model_from_path  # TRL's own loader, as SFTTrainer would call it
 
-    return create_model_from_path(model_id, **init_kwargs)
+    kwargs = dict(init_kwargs)
+    if kwargs.get("subfolder") and kwargs.get("architecture") is None:
+        kwargs["architecture"] = _subfolder_architecture(model_id, kwargs)
+    return create_model_from_path(model_id, **kwargs)
+
+
+def _subfolder_architecture(model_id: str, kwargs: dict):
+    """The model class named by the config in `subfolder`: TRL 1.16's `create_model_from_path` picks it from the
+    root's config.json, whatever model (or none) is there."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_id, subfolder=kwargs["subfolder"], revision=kwargs.get("revision"),
+                                        trust_remote_code=kwargs.get("trust_remote_code", False))
+    return getattr(transformers, (config.architectures or [""])[0], None) or AutoModelForCausalLM
 
 
 @hookimpl(trylast=True)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.options import build_options
 from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy
+from qlora_plugin.quant.cache import recorded_base
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.runtime import detect_runtime
 from qlora_plugin.strategies.trl_args import is_strategy_quantization_config
@@ -84,10 +86,12 @@ def load_model(hooks, model_id: str, init_kwargs: dict, options, trust_remote_co
     """`qlora_model_init_kwargs`, the source checks, then `qlora_load_model`; loading errors said in plain words."""
     kwargs = hooks.qlora_model_init_kwargs(model_id=model_id, init_kwargs=init_kwargs)
     kwargs.setdefault("trust_remote_code", trust_remote_code)  # the user's choice, never turned on by us
-    check_model_source(model_id, options.load_in_4bit, bool(kwargs["trust_remote_code"]))
+    subfolder = kwargs.get("subfolder")
+    checked = os.path.join(model_id, subfolder) if subfolder and os.path.isdir(model_id) else model_id
+    check_model_source(checked, options.load_in_4bit, bool(kwargs["trust_remote_code"]))
     try:
         with _loading_now():
-            return hooks.qlora_load_model(model_id=model_id, init_kwargs=kwargs)
+            model = hooks.qlora_load_model(model_id=model_id, init_kwargs=kwargs)
     except (OSError, ValueError) as err:
         if isinstance(err, QLoRAPluginError):
             raise
@@ -95,6 +99,9 @@ def load_model(hooks, model_id: str, init_kwargs: dict, options, trust_remote_co
         if friendly is None:
             raise
         raise friendly from None
+    if kwargs.get("subfolder"):  # transformers names the root; the weights (LoftQ's, the adapter's base) are below
+        model.config._name_or_path = model.name_or_path = recorded_base(model_id, kwargs)
+    return model
 
 
 def resolve(request: StrategyRequest, pm=None):
