@@ -103,8 +103,6 @@ def test_non_empty_output_needs_force_and_force_replaces_only_a_merge(adapter, t
     (out / "keep.txt").write_text("mine")
     code, err, _ = run_merge(capsys, tmp_path, "--adapter", adapter, "--out", out, "--no_check")
     assert_refused(code, err, out, "exists and is not empty", "--force")
-    code, err, _ = run_merge(capsys, tmp_path, "--adapter", adapter, "--out", out, "--no_check", "--force")
-    assert_refused(code, err, out, "--force replaces only a folder that `qlora-plugin merge` wrote", MARKER_FILE)
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()
     assert cli.main(["merge", "--adapter", str(adapter), "--out", str(out), "--no_check"]) == 0  # empty: fine
@@ -113,6 +111,15 @@ def test_non_empty_output_needs_force_and_force_replaces_only_a_merge(adapter, t
     assert cli.main(["merge", "--adapter", str(adapter), "--out", str(out), "--force", "--no_check"]) == 0
     assert {"config.json", "generation_config.json", MARKER_FILE} <= {p.name for p in out.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_force_leaves_a_folder_merge_did_not_write(adapter, tmp_path, capsys):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err, _ = run_merge(capsys, tmp_path, "--adapter", adapter, "--out", out, "--no_check", "--force")
+    assert_refused(code, err, out, "--force replaces only a folder that `qlora-plugin merge` wrote", MARKER_FILE)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
 
 def tree(folder: Path) -> dict:
@@ -256,13 +263,19 @@ def test_a_file_size_limit_is_one_line_and_leaves_nothing(adapter, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("key, value, allowed", [("weight_dtype", "load", "float32, float16, bfloat16"),
-                                                 ("blocksize", 0, "power of two"),
-                                                 ("blocksize", 64.0, "power of two"),
-                                                 ("bnb_4bit_quant_type", "int8", "nf4 or fp4"),
-                                                 ("load_in_4bit", "yes", "true or false"),
-                                                 ("layers_4bit", -1, "whole number")])
-def test_a_crafted_quantization_record_is_refused_before_writing(key, value, allowed, adapter, tmp_path, capsys):
+CRAFTED_RECORDS = {  # case -> (key, value, what the message says is allowed)
+    "weight_dtype load": ("weight_dtype", "load", "float32, float16, bfloat16"),
+    "blocksize 0": ("blocksize", 0, "power of two"),
+    "blocksize 64.0": ("blocksize", 64.0, "power of two"),
+    "quant type int8": ("bnb_4bit_quant_type", "int8", "nf4 or fp4"),
+    "load_in_4bit yes": ("load_in_4bit", "yes", "true or false"),
+    "layers_4bit -1": ("layers_4bit", -1, "whole number"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED_RECORDS))
+def test_a_crafted_quantization_record_is_refused_before_writing(case, adapter, tmp_path, capsys):
+    key, value, allowed = CRAFTED_RECORDS[case]
     folder = copy_adapter(adapter, tmp_path)
     record = {"version": 1, "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
               "blocksize": 64, "weight_dtype": "float32", "device_type": "cpu", "layers_4bit": 14}
