@@ -383,3 +383,21 @@ def test_no_check_and_eval_data(trained_adapter, tmp_path, capsys):
     assert cli.main(["merge", "--adapter", str(trained_adapter), "--out", str(tmp_path / "never"), "--eval_data",
                      str(bad)]) == 2
     assert "has no usable rows" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+def test_another_base_of_the_same_shape_fails_the_check(crafted_merge, tmp_path, capsys):
+    """--base with the first two blocks swapped: every tensor fits, but it is not the base the adapter records,
+    which the check rebuilds the trained model from."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, adapter, _ = crafted_merge
+    other = Path(shutil.copytree(base, tmp_path / "other"))
+    tensors = load_file(other / "model.safetensors")
+    save_file({k.replace("layers.0.", "layers.#.").replace("layers.1.", "layers.0.").replace("layers.#.", "layers.1."):
+               v for k, v in tensors.items()}, other / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "merged"
+    assert cli.main(["merge", "--adapter", adapter, "--base", str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "failed its fidelity check (mean KL" in err and f"the adapter on {base}" in err and not out.exists()

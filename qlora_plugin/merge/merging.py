@@ -366,11 +366,27 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None
                 **{k: v for k, v in summary.items() if k != "out"}})
             # The reference is what was trained: the recorded settings, not overrides given to this merge.
             trained = quant_settings(adapter, trained_on=trained_on) if read_record(adapter.folder) else settings
-            summary["fidelity"] = _check(adapter, tmp, out, checkpoint.folder, trained, out_dtype, eval_data,
-                                         force) if check else None
+            summary["fidelity"] = _check(adapter, tmp, out, _reference_base(adapter, checkpoint.folder), trained,
+                                         out_dtype, eval_data, force) if check else None
     except OSError as err:
         raise disk_error(err, out, needed) from None
     return summary
+
+
+def _reference_base(adapter: Adapter, base_folder: str) -> str:
+    """The base the check rebuilds what was trained from: the one the adapter records when it is a local folder of
+    the same model shape as --base (so a --base that is another model of that shape fails the check), else --base
+    (the recorded folder moved, or is a Hub id: the check then shows only that the merge matches --base)."""
+    recorded = adapter.base_name
+    if not recorded or not os.path.isdir(recorded) or os.path.realpath(recorded) == os.path.realpath(base_folder):
+        return base_folder
+    try:
+        same = [load_config(f).to_diff_dict() for f in (recorded, base_folder)]
+    except QLoRAPluginError:
+        return base_folder
+    for config in same:
+        config.pop("_name_or_path", None)
+    return recorded if same[0] == same[1] else base_folder
 
 
 def summary_line(summary: dict) -> str:
@@ -405,7 +421,8 @@ def _check(adapter: Adapter, tmp: str, out: str, base_folder: str, settings, out
         os.replace(tmp, incomplete)
         raise QLoRAPluginError(
             f"The merged model failed its fidelity check ({'; '.join(report['failures'])}), so it was not written "
-            f"to {out}. It is in {incomplete} with {fidelity.REPORT_FILE}. Check that --base is the model the "
-            "adapter was trained on and that the recorded quantization matches; --no_check skips the check."
+            f"to {out}. It is in {incomplete} with {fidelity.REPORT_FILE}. The reference was the adapter on "
+            f"{base_folder}; check that --base is the model the adapter was trained on and that the recorded "
+            "quantization matches; --no_check skips the check."
         )
     return report
