@@ -45,6 +45,8 @@ def main(argv: list[str]) -> None:
     from qlora_plugin import cli
     from qlora_plugin.merge.merging import merge
 
+    cli.leave_out_bnb_cpu_kernel_note()  # as the command does
+    cli.refuse_hub_kernels()
     args, _ = cli.make_parser().parse_known_args(["merge", *argv])
     summary = merge(args.adapter, args.out, args.base, args.dtype, args.force, args.bnb_4bit_quant_type,
                     args.use_bnb_nested_quant, args.max_shard_size, not args.no_check, args.eval_data, args.trained_on)

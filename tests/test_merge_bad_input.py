@@ -126,14 +126,20 @@ def tree(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("target", ["adapter", "run folder", "base", "base's parent"])
+@pytest.mark.parametrize("target", ["adapter", "run folder", "base", "base's parent", "recorded base"])
 def test_force_never_replaces_an_input_or_what_holds_it(target, adapter, tiny_models, tmp_path, capsys):
     """`--force` with --out at the adapter, the run folder holding it (every checkpoint), or the base: refused,
     every byte kept, even when the folder carries a merge's marker."""
     run = tmp_path / "run"
     folder = Path(shutil.copytree(adapter, run / "checkpoint-2"))
     base = Path(shutil.copytree(tiny_models["llama"], tmp_path / "models" / "base"))
-    out = {"adapter": folder, "run folder": run, "base": base, "base's parent": base.parent}[target]
+    recorded = Path(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
+    if target == "recorded base":  # --base elsewhere, --out at the base the adapter records
+        recorded = Path(shutil.copytree(recorded, tmp_path / "recorded"))
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(recorded)}))
+    out = {"adapter": folder, "run folder": run, "base": base, "base's parent": base.parent,
+           "recorded base": recorded}[target]
     (out / MARKER_FILE).write_text("{}")  # looks like a merge's output: still an input
     before = tree(tmp_path)
     code = cli.main(["merge", "--adapter", str(folder), "--base", str(base), "--out", str(out), "--force", "--no_check"])

@@ -323,7 +323,8 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None
             f"{adapter_dir}/adapter_config.json records no base model; pass the model it was trained on with --base."
         )
     checkpoint = resolve_base(base_name)
-    inputs = (adapter_dir, checkpoint.folder)
+    inputs = (adapter_dir, checkpoint.folder, *([adapter.base_name] if adapter.base_name and os.path.isdir(
+        adapter.base_name) else []))  # the recorded base too, when --base points elsewhere
     check_output(out, force, inputs)
     side_files = _side_files(checkpoint.folder, adapter.folder)
     settings = quant_settings(adapter, quant_type, double_quant, trained_on)
