@@ -76,15 +76,11 @@ def _tiny_model(args) -> int:
 
 
 def _merge(args) -> int:
-    from qlora_plugin.merge.merging import merge  # each command loads only its own stack
+    from qlora_plugin.merge.merging import merge, summary_line  # each command loads only its own stack
 
     summary = merge(args.adapter, args.out, args.base, args.dtype, args.force, args.bnb_4bit_quant_type,
-                    args.use_bnb_nested_quant, args.max_shard_size, not args.no_check, args.eval_data)
-    q = summary["quantization"]
-    into = (f"the dequantized {q['bnb_4bit_quant_type']}{' + double quant' if q['bnb_4bit_use_double_quant'] else ''}"
-            f" base ({summary['requantized_layers']} layers re-quantized)" if q else "the 16-bit base")
-    print(f"merged {summary['adapted_layers']} adapted layers into {into}; wrote {summary['bytes'] / 2**20:.1f} MiB "
-          f"of {summary['dtype']} in {summary['shards']} shard(s) to {summary['out']}")
+                    args.use_bnb_nested_quant, args.max_shard_size, not args.no_check, args.eval_data, args.trained_on)
+    print(summary_line(summary))
     if summary["fidelity"] is not None:
         from qlora_plugin.merge.fidelity import REPORT_FILE, format_table
 
@@ -140,7 +136,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="Base model folder or Hub id. Default: the base recorded in the adapter.")
     p.add_argument("--out", required=True, help="Folder for the merged model (must not exist, or be empty).")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="Default: the base's dtype.")
-    p.add_argument("--force", action="store_true", help="Replace a non-empty --out.")
+    p.add_argument("--force", action="store_true", help="Replace an earlier merge's output at --out (never an input "
+                   "or a folder merge did not write).")
+    p.add_argument("--trained_on", choices=["4bit", "16bit"], help="For an adapter without qlora_plugin_quantization"
+                   ".json: whether training held the base in 4-bit (QLoRA) or 16-bit (LoRA).")
     p.add_argument("--bnb_4bit_quant_type", choices=["nf4", "fp4"], help="Override the recorded 4-bit type.")
     p.add_argument("--use_bnb_nested_quant", type=parse_bool, metavar="true|false",
                    help="Override the recorded double quantization.")

@@ -13,6 +13,7 @@ import pytest
 from conftest import DATA, TRAIN_FLAGS, run_command, run_python
 
 from qlora_plugin import cli
+from qlora_plugin.merge import fidelity
 from qlora_plugin.quant.record import RECORD_FILE, quantization_record
 
 BOUND = 1e-4  # max |logit difference|, merged model vs 4-bit base + adapter, fp32 (logits are of order 1-10)
@@ -273,17 +274,98 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_merge_checks_its_fidelity_and_reports_it(trained_adapter, tmp_path, capsys):
-    """`merge` measures the merged model against the adapter on its 4-bit base, beside the naive merge."""
+    """`merge` measures the merged model against the adapter on its 4-bit base, beside the output dtype's rounding
+    floor and the naive merge; the gate is the mean KL against the floor."""
     out = tmp_path / "model"
     assert cli.main(["merge", "--adapter", str(trained_adapter), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "fidelity against the adapter on its trained base (6 prompts" in printed and "check: passed" in printed
+    assert "fidelity against the adapter on its trained base (12 prompts" in printed and "check: passed" in printed
     report = json.loads((out / "merge_report.json").read_text())
-    assert report["passed"] is True and report["output_dtype"] == "float32"
-    ours, naive = report["merge"], report["naive_merge_into_16bit_base"]
+    assert report["passed"] is True and report["output_dtype"] == "float32" and report["device"] == "cpu"
+    assert report["positions"] >= 300  # a dozen prompts of a few dozen tokens each
+    ours, naive, floor = report["merge"], report["naive_merge_into_16bit_base"], report["rounding_floor"]
     assert ours["max_relative_logit_diff"] < 1e-4 and ours["greedy_agreement"] == 1.0
+    assert ours["mean_kl"] <= report["thresholds"]["max_mean_kl"] == pytest.approx(
+        fidelity.KL_FACTOR * floor["mean_kl"] + fidelity.KL_TOLERANCE)
     assert naive["max_relative_logit_diff"] > 100 * ours["max_relative_logit_diff"]
-    assert naive["mean_kl"] > 100 * ours["mean_kl"]
+    assert naive["mean_kl"] > 100 * report["thresholds"]["max_mean_kl"]
+
+
+@pytest.fixture(scope="module")
+def crafted_merge(tiny_models, tmp_path_factory):
+    """A crafted 4-bit adapter on the tiny Llama and its merge (unchecked): the check's inputs, made in seconds."""
+    root = tmp_path_factory.mktemp("crafted")
+    adapter = crafted_adapter(tiny_models["llama"], root / "adapter", target_modules="all-linear")
+    assert cli.main(["merge", "--adapter", adapter, "--out", str(root / "bf16"), "--dtype", "bfloat16",
+                     "--no_check"]) == 0
+    return tiny_models["llama"], adapter, root / "bf16"
+
+
+def test_the_floor_measures_the_output_dtypes_rounding(crafted_merge):
+    """bf16 output: the merge sits at the floor (the reference with every weight off by bf16 rounding), not 0."""
+    base, adapter, merged = crafted_merge
+    report = fidelity.check(adapter, str(merged), base, quantization_settings(adapter), "bfloat16")
+    floor, ours = report["rounding_floor"], report["merge"]
+    assert report["passed"] and floor["mean_kl"] > 1e-7
+    assert 0.1 < ours["mean_kl"] / floor["mean_kl"] < fidelity.KL_FACTOR
+    assert report["naive_merge_into_16bit_base"]["mean_kl"] > 10 * report["thresholds"]["max_mean_kl"]
+
+
+def quantization_settings(adapter):
+    from qlora_plugin.merge.merging import quant_settings
+    from qlora_plugin.merge.inputs import load_adapter
+
+    return quant_settings(load_adapter(adapter))
+
+
+def test_the_check_runs_every_model_and_the_batch_on_one_device(crafted_merge, monkeypatch):
+    """On a machine with a GPU, bitsandbytes puts a 4-bit model loaded without a device map on the GPU; the batch
+    stayed on the CPU (device mismatch). Faked here: the check's device is a GPU, every load records the device
+    map it was given (and runs on the CPU), the batch records where it was sent."""
+    import torch
+    from transformers import AutoModelForCausalLM, BatchEncoding
+
+    base, adapter, merged = crafted_merge
+    loads, moves = [], []
+    real_load = AutoModelForCausalLM.from_pretrained.__func__
+
+    def load(cls, *args, **kwargs):
+        loads.append(kwargs.pop("device_map", None))
+        return real_load(cls, *args, device_map={"": "cpu"}, **kwargs)
+
+    def move(self, device, *args, **kwargs):
+        moves.append(torch.device(device))
+        return self
+
+    gpu = torch.device("cuda", 0)
+    with monkeypatch.context() as fake:  # torch with a GPU: the check runs there
+        fake.setattr(torch.cuda, "is_available", lambda: True)
+        fake.setattr(torch.cuda, "current_device", lambda: 0)
+        assert fidelity.check_device() == gpu
+    monkeypatch.setattr(fidelity, "check_device", lambda: gpu)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(load))
+    monkeypatch.setattr(BatchEncoding, "to", move)
+    report = fidelity.check(adapter, str(merged), base, quantization_settings(adapter), "bfloat16")
+    assert loads == [{"": gpu}] * 3  # the reference, the merge, the naive merge
+    assert moves == [gpu] and report["device"] == "cuda:0"
+
+
+def test_a_check_too_large_for_memory_is_refused_before_writing(crafted_merge, tmp_path, capsys, monkeypatch):
+    _, adapter, _ = crafted_merge
+    monkeypatch.setattr(fidelity, "available_bytes", lambda device: 1000)
+    out = tmp_path / "merged"
+    assert cli.main(["merge", "--adapter", adapter, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "The fidelity check needs about" in err and "--no_check" in err and list(tmp_path.iterdir()) == []
+    assert cli.main(["merge", "--adapter", adapter, "--out", str(out), "--no_check"]) == 0
+
+
+def test_the_naive_merge_is_skipped_above_its_size_with_the_reason(crafted_merge, monkeypatch):
+    base, adapter, merged = crafted_merge
+    monkeypatch.setattr(fidelity, "NAIVE_MAX_PARAMS", 1000)
+    report = fidelity.check(adapter, str(merged), base, quantization_settings(adapter), "bfloat16")
+    assert "naive_merge_into_16bit_base" not in report and "the naive merge is shown up to" in report["naive_skipped"]
+    assert "naive merge not shown" in fidelity.format_table(report) and report["passed"]
 
 
 @pytest.mark.slow
@@ -312,3 +394,21 @@ def test_no_check_and_eval_data(trained_adapter, tmp_path, capsys):
     assert cli.main(["merge", "--adapter", str(trained_adapter), "--out", str(tmp_path / "never"), "--eval_data",
                      str(bad)]) == 2
     assert "has no usable rows" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+def test_another_base_of_the_same_shape_fails_the_check(crafted_merge, tmp_path, capsys):
+    """--base with the first two blocks swapped: every tensor fits, but it is not the base the adapter records,
+    which the check rebuilds the trained model from."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, adapter, _ = crafted_merge
+    other = Path(shutil.copytree(base, tmp_path / "other"))
+    tensors = load_file(other / "model.safetensors")
+    save_file({k.replace("layers.0.", "layers.#.").replace("layers.1.", "layers.0.").replace("layers.#.", "layers.1."):
+               v for k, v in tensors.items()}, other / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "merged"
+    assert cli.main(["merge", "--adapter", adapter, "--base", str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "failed its fidelity check (mean KL" in err and f"the adapter on {base}" in err and not out.exists()

@@ -1,44 +1,65 @@
 """How faithful a merge is: the merged model against what was trained (the adapter on its 4-bit base).
 
-Run by `qlora-plugin merge` on the written folder before it is put in place. On a handful of prompts it compares
-the logits of the merged model with the reference, the adapter loaded by peft on the base rebuilt as training
-held it (the recorded quantization, bitsandbytes' generic dequantize-then-matmul path); and, for a 4-bit base,
-peft's usual merge of the same adapter into the original 16-bit weights, to show what the quantization-aware
-merge avoids. Figures: the largest logit difference relative to the largest reference logit, the mean KL
-divergence of the next-token distributions (reference || merged), and the share of positions where the greedy
-token agrees.
+Run by `qlora-plugin merge` on the written folder before it is put in place. On a dozen prompts it compares the
+next-token distributions of the merged model with the reference, the adapter loaded by peft on the base rebuilt as
+training held it (`rounding_floor.py`); beside them, the reference against itself with every weight off by the
+output dtype's rounding error (the floor no merge in that dtype can beat) and, for a 4-bit base, peft's usual merge
+into the original 16-bit weights, to show what the quantization-aware merge avoids. Figures: the mean KL divergence
+(reference || model), the gate's figure; the largest logit difference relative to the largest reference logit;
+the share of positions where the greedy token agrees (shown, not gated: near-ties flip under any rounding).
+Every model and the batch sit on one device (`check_device`), each computed in float32, one at a time.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import types
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.files import write_json_atomic
+from qlora_plugin.merge import rounding_floor
 from qlora_plugin.notices import library_deprecations
 from qlora_plugin.quant.cpu_guard import make_cpu_inference_safe
 from qlora_plugin.quant.layers import four_bit_layers
 
 REPORT_FILE = "merge_report.json"
-# A merge passes when, against the reference: max relative logit difference <= the bound for the output dtype
-# (float32 keeps the merged weights as computed; 16-bit output rounds every weight, ~2^-8 relative for bf16),
-# and greedy tokens agree at >= MIN_AGREEMENT of the positions (ties between near-equal logits may flip).
-MAX_RELATIVE_DIFF = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 1e-1}
-MIN_AGREEMENT = 0.95
+# The gate (thresholds measured on SmolLM2-135M-Instruct, docs/merge.md "How the check decides"): the merge's mean
+# KL from the reference may be at most KL_FACTOR times the output dtype's rounding floor (the reference against
+# itself with every weight off by that dtype's rounding error, `rounding_floor.py`), plus KL_TOLERANCE nats, the
+# float32 arithmetic's own noise (by Pinsker, a total-variation distance of at most 0.07%).
+KL_FACTOR = 4.0
+KL_TOLERANCE = 1e-6
+FLOOR_SEED = 0
+MAX_TOKENS = 128  # per prompt: bounds the logits kept (positions x vocabulary, float32)
+NAIVE_MAX_PARAMS = 8e9  # the naive merge is shown up to this size: above it, a third full load is not worth it
+MEMORY_FRACTION = 0.8  # of what the device has available, the check may plan to use
 DEFAULT_PROMPTS = (
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Question: What is 12 times 7?\nAnswer:",
-    "Once upon a time, in a small village by the sea,",
-    "Translate to German: Good morning, how are you?",
-    "The three laws of thermodynamics are",
+    "The capital of France is Paris, a city on the Seine known for its museums, its cafes and the tower that "
+    "Gustave Eiffel built for the world fair of 1889.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    "print([fibonacci(i) for i in range(10)])",
+    "Question: What is 12 times 7?\nAnswer: 12 times 7 is 84, because 10 times 7 is 70 and 2 times 7 is 14.",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who went out every morning "
+    "before the sun rose and came back with whatever the waves had left him.",
+    "Translate to German: Good morning, how are you? I would like a cup of coffee and a slice of apple cake.",
+    "The three laws of thermodynamics are about energy, entropy and absolute zero: energy is conserved, entropy "
+    "of an isolated system never decreases, and absolute zero cannot be reached.",
+    "Dear hiring manager, I am writing to apply for the position of data analyst. In my previous role I built "
+    "reports that the sales team used every week.",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make glucose "
+    "and release oxygen into the air.",
+    "To install the package, run pip install requests, then import it in Python and call requests.get with the "
+    "address of the page you want to download.",
+    "User: Can you recommend a good book about the history of mathematics?\nAssistant: A popular choice is "
+    "Journey through Genius by William Dunham, which walks through great theorems.",
+    "SELECT name, COUNT(*) AS orders FROM customers JOIN orders ON customers.id = orders.customer_id GROUP BY "
+    "name ORDER BY orders DESC LIMIT 10;",
+    "In 1969 the Apollo 11 mission landed the first humans on the Moon. Neil Armstrong and Buzz Aldrin walked on "
+    "the surface while Michael Collins stayed in orbit.",
 )
 
 
-def load_prompts(path: str | None, limit: int = 8) -> list[str]:
+def load_prompts(path: str | None, limit: int = 16) -> list[str]:
     """Up to `limit` texts from a .jsonl/.json file (`text`, `prompt`+`completion`, or chat `messages`), else
     the built-in prompts (a merge's fidelity is a property of the weights, not of the data)."""
     if path is None:
@@ -72,24 +93,15 @@ def _text(row) -> str | None:
     return None
 
 
-def _exact_forward(self, x):
-    """A 4-bit layer as exact float32 arithmetic on bitsandbytes' own dequantized weight: bitsandbytes' CPU kernels
-    round through bf16 on some CPUs, and the check is about the merged weights, not about a kernel's rounding."""
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    weight = bnbf.dequantize_4bit(self.weight.data, self.weight.quant_state).float()
-    bias = None if self.bias is None else self.bias.float()
-    return torch.nn.functional.linear(x.float(), weight, bias).to(x.dtype)
-
-
 def compare(reference, logits) -> dict:
-    """The three figures for two [positions, vocab] logit tensors."""
+    """The three figures for two [positions, vocab] logit tensors (KL in float64, a chunk of positions at a time,
+    so the sum over a large vocabulary does not drown a small divergence in float32 rounding)."""
     import torch
 
+    kl = torch.cat([torch.nn.functional.kl_div(
+        b.double().log_softmax(-1), a.double().log_softmax(-1), log_target=True, reduction="none").sum(-1)
+        for a, b in zip(reference.split(64), logits.split(64))])
     reference, logits = reference.float(), logits.float()
-    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True,
-                                    reduction="none").sum(-1)
     return {
         "max_relative_logit_diff": ((logits - reference).abs().max() / reference.abs().max()).item(),
         "mean_kl": max(kl.mean().item(), 0.0),  # float rounding can make a zero KL slightly negative
@@ -97,10 +109,49 @@ def compare(reference, logits) -> dict:
     }
 
 
+def check_device():
+    """Where the check runs, every model and the batch alike: the current GPU if there is one (bitsandbytes would
+    put the 4-bit reference there anyway), else the CPU."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def available_bytes(device) -> int:
+    """Memory the check may use on `device`: what is free now (GPU) or available (host), times MEMORY_FRACTION."""
+    import torch
+
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return int(free * MEMORY_FRACTION)
+
+
+def needed_bytes(params: int, vocab: int, prompts: int) -> int:
+    """The check's peak: one model computed in float32 (4 bytes a parameter; the models load one after another)
+    plus three [positions, vocab] float32 logit tensors (the reference, the model's, a batch's)."""
+    return 4 * params + 3 * 4 * vocab * prompts * MAX_TOKENS
+
+
+def plan_memory(params: int, vocab: int, eval_data: str | None) -> None:
+    """Refuse, before anything is written, a check that would not fit in the memory of the device it runs on."""
+    device = check_device()
+    needed, available = needed_bytes(params, vocab, len(load_prompts(eval_data))), available_bytes(device)
+    if needed > available:
+        raise QLoRAPluginError(
+            f"The fidelity check needs about {needed / 2**30:.1f} GiB on {device.type} (the merged model computed "
+            f"in float32), more than the {available / 2**30:.1f} GiB it may use there. Pass --no_check to merge "
+            "without it (the merge itself streams the weights), or run merge on a machine with more memory."
+        )
+
+
 def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | None, out_dtype: str,
           eval_data: str | None = None) -> dict:
-    """The fidelity report for a merged folder: figures for the merge and (4-bit base) the naive merge, the
-    thresholds, and whether it passed."""
+    """The fidelity report for a merged folder: figures for the merge, the output dtype's rounding floor and (4-bit
+    base, up to NAIVE_MAX_PARAMS) the naive merge, the gate's bound, and whether it passed."""
     import gc
 
     import torch
@@ -111,7 +162,9 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    device = check_device()
+    place = {"device_map": {"": device}}  # one device for all three models and the batch
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=MAX_TOKENS).to(device)
     mask = batch["attention_mask"].bool()
 
     def logits(model):
@@ -119,55 +172,64 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
             return model.eval()(**batch).logits[mask].float()
 
     if settings is None:  # trained on a 16-bit base: the reference is the adapter on it
-        base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32, **place)
     else:
         dtype = getattr(torch, settings.get("weight_dtype") or "float32")
-        base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=dtype, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=settings["bnb_4bit_quant_type"],
-            bnb_4bit_use_double_quant=settings["bnb_4bit_use_double_quant"], bnb_4bit_compute_dtype=torch.float32))
+        base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=dtype, **place, quantization_config=(
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings["bnb_4bit_quant_type"],
+                               bnb_4bit_use_double_quant=settings["bnb_4bit_use_double_quant"],
+                               bnb_4bit_compute_dtype=torch.float32)))
         base = make_cpu_inference_safe(base)
         for name, param in base.named_parameters():
             if param.dtype in (torch.float16, torch.bfloat16):  # the rest as the merge wrote it, in float32
                 param.data = param.data.float()
-        for layer in four_bit_layers(base):
-            layer.forward = types.MethodType(_exact_forward, layer)
+    params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in base.parameters())  # packed 4-bit: 2/byte
+    layers = four_bit_layers(base)
+    rounding_floor.exact_four_bit(base, layers)
     with library_deprecations():  # peft reads transformers' deprecated `is_gradient_checkpointing`
-        reference = logits(PeftModel.from_pretrained(base, adapter_dir).float())
-    del base
+        trained = PeftModel.from_pretrained(base, adapter_dir).float()
+    reference = logits(trained)
+    rounding_floor.add_rounding_error(trained, layers, out_dtype, FLOOR_SEED)
+    floor = compare(reference, logits(trained))
+    del base, trained, layers
     gc.collect()  # one model in memory at a time: the reference, the merge, then the naive merge
-    output = getattr(torch, out_dtype)
-    merged = compare(reference, logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=output)))
+    merged = compare(reference, logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, **place)))
     gc.collect()
-    report = {"prompts": len(prompts), "positions": int(mask.sum()), "output_dtype": out_dtype, "merge": merged,
-              "thresholds": {"max_relative_logit_diff": MAX_RELATIVE_DIFF[out_dtype],
-                             "min_greedy_agreement": MIN_AGREEMENT}}
-    if settings is not None:
+    bound = KL_FACTOR * floor["mean_kl"] + KL_TOLERANCE
+    report = {"prompts": len(prompts), "positions": int(mask.sum()), "output_dtype": out_dtype, "device": str(device),
+              "merge": merged, "rounding_floor": floor,
+              "thresholds": {"max_mean_kl": bound, "kl_factor": KL_FACTOR, "kl_tolerance": KL_TOLERANCE}}
+    if settings is not None and params > NAIVE_MAX_PARAMS:
+        report["naive_skipped"] = (f"{params / 1e9:.1f}B parameters: the naive merge is shown up to "
+                                   f"{NAIVE_MAX_PARAMS / 1e9:.0f}B (it loads the model once more)")
+    elif settings is not None:
         with library_deprecations():
-            naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder, dtype=output),
-                                              adapter_dir).merge_and_unload()
+            naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+                base_folder, dtype=getattr(torch, out_dtype), **place), adapter_dir).merge_and_unload().float()
         report["naive_merge_into_16bit_base"] = compare(reference, logits(naive))
         del naive
         gc.collect()
-    failed = [f"max relative logit difference {merged['max_relative_logit_diff']:.2e} > "
-              f"{MAX_RELATIVE_DIFF[out_dtype]:.0e}"] if merged["max_relative_logit_diff"] > MAX_RELATIVE_DIFF[out_dtype] \
-        else []
-    if merged["greedy_agreement"] < MIN_AGREEMENT or math.isnan(merged["mean_kl"]):
-        failed.append(f"greedy agreement {merged['greedy_agreement']:.1%} < {MIN_AGREEMENT:.0%}")
+    failed = [] if merged["mean_kl"] <= bound else [  # a NaN KL fails too
+        f"mean KL {merged['mean_kl']:.2e} > {bound:.2e} = {KL_FACTOR:g} x the {out_dtype} rounding floor "
+        f"{floor['mean_kl']:.2e} + {KL_TOLERANCE:.0e}"]
     report.update(passed=not failed, failures=failed)
     return report
 
 
 def format_table(report: dict) -> str:
-    rows = [("merge (this)", report["merge"])]
+    rows = [("merge (this)", report["merge"]), (f"{report['output_dtype']} rounding floor", report["rounding_floor"])]
     if "naive_merge_into_16bit_base" in report:
         rows.append(("naive merge, 16-bit base", report["naive_merge_into_16bit_base"]))
     lines = [f"fidelity against the adapter on its trained base ({report['prompts']} prompts, "
              f"{report['positions']} positions):",
-             f"  {'':26} {'max rel. logit diff':>20} {'mean KL':>10} {'greedy agree':>13}"]
+             f"  {'':26} {'mean KL':>10} {'max rel. logit diff':>20} {'greedy agree':>13}"]
     for name, figures in rows:
-        lines.append(f"  {name:26} {figures['max_relative_logit_diff']:>20.2e} {figures['mean_kl']:>10.2e} "
+        lines.append(f"  {name:26} {figures['mean_kl']:>10.2e} {figures['max_relative_logit_diff']:>20.2e} "
                      f"{figures['greedy_agreement']:>13.1%}")
-    lines.append("  check: " + ("passed" if report["passed"] else "FAILED: " + "; ".join(report["failures"])))
+    if "naive_skipped" in report:
+        lines.append(f"  naive merge not shown: {report['naive_skipped']}")
+    verdict = f"mean KL {report['merge']['mean_kl']:.2e} <= {report['thresholds']['max_mean_kl']:.2e}"
+    lines.append("  check: " + (f"passed ({verdict})" if report["passed"] else "FAILED: " + "; ".join(report["failures"])))
     return "\n".join(lines)
 
 

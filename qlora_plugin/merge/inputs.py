@@ -191,3 +191,34 @@ def _download(name: str) -> str:
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Pass --base with the "
             "folder of the model the adapter was trained on."
         ) from None
+
+
+RECORD_VALUES = {  # what a `qlora_plugin_quantization.json` may hold, key by key (None: absent or null is fine)
+    "load_in_4bit": ((True, False), "true or false"),
+    "bnb_4bit_quant_type": (("nf4", "fp4"), "nf4 or fp4"),
+    "bnb_4bit_use_double_quant": ((True, False), "true or false"),
+    "blocksize": ((32, 64, 128, 256, 512, 1024, 2048, 4096), "a power of two from 32 to 4096 (bitsandbytes' blocks)"),
+    "weight_dtype": ((None, "float32", "float16", "bfloat16"), "float32, float16, bfloat16 or null"),
+    "device_type": ((None, "cuda", "cpu", "xpu", "mps", "hpu", "npu"), "the device type it was quantized on"),
+}
+
+
+def check_record(record: dict, path: str) -> None:
+    """Refuse a quantization record merge could not rebuild the base from (hand-edited or written by something
+    else), naming the key, before anything is written."""
+    if record.get("load_in_4bit") is False:
+        return  # a 16-bit base: no setting to rebuild
+    for key, (allowed, what) in RECORD_VALUES.items():
+        value = record.get(key)
+        if (key not in ("weight_dtype", "device_type") or value is not None) and not any(
+                value is a or (type(value) is type(a) and value == a) for a in allowed):
+            raise QLoRAPluginError(
+                f"{path}: `{key}` is {value!r}, which merge cannot rebuild a base from; it must be {what}. Restore "
+                "the file from the training run, or delete it and pass --trained_on with the settings training used."
+            )
+    layers = record.get("layers_4bit")
+    if layers is not None and (type(layers) is not int or layers < 0):
+        raise QLoRAPluginError(f"{path}: `layers_4bit` is {layers!r}; it must be a whole number of layers.")
+    skip = record.get("llm_int8_skip_modules")
+    if skip is not None and not (isinstance(skip, list) and all(isinstance(m, str) for m in skip)):
+        raise QLoRAPluginError(f"{path}: `llm_int8_skip_modules` is {skip!r}; it must be a list of module names.")

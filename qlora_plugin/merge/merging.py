@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.merge import fidelity
-from qlora_plugin.merge.inputs import TOKENIZER_FILES, Adapter, BaseCheckpoint, load_adapter, open_base_file, resolve_base
-from qlora_plugin.merge.writer import ShardWriter, check_output, disk_error, staged_folder
+from qlora_plugin.merge.inputs import (TOKENIZER_FILES, Adapter, BaseCheckpoint, check_record, load_adapter,
+                                      open_base_file, resolve_base)
+from qlora_plugin.files import write_json_atomic
+from qlora_plugin.merge.writer import MARKER_FILE, ShardWriter, check_output, disk_error, staged_folder
 from qlora_plugin.model_config import load_config
 from qlora_plugin.options import StrategyOptions
 from qlora_plugin.quant.layers import four_bit_module_names
@@ -52,29 +54,55 @@ class Layout:
         return f"{self.prefix}.{key}"
 
 
-def quant_settings(adapter: Adapter, quant_type=None, double_quant=None) -> dict | None:
-    """The 4-bit settings training used (None: the base was 16-bit): the record, then the flags on top."""
+def quant_settings(adapter: Adapter, quant_type=None, double_quant=None, trained_on=None) -> dict | None:
+    """The 4-bit settings training used (None: the base was 16-bit): the record, then the flags on top.
+
+    Without a record (an adapter trained elsewhere) nothing tells a QLoRA adapter from a 16-bit LoRA one, and
+    merging either into the other's base is silently wrong (a 16-bit adapter on the NF4 base moves every layer by
+    the quantization error; the check cannot see it, its reference makes the same guess), so the user names it:
+    `--trained_on 4bit|16bit`, a 4-bit flag, or a LoftQ start in the adapter's config (peft's LoftQ is 4-bit)."""
     record = read_record(adapter.folder)
-    recorded = record is not None
-    if not recorded:
+    if record is not None:
+        check_record(record, os.path.join(adapter.folder, RECORD_FILE))
+        if trained_on is not None and (trained_on == "4bit") != record["load_in_4bit"]:
+            raise QLoRAPluginError(
+                f"--trained_on {trained_on} contradicts {RECORD_FILE}, which says training held the base in "
+                f"{'4' if record['load_in_4bit'] else '16'}-bit; drop --trained_on (the record is what training did)."
+            )
+    else:
+        loftq = adapter.config.get("init_lora_weights") == "loftq" or bool(adapter.config.get("loftq_config"))
+        four_bit_asked = quant_type is not None or double_quant is not None or loftq
+        if trained_on is None and not four_bit_asked:
+            raise QLoRAPluginError(
+                f"{adapter.folder} has no {RECORD_FILE} (the adapter was not saved by a qlora-plugin run), so merge "
+                "cannot tell whether it was trained on a 4-bit base (QLoRA) or a 16-bit one (LoRA). Pass "
+                "--trained_on 4bit (nf4, double quant, blocksize 64; --bnb_4bit_quant_type / --use_bnb_nested_quant "
+                "to change them) or --trained_on 16bit."
+            )
+        if trained_on == "16bit" and four_bit_asked:
+            raise QLoRAPluginError(
+                "--trained_on 16bit contradicts " + ("the adapter's LoftQ start (peft's LoftQ is for 4-bit bases)"
+                                                     if loftq else "--bnb_4bit_quant_type / --use_bnb_nested_quant")
+                + "; drop one of them."
+            )
         defaults = StrategyOptions()
-        record = {"load_in_4bit": True, "bnb_4bit_quant_type": defaults.bnb_4bit_quant_type,
+        record = {"load_in_4bit": trained_on != "16bit", "bnb_4bit_quant_type": defaults.bnb_4bit_quant_type,
                   "bnb_4bit_use_double_quant": defaults.use_bnb_nested_quant, "blocksize": 64, "weight_dtype": None}
-        if quant_type is None or double_quant is None:
+        if record["load_in_4bit"] and (quant_type is None or double_quant is None):
             logger.warning(
-                "[qlora-plugin] %s has no %s (the adapter was not saved by a qlora-plugin run); assuming the strategy "
-                "defaults (nf4, double quant, blocksize 64, weights quantized in their stored dtype). Override with "
-                "--bnb_4bit_quant_type / --use_bnb_nested_quant.", adapter.folder, RECORD_FILE)
-    elif not record["load_in_4bit"]:
+                "[qlora-plugin] %s has no %s; merging as 4-bit with the strategy defaults where no flag says "
+                "otherwise (nf4, double quant, blocksize 64, weights quantized in their stored dtype).",
+                adapter.folder, RECORD_FILE)
+    if not record["load_in_4bit"]:
         if quant_type is not None or double_quant is not None:
             raise QLoRAPluginError(
-                f"{RECORD_FILE} says this adapter was trained on a 16-bit base, so there is no 4-bit setting to "
-                "override; drop --bnb_4bit_quant_type / --use_bnb_nested_quant."
+                "This adapter was trained on a 16-bit base, so there is no 4-bit setting to override; drop "
+                "--bnb_4bit_quant_type / --use_bnb_nested_quant."
             )
         return None
     for key, value in (("bnb_4bit_quant_type", quant_type), ("bnb_4bit_use_double_quant", double_quant)):
         if value is not None and value != record.get(key):
-            if recorded:
+            if read_record(adapter.folder) is not None:
                 logger.warning("[qlora-plugin] training recorded %s=%s; using %s as asked.", key, record.get(key), value)
             record[key] = value
     return record
@@ -194,14 +222,23 @@ def merged_tensor(name: str, tensor, adapter: Adapter, layout: Layout, settings:
     return weight.T if transposed else weight
 
 
-def _copy_side_files(base_folder: str, adapter_folder: str, tmp: str) -> None:
+def _side_files(base_folder: str, adapter_folder: str) -> list[tuple[str, str]]:
+    """(source, name) of the tokenizer and generation-config files to copy: the adapter's tokenizer when it saved
+    one, else the base's. From the adapter folder only regular files are taken, never a symbolic link (it could
+    point anywhere: the merged tokenizer would be that file); the base may be a hub cache's links to its blobs."""
+    for name in TOKENIZER_FILES:
+        path = os.path.join(adapter_folder, name)
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+            raise QLoRAPluginError(
+                f"{path} is {'a symbolic link' if os.path.islink(path) else 'not a regular file'}; merge reads only "
+                "regular files from the adapter folder. Replace it with a copy of the file it should be, or remove it."
+            )
     own_tokenizer = any(os.path.isfile(os.path.join(adapter_folder, n)) for n in TOKENIZER_FILES[:2])
     source = adapter_folder if own_tokenizer else base_folder
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))
+    files = [(os.path.join(source, n), n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(source, n))]
     if os.path.isfile(os.path.join(base_folder, "generation_config.json")):
-        shutil.copyfile(os.path.join(base_folder, "generation_config.json"), os.path.join(tmp, "generation_config.json"))
+        files.append((os.path.join(base_folder, "generation_config.json"), "generation_config.json"))
+    return files
 
 
 def _write_config(config, tmp: str, dtype, untie: bool) -> None:
@@ -255,18 +292,22 @@ def _stream(checkpoint: BaseCheckpoint, layout: Layout, adapter: Adapter, settin
 
 def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None = None, force: bool = False,
           quant_type: str | None = None, double_quant: bool | None = None,
-          max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, check: bool = True, eval_data: str | None = None) -> dict:
+          max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, check: bool = True, eval_data: str | None = None,
+          trained_on: str | None = None) -> dict:
     """Merge the adapter in `adapter_dir` into its base and write the model to `out`. Returns a summary.
 
     Everything is checked before the first byte is written; the output appears at `out` only when complete and,
     with `check`, only when its fidelity check passed (`merge/fidelity.py`; `merge_report.json` beside it). A
     merge that fails the check is left at `<out>.incomplete` for inspection, and a `QLoRAPluginError` says why.
+    `force` replaces only an earlier merge's output, never an input (`writer.check_output`).
     """
-    check_output(out, force)
+    check_output(out, force, (adapter_dir,))
     if check:
         fidelity.load_prompts(eval_data)  # a bad --eval_data fails before anything is written
     if dtype is not None and dtype not in MERGE_DTYPES:
         raise QLoRAPluginError(f"--dtype must be one of {', '.join(MERGE_DTYPES)}; got {dtype!r}.")
+    if trained_on not in (None, "4bit", "16bit"):
+        raise QLoRAPluginError(f"--trained_on must be 4bit or 16bit; got {trained_on!r}.")
     adapter = load_adapter(adapter_dir)
 
     import torch
@@ -282,7 +323,11 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None
             f"{adapter_dir}/adapter_config.json records no base model; pass the model it was trained on with --base."
         )
     checkpoint = resolve_base(base_name)
-    settings = quant_settings(adapter, quant_type, double_quant)
+    inputs = (adapter_dir, checkpoint.folder, *([adapter.base_name] if adapter.base_name and os.path.isdir(
+        adapter.base_name) else []))  # the recorded base too, when --base points elsewhere
+    check_output(out, force, inputs)
+    side_files = _side_files(checkpoint.folder, adapter.folder)
+    settings = quant_settings(adapter, quant_type, double_quant, trained_on)
     config = load_config(checkpoint.folder)
     layout = model_layout(config, settings)
     _check_layer_count(settings, layout)
@@ -293,45 +338,92 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None
     extra = [t for t in layout.tied if untie and t not in written and shapes.get(t)]
 
     out_dtype = _output_dtype(config, dtype)
-    needed = sum(torch.Size(s).numel() for n, s in shapes.items() if s and (n in written or n in extra))
-    needed *= torch.empty((), dtype=out_dtype).element_size()
+    params = sum(torch.Size(s).numel() for n, s in shapes.items() if s and (n in written or n in extra))
+    if check:
+        fidelity.plan_memory(params, getattr(config, "vocab_size", 0) or 0, eval_data)
+    needed = params * torch.empty((), dtype=out_dtype).element_size()
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(parent) and shutil.disk_usage(parent).free < needed:
         raise disk_error(OSError(errno.ENOSPC, "No space left on device"), out, needed)
-    try:
-        with staged_folder(out, force) as tmp:
-            writer = ShardWriter(tmp, shard_bytes)
-            _stream(checkpoint, layout, adapter, settings, extra,
-                    lambda key, value: writer.add(key, value.to(out_dtype) if value.is_floating_point() else value))
-            writer.finish()
-            _write_config(config, tmp, out_dtype, untie)
-            _copy_side_files(checkpoint.folder, adapter.folder, tmp)
-            # The reference is what was trained: the recorded settings, not overrides given to this merge.
-            trained = quant_settings(adapter) if read_record(adapter.folder) is not None else settings
-            report = _check(adapter, tmp, out, checkpoint.folder, trained, out_dtype, eval_data) if check else None
-    except OSError as err:
-        raise disk_error(err, out, needed) from None
-    return {
+    summary = {
         "out": out, "base": checkpoint.folder, "dtype": str(out_dtype).replace("torch.", ""),
         "adapted_layers": len(adapter.lora), "requantized_layers": len(layout.quantized & written),
         "quantization": None if settings is None else {k: settings.get(k) for k in (
             "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "blocksize", "weight_dtype")},
-        "bytes": writer.total_bytes, "shards": len(writer.shards), "untied": untie, "fidelity": report,
+        "untied": untie,
     }
+    try:
+        with staged_folder(out, force, inputs) as tmp:
+            writer = ShardWriter(tmp, shard_bytes)
+            _stream(checkpoint, layout, adapter, settings, extra,
+                    lambda key, value: writer.add(key, value.to(out_dtype) if value.is_floating_point() else value))
+            writer.finish()
+            summary.update(bytes=writer.total_bytes, shards=len(writer.shards))
+            _write_config(config, tmp, out_dtype, untie)
+            for source, name in side_files:
+                shutil.copyfile(source, os.path.join(tmp, name))
+            write_json_atomic(os.path.join(tmp, MARKER_FILE), {
+                "written_by": "qlora-plugin merge", "adapter": os.path.abspath(adapter_dir),
+                **{k: v for k, v in summary.items() if k != "out"}})
+            # The reference is what was trained: the recorded settings, not overrides given to this merge.
+            trained = quant_settings(adapter, trained_on=trained_on) if read_record(adapter.folder) else settings
+            summary["fidelity"] = _check(adapter, tmp, out, _reference_base(adapter, checkpoint.folder), trained,
+                                         out_dtype, eval_data, force) if check else None
+    except OSError as err:
+        raise disk_error(err, out, needed) from None
+    return summary
 
 
-def _check(adapter: Adapter, tmp: str, out: str, base_folder: str, settings, out_dtype, eval_data) -> dict:
+def _reference_base(adapter: Adapter, base_folder: str) -> str:
+    """The base the check rebuilds what was trained from: the one the adapter records when it is a local folder of
+    the same model shape as --base (so a --base that is another model of that shape fails the check), else --base
+    (the recorded folder moved, or is a Hub id: the check then shows only that the merge matches --base)."""
+    recorded = adapter.base_name
+    if not recorded or not os.path.isdir(recorded) or os.path.realpath(recorded) == os.path.realpath(base_folder):
+        return base_folder
+    try:
+        same = [load_config(f).to_diff_dict() for f in (recorded, base_folder)]
+    except QLoRAPluginError:
+        return base_folder
+    for config in same:
+        config.pop("_name_or_path", None)
+    return recorded if same[0] == same[1] else base_folder
+
+
+def summary_line(summary: dict) -> str:
+    """What `qlora-plugin merge` prints once the model is written (docs/merge.md shows it from a recorded run)."""
+    q = summary["quantization"]
+    into = (f"the dequantized {q['bnb_4bit_quant_type']}{' + double quant' if q['bnb_4bit_use_double_quant'] else ''}"
+            f" base ({summary['requantized_layers']} layers re-quantized)" if q else "the 16-bit base")
+    return (f"merged {summary['adapted_layers']} adapted layers into {into}; wrote {summary['bytes'] / 2**20:.1f} "
+            f"MiB of {summary['dtype']} in {summary['shards']} shard(s) to {summary['out']}")
+
+
+def _incomplete_place(out: str, force: bool) -> str:
+    """Where a merge that failed its check goes: `<out>.incomplete`, replacing an earlier one only with --force
+    (and only an earlier merge's); otherwise the first free `<out>.incomplete-N`."""
+    place = os.path.abspath(out) + ".incomplete"
+    if os.path.lexists(place) and force and os.path.isfile(os.path.join(place, MARKER_FILE)):
+        shutil.rmtree(place)
+    n = 1
+    while os.path.lexists(place):
+        n += 1
+        place = f"{os.path.abspath(out)}.incomplete-{n}"
+    return place
+
+
+def _check(adapter: Adapter, tmp: str, out: str, base_folder: str, settings, out_dtype, eval_data, force) -> dict:
     """The fidelity check on the written folder, before it is put in place; a failure keeps it apart."""
     report = fidelity.check(adapter.folder, tmp, base_folder, settings, str(out_dtype).replace("torch.", ""),
                             eval_data)
     fidelity.write_report(tmp, report)
     if not report["passed"]:
-        incomplete = os.path.abspath(out) + ".incomplete"
-        shutil.rmtree(incomplete, ignore_errors=True)
+        incomplete = _incomplete_place(out, force)
         os.replace(tmp, incomplete)
         raise QLoRAPluginError(
             f"The merged model failed its fidelity check ({'; '.join(report['failures'])}), so it was not written "
-            f"to {out}. It is in {incomplete} with {fidelity.REPORT_FILE}. Check that --base is the model the "
-            "adapter was trained on and that the recorded quantization matches; --no_check skips the check."
+            f"to {out}. It is in {incomplete} with {fidelity.REPORT_FILE}. The reference was the adapter on "
+            f"{base_folder}; check that --base is the model the adapter was trained on and that the recorded "
+            "quantization matches; --no_check skips the check."
         )
     return report

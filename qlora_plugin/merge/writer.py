@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -17,13 +18,37 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def check_output(out: str, force: bool) -> None:
-    """Refuse a non-empty output folder unless `force`; refuse a path that is a file."""
+MARKER_FILE = "qlora_plugin_merge.json"  # written into every merged folder: what `--force` may replace
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output(out: str, force: bool, keep: tuple[str, ...] = ()) -> None:
+    """Refuse an --out merge may not write to: a file; a non-empty folder without `force`; and, even with `force`,
+    a folder that is or contains one of `keep` (the adapter, the base) or that `qlora-plugin merge` did not write
+    (no MARKER_FILE). `--force` replaces only an earlier merge's output."""
     if os.path.isfile(out):
         raise QLoRAPluginError(f"--out {out!r} is a file; pass a folder path for the merged model.")
-    if os.path.isdir(out) and os.listdir(out) and not force:
+    real = os.path.realpath(out)
+    for folder in keep:
+        if folder and _inside(os.path.realpath(folder), real):
+            raise QLoRAPluginError(
+                f"--out {out!r} is or contains {folder}, an input of this merge; merge never replaces its inputs, "
+                "--force or not. Choose another --out."
+            )
+    if not (os.path.isdir(out) and os.listdir(out)):
+        return
+    if not force:
         raise QLoRAPluginError(
-            f"Output folder {out!r} exists and is not empty. Choose a new --out, or pass --force to replace it."
+            f"Output folder {out!r} exists and is not empty. Choose a new --out, or pass --force to replace it "
+            "(only an earlier merge's output can be replaced)."
+        )
+    if not os.path.isfile(os.path.join(out, MARKER_FILE)) or os.path.islink(os.path.join(out, MARKER_FILE)):
+        raise QLoRAPluginError(
+            f"--force replaces only a folder that `qlora-plugin merge` wrote (it holds {MARKER_FILE}); {out!r} has "
+            "none, so it is left as it is. Choose another --out, or move that folder away yourself."
         )
 
 
@@ -35,11 +60,24 @@ def disk_error(err: OSError, where: str, needed: int | None = None) -> QLoRAPlug
             f"No space left on the device while writing the merged model to {where}{size}. Nothing was kept; free "
             "some space or pass an --out on another disk."
         )
+    if err.errno == errno.EFBIG:
+        return QLoRAPluginError(
+            f"Could not write the merged model to {where}: a file grew past the largest size allowed here (a "
+            "file-size limit such as `ulimit -f`, or the file system's). Nothing was kept; raise the limit, or pass "
+            "a smaller --max_shard_size (or an --out on another file system)."
+        )
     return QLoRAPluginError(f"Could not write the merged model to {where}: {err.strerror or err}. Nothing was kept.")
 
 
+def _as_os_error(err: Exception) -> OSError:
+    """safetensors reports a failed write as its own error with the OS's text ("File too large (os error 27)")."""
+    match = re.search(r"os error (\d+)", str(err))
+    code = int(match.group(1)) if match else errno.EIO
+    return OSError(code, os.strerror(code))
+
+
 @contextlib.contextmanager
-def staged_folder(out: str, force: bool):
+def staged_folder(out: str, force: bool, keep: tuple[str, ...] = ()):
     """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed."""
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
@@ -53,7 +91,7 @@ def staged_folder(out: str, force: bool):
         give_normal_permissions(tmp)  # mkdtemp's 0700 and safetensors' 0600: the model is for others to read too
         old = None
         if os.path.exists(out):
-            check_output(out, force)  # it may have appeared while we merged
+            check_output(out, force, keep)  # it may have appeared while we merged
             old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.old-")
             os.replace(out, os.path.join(old, "previous"))
         os.replace(tmp, out)
@@ -92,8 +130,13 @@ class ShardWriter:
             return
         from safetensors.torch import save_file
 
+        from safetensors import SafetensorError
+
         path = self._draft(len(self.shards))
-        save_file(self.pending, path, metadata={"format": "pt"})
+        try:
+            save_file(self.pending, path, metadata={"format": "pt"})
+        except SafetensorError as err:
+            raise _as_os_error(err) from None
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
