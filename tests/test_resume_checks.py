@@ -149,6 +149,9 @@ def test_a_truncated_adapter_is_refused(tiny_models, small_dataset, copy_of, no_
     adapter.write_bytes(b"\x00" * 5)
     with pytest.raises(QLoRAPluginError, match="shorter than a safetensors header"):
         _resume("qlora", tiny_models["llama"], small_dataset, copy_of)
+    adapter.unlink()
+    with pytest.raises(QLoRAPluginError, match="adapter_model.safetensors is missing beside its adapter_config.json"):
+        _resume("qlora", tiny_models["llama"], small_dataset, copy_of)
 
 
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"global_step": "two"}', "\udcff"])

@@ -96,15 +96,28 @@ def check_files(folder: str) -> dict[str, list[int]] | None:
     """The trainer state, the adapter's config and weights (when saved as a file) are intact; the adapter's
     tensor shapes, or None when the checkpoint holds no `adapter_model.safetensors` (e.g. FSDP shards)."""
     check_trainer_state(folder)
-    _json(folder, ADAPTER_CONFIG)
+    config = _json(folder, ADAPTER_CONFIG)
     _json(folder, RECORD_FILE)
     path = os.path.join(folder, ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
+        if config is not None and not _other_weights(folder):
+            raise _bad(folder, ADAPTER_WEIGHTS, f"is missing beside its {ADAPTER_CONFIG}")
         return None
     try:
         return safetensors_shapes(path)
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise _bad(folder, ADAPTER_WEIGHTS, f"is not a complete safetensors file ({err})") from None
+
+
+def _other_weights(folder: str) -> bool:
+    """Adapter weights in another form transformers also resumes from: `.bin`, FSDP's sharded folders, or one
+    subfolder per adapter."""
+    for name in os.listdir(folder):
+        sub = os.path.join(folder, name)
+        if name == "adapter_model.bin" or name.startswith("pytorch_model_fsdp") or (
+                os.path.isdir(sub) and os.path.isfile(os.path.join(sub, ADAPTER_WEIGHTS))):
+            return True
+    return False
 
 
 def _describe(key: str, value) -> str:
