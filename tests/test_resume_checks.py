@@ -192,7 +192,7 @@ class SignalDuringEvaluation(TrainerCallback):
             signal.raise_signal(signal.SIGTERM)
 
 
-def test_sigterm_during_a_long_evaluation_stops_it_and_saves(tiny_models, small_dataset, tmp_path, capsys):
+def test_sigterm_during_a_long_evaluation_stops_it_and_saves(tiny_models, small_dataset, tmp_path, capfd):
     from datasets import load_dataset
 
     from qlora_plugin import make_trainer
@@ -216,7 +216,26 @@ def test_sigterm_during_a_long_evaluation_stops_it_and_saves(tiny_models, small_
     for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
                  "qlora_plugin_quantization.json"):
         assert (checkpoint / name).is_file(), name
-    assert "stopped by SIGTERM at step 2" in capsys.readouterr().err
+    assert "stopped by SIGTERM at step 2" in capfd.readouterr().err
+
+
+def test_the_stop_messages_survive_a_closed_stderr():
+    """The launcher or a `| tee` may be gone when the signal comes: writing the message must not raise (it did,
+    BrokenPipeError, from the signal handler: the run died mid-evaluation without its checkpoint)."""
+    from qlora_plugin.training.interruption import StopOnSignal
+
+    read, write = os.pipe()
+    os.close(read)
+    saved = os.dup(2)
+    os.dup2(write, 2)
+    try:
+        stop = StopOnSignal()
+        stop.handle(signal.SIGTERM)  # no BrokenPipeError
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(write)
+    assert stop.received == signal.SIGTERM
 
 
 def test_a_sequence_to_sequence_model_is_refused_before_loading(small_dataset, tmp_path, monkeypatch):

@@ -93,9 +93,18 @@ class StopOnSignal(TrainerCallback):
 
     def handle(self, signum, frame=None) -> None:
         name = signal.Signals(signum).name
-        os.write(2, f"\n[qlora-plugin] {name}: finishing this step (or evaluation batch), saving a checkpoint, then "
-                    f"stopping (send {name} again to stop at once)\n".encode())
         self.received = signum
+        say(f"\n[qlora-plugin] {name}: finishing this step (or evaluation batch), saving a checkpoint, then stopping "
+            f"(send {name} again to stop at once)\n")
+
+
+def say(text: str) -> None:
+    """Write to stderr from a signal handler or on the way out, never raising: the reader of the pipe may be gone
+    (the launcher or a `| tee` killed first), and an error here would cost the checkpoint or the exit status."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager
@@ -158,7 +167,9 @@ def graceful_stop(trainer):
         trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
     if trainer.args.should_save:
         newest = newest_checkpoint(trainer.args.output_dir)
-        print(f"[qlora-plugin] stopped by {signal.Signals(stop.signum).name} at step {trainer.state.global_step}; "
-              f"checkpoint saved: {newest}. Resume with the same command plus `--resume_from_checkpoint true` "
-              f"(or `{newest}`).", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()  # what the run printed before comes first
+        say(f"[qlora-plugin] stopped by {signal.Signals(stop.signum).name} at step {trainer.state.global_step}; "
+            f"checkpoint saved: {newest}. Resume with the same command plus `--resume_from_checkpoint true` "
+            f"(or `{newest}`).\n")
     raise SystemExit(128 + stop.signum)
