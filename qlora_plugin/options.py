@@ -151,6 +151,12 @@ class StrategyOptions:
         metadata={"help": "With memory_budget: refuse (instead of warning about) batch sizes you set that the plan "
                           "predicts to exceed the budget."},
     )
+    resume_without_optimizer: bool = field(
+        default=False,
+        metadata={"help": "Let --resume_from_checkpoint continue from a checkpoint without optimizer.pt or "
+                          "scheduler.pt (refused by default): the optimizer and learning-rate schedule then start "
+                          "over (Adam moments lost, warmup repeated); the adapter, step and data position are kept."},
+    )
 
     def __post_init__(self):
         if isinstance(self.lora_target_modules, str):

@@ -26,6 +26,7 @@ import shutil
 
 from qlora_plugin.compat import redirect_output_dir, restore_output_dir, trainer_output_dir
 from qlora_plugin.files import give_normal_permissions
+from qlora_plugin.training.checkpoint_checks import ResumeGuard, check_before_load
 from qlora_plugin.training.checkpoints import resolve_checkpoint
 from qlora_plugin.training.fsdp_save import save_fsdp_adapter
 from qlora_plugin.training.interruption import graceful_stop
@@ -37,10 +38,17 @@ STAGING_PREFIX = ".tmp-"
 STAGING_MODEL = STAGING_PREFIX + "model"
 
 
-def enable_resume(args) -> None:
-    """Check `args.resume_from_checkpoint` before the model is loaded, and install the Trainer wrappers."""
-    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+def enable_resume(args, options, own_quantization: bool = True, own_adapter: bool = True,
+                  loading: bool = True) -> ResumeGuard:
+    """Check `args.resume_from_checkpoint` before the model is loaded (the folder, its files, and what the strategy
+    options decide: `own_*` when the strategy, not the user's config, quantizes / builds the adapter; `loading`
+    when the model is still to be loaded), and install the Trainer wrappers. Returns the callback that carries the
+    run's resume settings to `train()`."""
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if loading:
+        check_before_load(checkpoint, options, own_quantization, own_adapter)
     patch_trainer()
+    return ResumeGuard(accept_missing_optimizer=options.resume_without_optimizer)
 
 
 def _applies(trainer) -> bool:
@@ -73,6 +81,8 @@ def _make_train(original):
         if resume_from_checkpoint is None:
             resume_from_checkpoint = self.args.resume_from_checkpoint
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        guard = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, ResumeGuard)), ResumeGuard())
+        guard.check(checkpoint, self)  # before transformers loads anything from it
         if self.args.should_save:
             remove_stale_staging(self.args.output_dir)
             if checkpoint:

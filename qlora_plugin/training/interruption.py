@@ -11,6 +11,12 @@ With several processes (DDP, FSDP, ZeRO-3) a signal may reach one rank only, or 
 A rank that stopped alone would enter the checkpoint's collectives while the others run the next step's, and
 all would hang. So the ranks agree at every step end (`agreed_signal`: one all-reduce of one integer) and all
 stop after the same step, saving one checkpoint together.
+
+Evaluation inside training can be long (many batches), longer than a scheduler's grace period. The ranks also
+agree after every evaluation batch (`on_prediction_step`, which every rank reaches equally often: transformers
+gathers each batch's results across ranks anyway); on a signal the evaluation is abandoned by raising
+`EvaluationInterrupted`, which `graceful_stop` catches to save the checkpoint of the step training reached. The
+abandoned evaluation's metrics are lost; a step end that already agreed on a signal skips the evaluation due there.
 """
 
 from __future__ import annotations
@@ -45,32 +51,61 @@ def agreed_signal(signum: int | None) -> int | None:
     return int(received.item()) or None
 
 
+class EvaluationInterrupted(Exception):
+    """Raised out of an evaluation loop, on every rank at the same batch, once the ranks agreed on a signal."""
+
+
 class StopOnSignal(TrainerCallback):
     """Turns a signal received by any rank into `should_save` + `should_training_stop` at the end of the current
-    step, on every rank."""
+    step, or into `EvaluationInterrupted` after the current evaluation batch, on every rank."""
 
     def __init__(self):
         self.received: int | None = None  # what this process received (set by the handler, never overwritten)
         self.signum: int | None = None  # what all ranks agreed on
         self.acted = False
+        self.active = False  # only inside `train()`: an evaluation the user runs afterwards pays no all-reduce
 
     def reset(self) -> None:
         self.received = self.signum = None
         self.acted = False
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def _stop(self, control, skip_evaluation: bool):
         self.signum = agreed_signal(self.received)
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
+            if skip_evaluation:
+                control.should_evaluate = False  # one due at this step would delay the save by a whole evaluation
             self.acted = True
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._stop(control, skip_evaluation=True)
+
+    def on_evaluate(self, args, state, control, **kwargs):  # a signal after the last evaluation batch
+        return self._stop(control, skip_evaluation=False) if self.active else control
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self.active:
+            self.signum = agreed_signal(self.received)
+            if self.signum is not None:
+                raise EvaluationInterrupted(signal.Signals(self.signum).name)
         return control
 
     def handle(self, signum, frame=None) -> None:
         name = signal.Signals(signum).name
-        os.write(2, f"\n[qlora-plugin] {name}: finishing this step, saving a checkpoint, then stopping "
-                    f"(send {name} again to stop at once)\n".encode())
         self.received = signum
+        say(f"\n[qlora-plugin] {name}: finishing this step (or evaluation batch), saving a checkpoint, then stopping "
+            f"(send {name} again to stop at once)\n")
+
+
+def say(text: str) -> None:
+    """Write to stderr from a signal handler or on the way out, never raising: the reader of the pipe may be gone
+    (the launcher or a `| tee` killed first), and an error here would cost the checkpoint or the exit status."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager
@@ -115,16 +150,27 @@ def graceful_stop(trainer):
         stop = StopOnSignal()
         trainer.add_callback(stop)
     stop.reset()
-    with signal_handlers(stop.handle):
-        yield
+    stop.active = True
+    try:
+        with signal_handlers(stop.handle):
+            try:
+                yield
+            except EvaluationInterrupted:
+                pass  # every rank abandoned the evaluation at the same batch: save below
+    finally:
+        stop.active = False
     stop.signum = agreed_signal(stop.received)  # every rank gets here once training ends
     if stop.signum is None:
         return
-    if not stop.acted:  # the signal came after the last step: keep the finished state too
+    if not stop.acted:  # the signal came during an evaluation or after the last step: save the state reached
         save_checkpoint(trainer)
+        # what the training loop does after each save: the callbacks' files (the quantization record) join it
+        trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
     if trainer.args.should_save:
         newest = newest_checkpoint(trainer.args.output_dir)
-        print(f"[qlora-plugin] stopped by {signal.Signals(stop.signum).name} at step {trainer.state.global_step}; "
-              f"checkpoint saved: {newest}. Resume with the same command plus `--resume_from_checkpoint true` "
-              f"(or `{newest}`).", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()  # what the run printed before comes first
+        say(f"[qlora-plugin] stopped by {signal.Signals(stop.signum).name} at step {trainer.state.global_step}; "
+            f"checkpoint saved: {newest}. Resume with the same command plus `--resume_from_checkpoint true` "
+            f"(or `{newest}`).\n")
     raise SystemExit(128 + stop.signum)

@@ -20,7 +20,7 @@ from qlora_plugin.quant.cache import recorded_base
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.runtime import detect_runtime
 from qlora_plugin.strategies.trl_args import is_strategy_quantization_config
-from qlora_plugin.training.model_checks import check_model_source, load_error
+from qlora_plugin.training.model_checks import check_causal_lm, check_model_source, load_error
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,12 @@ def script_init_kwargs(kwargs: dict, explicit, options) -> dict:
     return kwargs
 
 
+def _causal_path(architecture) -> bool:
+    """True when the model is loaded for SFT's causal path: named to `SFTTrainer` (TRL picks the class from the
+    config) or by a script's `AutoModelForCausalLM.from_pretrained`; a script's own choice of class stays its own."""
+    return architecture is None or getattr(architecture, "__name__", "") == "AutoModelForCausalLM"
+
+
 def load_model(hooks, model_id: str, init_kwargs: dict, options, trust_remote_code: bool):
     """`qlora_model_init_kwargs`, the source checks, then `qlora_load_model`; loading errors said in plain words."""
     kwargs = hooks.qlora_model_init_kwargs(model_id=model_id, init_kwargs=init_kwargs)
@@ -89,6 +95,8 @@ def load_model(hooks, model_id: str, init_kwargs: dict, options, trust_remote_co
     subfolder = kwargs.get("subfolder")
     checked = os.path.join(model_id, subfolder) if subfolder and os.path.isdir(model_id) else model_id
     check_model_source(checked, options.load_in_4bit, bool(kwargs["trust_remote_code"]))
+    if _causal_path(kwargs.get("architecture")):
+        check_causal_lm(checked)
     try:
         with _loading_now():
             model = hooks.qlora_load_model(model_id=model_id, init_kwargs=kwargs)

@@ -93,6 +93,36 @@ def check_config(config: dict, model_id: str, load_in_4bit: bool, trust_remote_c
     )
 
 
+def check_causal_lm(model_id: str) -> None:
+    """Refuse, before any weight is read, a model SFT's causal path cannot train: a sequence-to-sequence
+    (encoder-decoder) model or a masked (encoder-only) one. TRL loads `config.architectures[0]`, so such a model
+    would be loaded and quantized, and training would fail at its first step.
+
+    The config is read with `AutoConfig` (never running custom code: a config that needs it, or a Hub id that
+    cannot be reached, is left to the loader, which says what is wrong)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_id, trust_remote_code=False)
+    except (OSError, ValueError, KeyError):
+        return
+    architecture = (getattr(config, "architectures", None) or ["?"])[0]
+    kind = f"{architecture}, model_type {getattr(config, 'model_type', '?')!r}"
+    if getattr(config, "is_encoder_decoder", False):
+        raise QLoRAPluginError(
+            f"The model {model_id!r} is a sequence-to-sequence (encoder-decoder) model ({kind}). SFTTrainer trains "
+            "causal (decoder-only) language models; this one would be quantized and then fail at the first step. "
+            "Fine-tune it with transformers' Seq2SeqTrainer and a peft LoraConfig(task_type='SEQ_2_SEQ_LM') "
+            "(BitsAndBytesConfig for a 4-bit base), or pick a causal model for SFT."
+        )
+    if architecture.endswith("ForMaskedLM"):
+        raise QLoRAPluginError(
+            f"The model {model_id!r} is a masked (encoder-only) language model ({kind}), which cannot generate text. "
+            "SFTTrainer trains causal (decoder-only) language models: pick one (e.g. Llama, Qwen, SmolLM2), or train "
+            "this one with transformers' Trainer for its own task."
+        )
+
+
 def load_error(model_id: str, err: Exception) -> QLoRAPluginError | None:
     """A user-facing error for what transformers raised while loading `model_id`, or None if it is not one."""
     if isinstance(err, QLoRAPluginError):

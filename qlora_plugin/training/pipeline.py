@@ -106,12 +106,13 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     runtime = detect_runtime()
     hooks = Hooks(pm, strategy=strategy, options=options, runtime=runtime)
     set_seed(args.seed)  # as SFTTrainer does before building the model: `--seed` fixes the LoRA initialisation
-    enable_resume(args)  # a bad --resume_from_checkpoint fails here, before the model loads
-
     user_quant = kwargs.pop("quantization_config", None)
     user_peft = kwargs.pop("peft_config", None)
     if is_strategy_peft_config(user_peft, options):
         user_peft = None  # built from the arguments the strategy filled in (`get_peft_config`): the strategy's own
+    # a bad --resume_from_checkpoint fails here, before the model loads
+    resume_guard = enable_resume(args, options, own_quantization=user_quant is None, own_adapter=user_peft is None,
+                                 loading=isinstance(model, str))
     if isinstance(model, str):
         loaded_by = "strategy"
         init = {**(args.model_init_kwargs or {}), **({"quantization_config": user_quant} if user_quant else {})}
@@ -185,7 +186,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
                                                 training_args=args)):
         _merge_facts(facts, extra)  # in registration order: the built-in notes first
     facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type, compute, pm)
-    callbacks = list(kwargs.get("callbacks") or [])
+    callbacks = [*(kwargs.get("callbacks") or []), resume_guard]
     for extra in hooks.qlora_trainer_callbacks(training_args=args, facts=facts):
         callbacks.extend(extra or [])
     kwargs.update(model=model, args=args, callbacks=callbacks)
