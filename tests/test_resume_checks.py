@@ -217,6 +217,8 @@ def test_sigterm_during_a_long_evaluation_stops_it_and_saves(tiny_models, small_
                  "qlora_plugin_quantization.json"):
         assert (checkpoint / name).is_file(), name
     assert "stopped by SIGTERM at step 2" in capfd.readouterr().err
+    report = json.loads((tmp_path / "qlora_plugin_report.json").read_text())  # as after a stop at a step end
+    assert report["measured"]["steps"] == 2
 
 
 def test_the_stop_messages_survive_a_closed_stderr():
