@@ -259,6 +259,21 @@ def test_a_sequence_to_sequence_model_is_refused_before_loading(small_dataset, t
     assert "Seq2SeqTrainer" in text
 
 
+def test_a_masked_language_model_is_refused_before_loading(small_dataset, tmp_path, monkeypatch):
+    from transformers import BertConfig
+
+    from qlora_plugin import make_trainer
+    from qlora_plugin.training import loading
+
+    monkeypatch.setattr(loading, "_loading_now", lambda: pytest.fail("the model was loaded"))
+    folder = tmp_path / "bert"
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=128,
+               architectures=["BertForMaskedLM"]).save_pretrained(folder)
+    with pytest.raises(QLoRAPluginError) as err:
+        make_trainer("qlora", model=str(folder), args=_args(tmp_path / "out"), train_dataset=small_dataset)
+    assert "is a masked (encoder-only) language model (BertForMaskedLM, model_type 'bert')" in _one_line(err)
+
+
 def _sft(model, dataset_dir, out, *extra):
     return ["-m", "trl.scripts.sft", "--model_name_or_path", model, "--dataset_name", str(dataset_dir), "--strategy",
             "qlora", "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_length", "32",
