@@ -149,6 +149,57 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_models, dat
     assert json.loads((out / "qlora_plugin_report.json").read_text())["measured"]["steps"] == 5
 
 
+SIGNAL_ONE_RANK_IN_EVALUATION = '''
+import json, os, signal
+from transformers import TrainerCallback
+from qlora_plugin import hookimpl
+
+
+class SignalRankOneInEvaluation(TrainerCallback):
+    """SIGTERM to rank 1 only, at its third evaluation batch; every rank records its batches and the step saved."""
+
+    batches = 0
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.batches += 1
+        if int(os.environ["RANK"]) == 1 and self.batches == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_save(self, args, state, control, **kwargs):
+        with open(os.path.join(os.environ["PROBE_DIR"], f"saved{os.environ['RANK']}.json"), "w") as f:
+            json.dump({"step": state.global_step, "batches": self.batches}, f)
+
+
+@hookimpl
+def qlora_trainer_callbacks(training_args):
+    return [SignalRankOneInEvaluation()]
+'''
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_during_evaluation_stops_every_rank_at_the_same_batch(tiny_models, dataset_dir,
+                                                                                   tmp_path):
+    """Both ranks abandon the evaluation after the batch during which rank 1 got SIGTERM (of 100 per rank), save
+    the step's checkpoint together and exit: the ranks agree after every evaluation batch, as after every step."""
+    hook = tmp_path / "signal_in_evaluation.py"
+    hook.write_text(SIGNAL_ONE_RANK_IN_EVALUATION)
+    out, data = tmp_path / "run", tmp_path / "data"
+    data.mkdir()
+    rows = (Path(dataset_dir) / "train.jsonl").read_text().splitlines(keepends=True)
+    (data / "train.jsonl").write_text("".join(rows[:32]))
+    (data / "test.jsonl").write_text("".join(rows[:200]))  # 100 evaluation batches of 1 per rank
+    flags = ["--model_name_or_path", tiny_models["llama"], "--dataset_name", str(data), "--strategy", "qlora",
+             "--per_device_train_batch_size", "2", "--max_length", "32", "--report_to", "none", "--use_cpu",
+             "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(out),
+             "--eval_strategy", "steps", "--eval_steps", "2", "--per_device_eval_batch_size", "1",
+             "--qlora_hooks", str(hook), "--max_steps", "6"]
+    code, output = _launch_ddp(flags, tmp_path, {"PROBE_DIR": str(tmp_path)})
+    assert code != 0, output[-3000:]
+    assert [json.loads((tmp_path / f"saved{r}.json").read_text()) for r in (0, 1)] == [{"step": 2, "batches": 3}] * 2
+    assert "stopped by SIGTERM at step 2" in output and "eval_loss" not in output, output[-3000:]
+    assert sorted(e.name for e in out.iterdir() if "checkpoint" in e.name) == ["checkpoint-2"]
+
+
 GPU = dict(device_type="cuda", bf16_native=True)
 
 

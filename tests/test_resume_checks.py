@@ -217,6 +217,8 @@ def test_sigterm_during_a_long_evaluation_stops_it_and_saves(tiny_models, small_
                  "qlora_plugin_quantization.json"):
         assert (checkpoint / name).is_file(), name
     assert "stopped by SIGTERM at step 2" in capfd.readouterr().err
+    report = json.loads((tmp_path / "qlora_plugin_report.json").read_text())  # as after a stop at a step end
+    assert report["measured"]["steps"] == 2
 
 
 def test_the_stop_messages_survive_a_closed_stderr():
@@ -255,6 +257,21 @@ def test_a_sequence_to_sequence_model_is_refused_before_loading(small_dataset, t
     text = _one_line(err)
     assert "sequence-to-sequence (encoder-decoder) model (T5ForConditionalGeneration, model_type 't5')" in text
     assert "Seq2SeqTrainer" in text
+
+
+def test_a_masked_language_model_is_refused_before_loading(small_dataset, tmp_path, monkeypatch):
+    from transformers import BertConfig
+
+    from qlora_plugin import make_trainer
+    from qlora_plugin.training import loading
+
+    monkeypatch.setattr(loading, "_loading_now", lambda: pytest.fail("the model was loaded"))
+    folder = tmp_path / "bert"
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=128,
+               architectures=["BertForMaskedLM"]).save_pretrained(folder)
+    with pytest.raises(QLoRAPluginError) as err:
+        make_trainer("qlora", model=str(folder), args=_args(tmp_path / "out"), train_dataset=small_dataset)
+    assert "is a masked (encoder-only) language model (BertForMaskedLM, model_type 'bert')" in _one_line(err)
 
 
 def _sft(model, dataset_dir, out, *extra):

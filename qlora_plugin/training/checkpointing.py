@@ -5,7 +5,9 @@ Called from `trainer.prepare_trainer_kwargs` (every path: scripts, YAML, Python 
 
 - `train`: `args.resume_from_checkpoint` is used when `train()` gets none (TRL's scripts and many user scripts
   drop it); `true`/`latest` means the newest complete `checkpoint-N` in `output_dir`; a missing or incomplete
-  checkpoint is a `QLoRAPluginError`. SIGTERM/SIGINT stop training cleanly after a checkpoint (`interruption`).
+  checkpoint is a `QLoRAPluginError`, and so is one this run cannot continue (`checkpoint_checks`: another
+  strategy or rank, damaged files, no optimizer state). SIGTERM/SIGINT stop training cleanly after a checkpoint
+  (`interruption`), during an evaluation too.
 - `_save_checkpoint`: the checkpoint is written into `output_dir/.tmp-checkpoint-N/` and renamed to
   `checkpoint-N` only once complete, so a killed process never leaves a half-written `checkpoint-N` that
   `--resume_from_checkpoint true` would pick (transformers 5.24 writes straight into `checkpoint-N`).

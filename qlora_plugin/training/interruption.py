@@ -151,12 +151,13 @@ def graceful_stop(trainer):
         trainer.add_callback(stop)
     stop.reset()
     stop.active = True
+    abandoned = False
     try:
         with signal_handlers(stop.handle):
             try:
                 yield
             except EvaluationInterrupted:
-                pass  # every rank abandoned the evaluation at the same batch: save below
+                abandoned = True  # every rank abandoned the evaluation at the same batch: save below
     finally:
         stop.active = False
     stop.signum = agreed_signal(stop.received)  # every rank gets here once training ends
@@ -166,6 +167,8 @@ def graceful_stop(trainer):
         save_checkpoint(trainer)
         # what the training loop does after each save: the callbacks' files (the quantization record) join it
         trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+    if abandoned:  # what a stop at a step end gets from the training loop: the callbacks' end (the run's report)
+        trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
     if trainer.args.should_save:
         newest = newest_checkpoint(trainer.args.output_dir)
         with contextlib.suppress(OSError, ValueError):
