@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.errors import QLoRAPluginError, report_and_exit
 from qlora_plugin.integration import state
 from qlora_plugin.integration.known_errors import check_unused_yaml_keys
 from qlora_plugin.options import OWN_KEYS
@@ -65,7 +65,9 @@ def patch_base_trainer(module) -> None:
 
     def __new__(klass, *args, **kwargs):
         if state.active_request() is not None and kind_of_class(klass) is None:
-            raise QLoRAPluginError(unsupported_trainer_message(klass.__name__, state.active_request().strategy))
+            # a script run with --strategy: one line and status 2, as for every other refusal at start
+            report_and_exit(QLoRAPluginError(unsupported_trainer_message(klass.__name__,
+                                                                         state.active_request().strategy)))
         return object.__new__(klass)
 
     __new__._qlora_plugin = True

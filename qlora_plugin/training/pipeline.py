@@ -192,7 +192,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         "user_kept": kept,
         "fallbacks": [],
         "memory_budget": budget,
-        "reference": reference_fact(kind, kwargs.get("ref_model"), init_method(model)),
+        "reference": reference_fact(kind, kwargs.get("ref_model"), init_method(model), args),
     }
     facts["fallbacks"].extend(budget["notes"] if budget else [])
     if hub_code.status():

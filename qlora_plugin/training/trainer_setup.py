@@ -27,8 +27,11 @@ from qlora_plugin.trainer_kinds import TrainerKind
 logger = logging.getLogger(__name__)
 
 REFERENCE = "ref"  # the adapter name TRL gives the reference copy
-ZERO_START_NOTE = ("auto starts {name} from peft's zero adapter: its reference is the base with the adapter "
-                   "disabled, which is the starting policy only from a zero start")
+ZERO_START_NOTE = "auto starts {name} from peft's zero adapter: {why}"
+WHY_ZERO_START = {
+    True: "its reference is the base with the adapter disabled, the starting policy only from a zero start",
+    False: "the calibrated LoftQ start calibrates on SFT batches",
+}
 
 
 def options_for_kind(options, kind: TrainerKind, explicit_options: dict):
@@ -81,13 +84,15 @@ def note_zero_start(model, kind: TrainerKind, auto_init: bool) -> None:
     """The summary's LoRA init line says why `auto` gave peft's zero start here."""
     facts = getattr(model, "qlora_lora_init", None)
     if auto_init and kind.name != "sft" and isinstance(facts, dict) and "note" not in facts:
-        facts["note"] = ZERO_START_NOTE.format(name=kind.class_name)
+        facts["note"] = ZERO_START_NOTE.format(name=kind.class_name, why=WHY_ZERO_START[kind.reference])
 
 
-def reference_fact(kind: TrainerKind, ref_model, init_method: str) -> str | None:
+def reference_fact(kind: TrainerKind, ref_model, init_method: str, args) -> str | None:
     """What the summary says the reference policy is."""
     if not kind.reference:
         return None
+    if getattr(args, "beta", None) == 0.0 and kind.generates:
+        return "none: beta=0, no KL term (set --beta to score against the base with the adapter disabled)"
     if ref_model is not None:
         return "yours (the ref_model you passed)"
     if init_method == "loftq":
