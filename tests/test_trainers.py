@@ -57,19 +57,13 @@ def test_unsupported_trainer_refused_before_it_reads_a_weight(capsys):
     assert not isinstance(plain.value, SystemExit)
 
 
-@pytest.mark.parametrize("argv, refused", [
-    (["/usr/bin/trl", "distillation", "--model_name_or_path", "m"], True),
-    (["/x/site-packages/trl/scripts/distillation.py", "--output_dir", "o"], True),
-    (["/usr/bin/trl", "dpo"], False),
-    (["/x/site-packages/trl/scripts/grpo.py"], False),
-    (["/usr/bin/trl", "env"], False),
-    (["my_script.py", "distillation"], False),
-])
-def test_trl_commands_without_a_whole_strategy_refused_at_start(argv, refused):
-    if refused:
+def test_trl_commands_without_a_whole_strategy_refused_at_start():
+    for argv in (["/usr/bin/trl", "distillation", "--model_name_or_path", "m"],
+                 ["/x/site-packages/trl/scripts/distillation.py", "--output_dir", "o"]):
         with pytest.raises(QLoRAPluginError, match="not applied to `trl distillation`"):
             trl_patches.check_trl_command(argv, "qlora")
-    else:
+    for argv in (["/usr/bin/trl", "dpo"], ["/x/site-packages/trl/scripts/grpo.py"], ["/usr/bin/trl", "env"],
+                 ["my_script.py", "distillation"]):
         trl_patches.check_trl_command(argv, "qlora")
 
 
@@ -98,11 +92,22 @@ def test_options_each_trainer_needs():
     assert reward.lora_task_type == "SEQ_CLS" and reward.init_lora_weights == "default"
     assert options_for_kind(options, KINDS["sft"], {}) is options  # the SFT path unchanged
     assert options_for_kind(options, KINDS["dpo"], {}).init_lora_weights == "default"
+    for kind in KINDS.values():
+        check_kind_options(options_for_kind(options, kind, {}), kind)  # the defaults fit every trainer
+
+
+def test_reward_model_needs_a_classification_adapter():
     with pytest.raises(QLoRAPluginError, match="lora_task_type CAUSAL_LM` contradicts RewardTrainer"):
-        check_kind_options(options_for_kind(options, KINDS["reward"], {"lora_task_type": "CAUSAL_LM"}),
+        check_kind_options(options_for_kind(StrategyOptions(), KINDS["reward"], {"lora_task_type": "CAUSAL_LM"}),
                            KINDS["reward"])
+
+
+def test_calibrated_loftq_is_for_sft_only():
     with pytest.raises(QLoRAPluginError, match="loftq_calibrated` cannot run under DPOTrainer"):
         check_kind_options(StrategyOptions(init_lora_weights="loftq_calibrated"), KINDS["dpo"])
+
+
+def test_memory_budget_is_for_sft_only():
     with pytest.raises(QLoRAPluginError, match="memory_budget` sizes SFT batches only"):
         check_kind_options(StrategyOptions(memory_budget="8GiB"), KINDS["grpo"])
 
@@ -191,3 +196,19 @@ def test_trl_grpo_and_rloo_generate_with_the_4bit_policy(kind, tiny_models, tmp_
     assert report["reference"].startswith("the same base with the adapter disabled")  # beta > 0: a KL term
     assert probe["beta"] == 0.05 and probe["learning_rate"] == 5e-6
     _load_adapter(tiny_models["llama"], out)
+
+
+@pytest.mark.slow
+def test_reward_script_that_loads_its_classifier_itself(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    proc = run_python([str(REPO / "tests" / "scripts" / "own_loading_reward.py"), "--model_name_or_path",
+                       tiny_models["llama"], "--dataset_name", str(DATA / "preference"), "--output_dir", str(out),
+                       "--max_length", "64", *FLAGS, "--strategy", "qlora",
+                       "--qlora_hooks", str(DATA / "probe_hooks.py")],
+                      cwd=tmp_path, env_extra={"PROBE_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "loaded by  : strategy, in the script's from_pretrained" in proc.stdout
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    assert probe["layers_4bit"] == 14 and probe["task_type"] == "SEQ_CLS"
+    assert probe["models_in_memory"] == ["LlamaForSequenceClassification"]
+    _load_adapter(tiny_models["llama"], out, classifier=True)

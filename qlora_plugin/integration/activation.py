@@ -167,7 +167,7 @@ def activate(request: StrategyRequest) -> None:
     watcher.watch("transformers.hf_argparser", script_args.patch_argument_parser)
     watcher.watch("trl.scripts._hf_argparser", script_args.patch_argument_parser)  # TrlParser's own copy
     watcher.watch("transformers.modeling_utils", model_loading.patch_from_pretrained)
-    watcher.watch("transformers.models.auto.modeling_auto", model_loading.patch_auto_causal_lm)
+    watcher.watch("transformers.models.auto.modeling_auto", model_loading.patch_auto_models)
 
 
 def deactivate() -> None:
