@@ -177,6 +177,25 @@ def test_trl_reward(tiny_models, tmp_path):
     assert report["reference"] is None and probe["learning_rate"] == 1e-4
     _load_adapter(tiny_models["llama"], out, classifier=True)
 
+    merged = tmp_path / "merged"  # `qlora-plugin merge` writes a classifier that scores like the adapter
+    proc = run_command(["qlora-plugin", "merge", "--adapter", str(out), "--out", str(merged)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((merged / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
+    check = json.loads((merged / "merge_report.json").read_text())
+    assert check["passed"] and check["merge"]["max_relative_logit_diff"] < 1e-3
+    code = ("import sys, torch; from safetensors.torch import load_file; from transformers import "
+            "AutoModelForSequenceClassification as C\n"
+            "model = C.from_pretrained(sys.argv[1])\n"
+            "head = load_file(sys.argv[2] + '/adapter_model.safetensors')\n"
+            "saved = [v for k, v in head.items() if k.endswith('score.modules_to_save.default.weight')"
+            " or k.endswith('score.weight')][0]\n"
+            "assert torch.equal(model.score.weight.float(), saved.float())\n"
+            "assert not any('lm_head' in n for n, _ in model.named_parameters())\n"
+            "print('SCORE', tuple(model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape))\n")
+    proc = run_python(["-c", code, str(merged), str(out)], cwd=tmp_path)
+    assert proc.returncode == 0 and "SCORE (1, 1)" in proc.stdout, proc.stderr[-3000:]
+
 
 @pytest.mark.slow
 def test_trl_kto(tiny_models, tmp_path):

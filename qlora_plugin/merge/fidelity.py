@@ -18,6 +18,7 @@ import types
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.files import write_json_atomic
+from qlora_plugin.merge.classifier import is_classifier_config, model_class
 from qlora_plugin.notices import library_deprecations
 from qlora_plugin.quant.cpu_guard import make_cpu_inference_safe
 from qlora_plugin.quant.layers import four_bit_layers
@@ -105,8 +106,12 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
 
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
+    merged_config = AutoConfig.from_pretrained(merged_dir)
+    auto = model_class(merged_config)  # a causal LM, or a reward model's classifier (`merge.classifier`)
+    classifier = is_classifier_config(merged_config)
+    head = {"num_labels": merged_config.num_labels, "pad_token_id": merged_config.pad_token_id} if classifier else {}
     prompts = load_prompts(eval_data)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     if tokenizer.pad_token is None:
@@ -116,13 +121,14 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
 
     def logits(model):
         with torch.no_grad():
-            return model.eval()(**batch).logits[mask].float()
+            out = model.eval()(**batch).logits  # a classifier: one row of scores per prompt
+            return (out if classifier else out[mask]).float()
 
     if settings is None:  # trained on a 16-bit base: the reference is the adapter on it
-        base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+        base = auto.from_pretrained(base_folder, dtype=torch.float32, **head)
     else:
         dtype = getattr(torch, settings.get("weight_dtype") or "float32")
-        base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=dtype, quantization_config=BitsAndBytesConfig(
+        base = auto.from_pretrained(base_folder, dtype=dtype, **head, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=settings["bnb_4bit_quant_type"],
             bnb_4bit_use_double_quant=settings["bnb_4bit_use_double_quant"], bnb_4bit_compute_dtype=torch.float32))
         base = make_cpu_inference_safe(base)
@@ -136,14 +142,15 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
     del base
     gc.collect()  # one model in memory at a time: the reference, the merge, then the naive merge
     output = getattr(torch, out_dtype)
-    merged = compare(reference, logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=output)))
+    merged = compare(reference, logits(auto.from_pretrained(merged_dir, dtype=output)))
     gc.collect()
-    report = {"prompts": len(prompts), "positions": int(mask.sum()), "output_dtype": out_dtype, "merge": merged,
+    report = {"prompts": len(prompts), "positions": len(prompts) if classifier else int(mask.sum()),
+              "output_dtype": out_dtype, "merge": merged,
               "thresholds": {"max_relative_logit_diff": MAX_RELATIVE_DIFF[out_dtype],
                              "min_greedy_agreement": MIN_AGREEMENT}}
     if settings is not None:
         with library_deprecations():
-            naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder, dtype=output),
+            naive = PeftModel.from_pretrained(auto.from_pretrained(base_folder, dtype=output, **head),
                                               adapter_dir).merge_and_unload()
         report["naive_merge_into_16bit_base"] = compare(reference, logits(naive))
         del naive
