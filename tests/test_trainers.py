@@ -231,3 +231,19 @@ def test_reward_script_that_loads_its_classifier_itself(tiny_models, tmp_path):
     assert probe["layers_4bit"] == 14 and probe["task_type"] == "SEQ_CLS"
     assert probe["models_in_memory"] == ["LlamaForSequenceClassification"]
     _load_adapter(tiny_models["llama"], out, classifier=True)
+
+
+@pytest.mark.slow
+def test_trl_dpo_resumes_from_its_checkpoint(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    flags = ["trl", "dpo", "--model_name_or_path", tiny_models["llama"], "--dataset_name", str(DATA / "preference"),
+             "--output_dir", str(out), "--max_length", "64", *FLAGS[2:-2], "--save_strategy", "steps",
+             "--save_steps", "1", "--strategy", "qlora"]
+    first = run_command([*flags, "--max_steps", "2"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_command([*flags, "--max_steps", "3", "--resume_from_checkpoint", str(out / "checkpoint-2")],
+                        cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout + again.stderr
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [e["step"] for e in state["log_history"] if "loss" in e][-1] == 3
