@@ -1,8 +1,9 @@
 """Applying a strategy to a TRL trainer's arguments: the lifecycle hooks, called in order for one trainer.
 
 `prepare_trainer_kwargs` is what the TRL patches call (for every trainer in `trainer_kinds.KINDS`) and what the
-Python API exposes; it returns keyword arguments for the unmodified trainer. Everything a strategy or a feature does happens in a hook
-implementation (`plugin.specs`); this module only checks the input, calls the hooks and gathers the facts.
+Python API exposes; it returns keyword arguments for the unmodified trainer. Everything a strategy or a feature
+does happens in a hook implementation (`plugin.specs`); this module only checks the input, calls the hooks and
+gathers the facts.
 """
 
 from __future__ import annotations
