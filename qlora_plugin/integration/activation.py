@@ -1,6 +1,7 @@
 """Script activation: turn `--strategy NAME` (CLI), `strategy: NAME` (YAML) or `QLORA_PLUGIN_STRATEGY` into a
 `StrategyRequest`, take the plugin's own flags out of `sys.argv` so the script's parser never sees them, and patch
-TRL so its `SFTTrainer` applies the strategy. Runs once, when a process first imports `trl`.
+TRL so its trainers apply the strategy (`trainer_kinds`) and refuse it where it cannot apply whole. Runs once, when
+a process first imports `trl`.
 
 Precedence: command line > YAML `--config` > environment. The request is also written to the environment so
 child processes (`trl sft` re-launches through `accelerate launch`) inherit it.
@@ -28,6 +29,7 @@ from qlora_plugin.perf import malloc_tunables
 from qlora_plugin.plugin.manager import HOOKS_ENV, LOAD_ENV, get_plugin_manager, get_strategy, hook_files_from_env
 from qlora_plugin.quant.cache import CACHE_DIR_ENV
 from qlora_plugin.request import StrategyRequest
+from qlora_plugin.trainer_kinds import KINDS
 
 USER_ENV = (STRATEGY_ENV, OPTIONS_ENV, HOOKS_ENV, LOAD_ENV, DISABLE_ENV, CACHE_DIR_ENV)  # the variables users set
 INTERNAL_ENV = (EXPLICIT_ENV, SOURCE_ENV, malloc_tunables.REEXEC_MARK_ENV)  # set by the plugin for child processes
@@ -159,12 +161,14 @@ def activate(request: StrategyRequest) -> None:
     """Make `request` this process's strategy and patch TRL (now, or when its modules are imported)."""
     state.set_active(request)
     watcher = import_hook.watcher()
-    watcher.watch("trl.trainer.sft_trainer", trl_patches.patch_sft_trainer)
+    for kind in KINDS.values():
+        watcher.watch(kind.module, trl_patches.patch_trainer(kind))
+    watcher.watch("trl.trainer.base_trainer", trl_patches.patch_base_trainer)
     watcher.watch("trl.scripts.utils", trl_patches.patch_trl_parser)
     watcher.watch("transformers.hf_argparser", script_args.patch_argument_parser)
     watcher.watch(TRL_VENDORED_PARSER_MODULE, script_args.patch_argument_parser)  # TrlParser's own copy
     watcher.watch("transformers.modeling_utils", model_loading.patch_from_pretrained)
-    watcher.watch("transformers.models.auto.modeling_auto", model_loading.patch_auto_causal_lm)
+    watcher.watch("transformers.models.auto.modeling_auto", model_loading.patch_auto_models)
 
 
 def deactivate() -> None:
@@ -201,6 +205,7 @@ def activate_from_process() -> None:
         refuse_hub_kernels()
         check_at_activation()  # supported releases, before any patch (compat)
         validate(request)
+        trl_patches.check_trl_command(sys.argv, request.strategy)
     except QLoRAPluginError as err:
         report_and_exit(err)
     except SystemExit:

@@ -4,8 +4,9 @@ Why: the most widely copied SFT scripts load the model themselves (`AutoModelFor
 quantization_config=get_quantization_config(model_args))`) and hand `SFTTrainer` the object. Without this, they
 would load the full 16-bit model first, the memory QLoRA exists to avoid, only to have it refused.
 
-Which model: the first causal language model loaded from the script's `--model_name_or_path` (command line or
-YAML), or, when the script has no such argument, the first causal language model it loads. Only that one load
+Which model: the first causal language model (or, for a reward model, sequence classifier) loaded from the
+script's `--model_name_or_path` (command line or YAML), or, when the script has no such argument, the first causal
+language model it loads. Only that one load
 is taken over, once per process: a second model (a frozen reference or teacher, a copy for evaluation) loads
 exactly as the script asks. The script's own kwargs are kept (`attn_implementation`, `use_cache`, `revision`,
 ...); the strategy adds its `BitsAndBytesConfig`, dtype and device map through the same hooks as every other
@@ -27,10 +28,12 @@ def patch_from_pretrained(module) -> None:
     _wrap(module.PreTrainedModel, concrete=True)
 
 
-def patch_auto_causal_lm(module) -> None:
-    """Wrap `AutoModelForCausalLM.from_pretrained`: the script's own kwargs, before the Auto class folds some of
-    them (`use_cache`, ...) into a config object for the concrete class."""
+def patch_auto_models(module) -> None:
+    """Wrap `AutoModelForCausalLM.from_pretrained` (and `AutoModelForSequenceClassification`'s, for a reward
+    model): the script's own kwargs, before the Auto class folds some of them (`use_cache`, ...) into a config
+    object for the concrete class."""
     _wrap(module.AutoModelForCausalLM, concrete=False)
+    _wrap(module.AutoModelForSequenceClassification, concrete=False)
 
 
 def _wrap(cls, concrete: bool) -> None:
@@ -54,11 +57,16 @@ def _wrap(cls, concrete: bool) -> None:
 
 
 def _is_training_model(klass, path, request) -> bool:
-    if not _is_causal_lm(klass):
-        return False
-    if request.model_name_or_path is None:
-        return True
-    return _same_model(str(path), request.model_name_or_path)
+    """A causal LM (the first one, when the script names no model), or a reward model's sequence classifier
+    loaded from the script's own `--model_name_or_path` (never a scoring model named otherwise)."""
+    if _is_causal_lm(klass):
+        return request.model_name_or_path is None or _same_model(str(path), request.model_name_or_path)
+    return (_is_sequence_classifier(klass) and request.model_name_or_path is not None
+            and _same_model(str(path), request.model_name_or_path))
+
+
+def _is_sequence_classifier(klass) -> bool:
+    return any(base.__name__.endswith("ForSequenceClassification") for base in klass.__mro__)
 
 
 def _is_causal_lm(klass) -> bool:

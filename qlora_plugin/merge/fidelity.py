@@ -18,6 +18,7 @@ import os
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.files import write_json_atomic
 from qlora_plugin.merge import rounding_floor
+from qlora_plugin.merge.classifier import is_classifier_config, model_class
 from qlora_plugin.notices import library_deprecations
 from qlora_plugin.quant.cpu_guard import make_cpu_inference_safe
 from qlora_plugin.quant.layers import four_bit_layers
@@ -29,6 +30,9 @@ REPORT_FILE = "merge_report.json"
 # float32 arithmetic's own noise (by Pinsker, a total-variation distance of at most 0.07%).
 KL_FACTOR = 4.0
 KL_TOLERANCE = 1e-6
+# A reward model's classifier has one score per prompt, so no distribution to take a KL of: its gate is the largest
+# score difference relative to the largest reference score, at most KL_FACTOR times the rounding floor's plus this.
+SCORE_TOLERANCE = 1e-4
 FLOOR_SEED = 0
 MAX_TOKENS = 128  # per prompt: bounds the logits kept (positions x vocabulary, float32)
 NAIVE_MAX_PARAMS = 8e9  # the naive merge is shown up to this size: above it, a third full load is not worth it
@@ -156,8 +160,12 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
 
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
+    merged_config = AutoConfig.from_pretrained(merged_dir)
+    auto = model_class(merged_config)  # a causal LM, or a reward model's classifier (`merge.classifier`)
+    classifier = is_classifier_config(merged_config)
+    head = {"num_labels": merged_config.num_labels, "pad_token_id": merged_config.pad_token_id} if classifier else {}
     prompts = load_prompts(eval_data)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     if tokenizer.pad_token is None:
@@ -169,13 +177,14 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
 
     def logits(model):
         with torch.no_grad():
-            return model.eval()(**batch).logits[mask].float()
+            out = model.eval()(**batch).logits  # a classifier: one row of scores per prompt
+            return (out if classifier else out[mask]).float()
 
     if settings is None:  # trained on a 16-bit base: the reference is the adapter on it
-        base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32, **place)
+        base = auto.from_pretrained(base_folder, dtype=torch.float32, **place, **head)
     else:
         dtype = getattr(torch, settings.get("weight_dtype") or "float32")
-        base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=dtype, **place, quantization_config=(
+        base = auto.from_pretrained(base_folder, dtype=dtype, **place, **head, quantization_config=(
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings["bnb_4bit_quant_type"],
                                bnb_4bit_use_double_quant=settings["bnb_4bit_use_double_quant"],
                                bnb_4bit_compute_dtype=torch.float32)))
@@ -193,25 +202,30 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
     floor = compare(reference, logits(trained))
     del base, trained, layers
     gc.collect()  # one model in memory at a time: the reference, the merge, then the naive merge
-    merged = compare(reference, logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, **place)))
+    merged = compare(reference, logits(auto.from_pretrained(merged_dir, dtype=torch.float32, **place)))
     gc.collect()
-    bound = KL_FACTOR * floor["mean_kl"] + KL_TOLERANCE
-    report = {"prompts": len(prompts), "positions": int(mask.sum()), "output_dtype": out_dtype, "device": str(device),
+    if classifier:
+        gated, bound = "max_relative_logit_diff", KL_FACTOR * floor["max_relative_logit_diff"] + SCORE_TOLERANCE
+    else:
+        gated, bound = "mean_kl", KL_FACTOR * floor["mean_kl"] + KL_TOLERANCE
+    report = {"prompts": len(prompts), "positions": len(prompts) if classifier else int(mask.sum()), "output_dtype": out_dtype, "device": str(device),
               "merge": merged, "rounding_floor": floor,
-              "thresholds": {"max_mean_kl": bound, "kl_factor": KL_FACTOR, "kl_tolerance": KL_TOLERANCE}}
+              "thresholds": {f"max_{gated}": bound, "kl_factor": KL_FACTOR,
+                             "tolerance": SCORE_TOLERANCE if classifier else KL_TOLERANCE}}
     if settings is not None and params > NAIVE_MAX_PARAMS:
         report["naive_skipped"] = (f"{params / 1e9:.1f}B parameters: the naive merge is shown up to "
                                    f"{NAIVE_MAX_PARAMS / 1e9:.0f}B (it loads the model once more)")
     elif settings is not None:
         with library_deprecations():
-            naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
-                base_folder, dtype=getattr(torch, out_dtype), **place), adapter_dir).merge_and_unload().float()
+            naive = PeftModel.from_pretrained(auto.from_pretrained(
+                base_folder, dtype=getattr(torch, out_dtype), **place, **head), adapter_dir).merge_and_unload().float()
         report["naive_merge_into_16bit_base"] = compare(reference, logits(naive))
         del naive
         gc.collect()
-    failed = [] if merged["mean_kl"] <= bound else [  # a NaN KL fails too
-        f"mean KL {merged['mean_kl']:.2e} > {bound:.2e} = {KL_FACTOR:g} x the {out_dtype} rounding floor "
-        f"{floor['mean_kl']:.2e} + {KL_TOLERANCE:.0e}"]
+    failed = [] if merged[gated] <= bound else [  # a NaN fails too
+        f"{'max relative score difference' if classifier else 'mean KL'} {merged[gated]:.2e} > {bound:.2e} = "
+        f"{KL_FACTOR:g} x the {out_dtype} rounding floor {floor[gated]:.2e} + "
+        f"{SCORE_TOLERANCE if classifier else KL_TOLERANCE:.0e}"]
     report.update(passed=not failed, failures=failed)
     return report
 
@@ -228,7 +242,9 @@ def format_table(report: dict) -> str:
                      f"{figures['greedy_agreement']:>13.1%}")
     if "naive_skipped" in report:
         lines.append(f"  naive merge not shown: {report['naive_skipped']}")
-    verdict = f"mean KL {report['merge']['mean_kl']:.2e} <= {report['thresholds']['max_mean_kl']:.2e}"
+    gated = "mean_kl" if "max_mean_kl" in report["thresholds"] else "max_relative_logit_diff"
+    verdict = (f"{'mean KL' if gated == 'mean_kl' else 'max relative score difference'} "
+               f"{report['merge'][gated]:.2e} <= {report['thresholds'][f'max_{gated}']:.2e}")
     lines.append("  check: " + (f"passed ({verdict})" if report["passed"] else "FAILED: " + "; ".join(report["failures"])))
     return "\n".join(lines)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.merge import fidelity
+from qlora_plugin.merge.classifier import as_classifier, model_class
 from qlora_plugin.merge.inputs import (TOKENIZER_FILES, Adapter, BaseCheckpoint, check_record, load_adapter,
                                       open_base_file, resolve_base)
 from qlora_plugin.files import write_json_atomic
@@ -111,12 +112,11 @@ def quant_settings(adapter: Adapter, quant_type=None, double_quant=None, trained
 def model_layout(config, settings: dict | None) -> Layout:
     """Build an empty copy of the model; the 4-bit layers are the ones transformers' bitsandbytes rule picks."""
     import torch
-    from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = model_class(config).from_config(config)  # a causal LM, or a reward model's classifier
     except (ValueError, KeyError) as err:
         raise QLoRAPluginError(f"transformers cannot build a causal LM from this config ({err}).") from None
     conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
@@ -132,9 +132,9 @@ def _math_shape(shape, transposed):
     return tuple(reversed(shape)) if transposed else tuple(shape)
 
 
-def check_fit(adapter: Adapter, base: BaseCheckpoint, layout: Layout) -> dict:
+def check_fit(adapter: Adapter, base: BaseCheckpoint, layout: Layout, heads=()) -> dict:
     """Every adapter tensor must land on a base tensor of the right shape. Returns checkpoint shapes by name."""
-    shapes = {}
+    shapes = {name: tuple(adapter.replacements[name].shape) for name in heads}  # a classifier's, adapter-only
     for file in sorted(set(base.files.values())):
         with open_base_file(base, file) as f:
             shapes.update({layout.name(key): tuple(f.get_slice(key).get_shape()) for key in f.keys()})
@@ -329,9 +329,13 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None
     side_files = _side_files(checkpoint.folder, adapter.folder)
     settings = quant_settings(adapter, quant_type, double_quant, trained_on)
     config = load_config(checkpoint.folder)
+    heads = as_classifier(config, adapter)
     layout = model_layout(config, settings)
+    if heads:  # the base's tensors a classifier has no place for (its lm_head) are left out
+        checkpoint = BaseCheckpoint(checkpoint.folder, {k: f for k, f in checkpoint.files.items()
+                                                        if layout.name(k) in layout.params})
     _check_layer_count(settings, layout)
-    shapes = check_fit(adapter, checkpoint, layout)
+    shapes = check_fit(adapter, checkpoint, layout, heads)
     touched = set(adapter.replacements) | {f"{m}.weight" for m in adapter.lora}
     untie = bool(touched & (set(layout.tied) | set(layout.tied.values())))
     written = set(map(layout.name, checkpoint.files))
@@ -357,6 +361,8 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None
             writer = ShardWriter(tmp, shard_bytes)
             _stream(checkpoint, layout, adapter, settings, extra,
                     lambda key, value: writer.add(key, value.to(out_dtype) if value.is_floating_point() else value))
+            for name in heads:  # a reward model's classifier head: trained in full, only the adapter holds it
+                writer.add(name, adapter.replacements[name].to(out_dtype))
             writer.finish()
             summary.update(bytes=writer.total_bytes, shards=len(writer.shards))
             _write_config(config, tmp, out_dtype, untie)

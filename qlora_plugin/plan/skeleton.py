@@ -84,6 +84,7 @@ def skeleton(config, strategy, options: StrategyOptions, compute: str, pm=None, 
     pm = pm or get_plugin_manager()
     runtime = Runtime(device, compute == "bfloat16", "none")
     with init_empty_weights():
-        model = pm.hook.qlora_wrap_model(strategy=strategy, options=options, model=model, runtime=runtime)
+        model = pm.hook.qlora_wrap_model(strategy=strategy, options=options, model=model, runtime=runtime,
+                                         trainer_kind="sft")
     cast_trainable(model, trainable_dtype(compute, fp16_amp=False))  # as a training run keeps the adapter
     return model

@@ -7,7 +7,9 @@ override them for its own strategy, or for all. Parameters common to most hooks:
 - `strategy`: the `Strategy` the run asked for (`strategy.name`, `strategy.option_defaults`);
 - `options`: the run's `StrategyOptions` (dataclass defaults < the strategy's < the user's explicit values);
 - `runtime`: the `Runtime` (device type, native bf16, distributed engine, rank);
-- `model`: the model as loaded (`qlora_model_loaded`) or as wrapped (every later hook).
+- `model`: the model as loaded (`qlora_model_loaded`) or as wrapped (every later hook);
+- `trainer_kind`: which TRL trainer the strategy is applied to: `sft`, `dpo`, `kto`, `reward`, `grpo` or `rloo`
+  (`qlora_plugin.trainer_kinds`); None while a script loads its model itself, before it builds the trainer.
 """
 
 import pluggy
@@ -23,7 +25,7 @@ def qlora_register_strategies(register):
 
 
 @hookspec(firstresult=True)
-def qlora_model_init_kwargs(strategy, options, model_id, init_kwargs, runtime):
+def qlora_model_init_kwargs(strategy, options, model_id, init_kwargs, runtime, trainer_kind):
     """Called before the base model is loaded: return the `from_pretrained` kwargs to load `model_id` with.
 
     `init_kwargs` are the script's own (`SFTConfig.model_init_kwargs`, read-only); the returned dict replaces them
@@ -33,7 +35,7 @@ def qlora_model_init_kwargs(strategy, options, model_id, init_kwargs, runtime):
 
 
 @hookspec(firstresult=True)
-def qlora_load_model(strategy, options, model_id, init_kwargs, runtime):
+def qlora_load_model(strategy, options, model_id, init_kwargs, runtime, trainer_kind):
     """Called to load the base model: return the loaded `PreTrainedModel`, or None to leave it to the next plugin.
 
     `init_kwargs` is what `qlora_model_init_kwargs` returned. When the load replaces a script's own
@@ -45,13 +47,13 @@ def qlora_load_model(strategy, options, model_id, init_kwargs, runtime):
 
 
 @hookspec
-def qlora_model_loaded(strategy, options, model, runtime):
+def qlora_model_loaded(strategy, options, model, runtime, trainer_kind):
     """Called after the base model is loaded and before it is wrapped, also for a model object the script loaded
     itself: inspect or adjust it in place. Return values are ignored."""
 
 
 @hookspec(firstresult=True)
-def qlora_wrap_model(strategy, options, model, runtime):
+def qlora_wrap_model(strategy, options, model, runtime, trainer_kind):
     """Called after `qlora_model_loaded`: return the model wrapped for training (e.g. a `PeftModel`).
 
     The built-in implementation prepares a k-bit model for training and adds the LoRA adapter. `plan` calls it too,
@@ -60,17 +62,19 @@ def qlora_wrap_model(strategy, options, model, runtime):
 
 
 @hookspec(firstresult=True)
-def qlora_training_defaults(strategy, options, num_params, runtime):
-    """Called once the model is wrapped: return `{SFTConfig field: value}`, the recipe applied to every field the
-    user did not set (named on the command line or in YAML, or changed from the default in Python).
+def qlora_training_defaults(strategy, options, num_params, runtime, trainer_kind):
+    """Called once the model is wrapped: return `{config field: value}` (the trainer's `SFTConfig`, `DPOConfig`,
+    ...), the recipe applied to every field the user did not set (named on the command line or in YAML, or changed
+    from the default in Python).
 
-    `num_params` counts the model as trained in 16-bit. The built-in implementation is the paper's recipe.
+    `num_params` counts the model as trained in 16-bit. The built-in implementation is the paper's recipe for SFT
+    and a published QLoRA recipe for each other `trainer_kind` (docs/adoption.md).
     Stops at the first non-None result.
     """
 
 
 @hookspec(firstresult=True)
-def qlora_create_optimizer(strategy, options, model, training_args, runtime):
+def qlora_create_optimizer(strategy, options, model, training_args, runtime, trainer_kind):
     """Called when the trainer is built: return `(optimizer_class, optimizer_kwargs)` for the Trainer, or None.
 
     The Trainer builds its parameter groups (weight decay) and scheduler around the class as usual. The built-in
@@ -80,7 +84,7 @@ def qlora_create_optimizer(strategy, options, model, training_args, runtime):
 
 
 @hookspec
-def qlora_run_facts(strategy, options, explicit_options, model, training_args, runtime):
+def qlora_run_facts(strategy, options, explicit_options, model, training_args, runtime, trainer_kind):
     """Called once the trainer's arguments are settled: return a dict of facts for the summary and
     `qlora_plugin_report.json`, or None.
 
@@ -91,7 +95,7 @@ def qlora_run_facts(strategy, options, explicit_options, model, training_args, r
 
 
 @hookspec
-def qlora_trainer_callbacks(strategy, options, training_args, facts, runtime):
+def qlora_trainer_callbacks(strategy, options, training_args, facts, runtime, trainer_kind):
     """Called last, when the trainer is built: return a list of `transformers.TrainerCallback`s to add.
 
     `facts` is the run's summary (what `qlora_run_facts` gathered); callbacks may add measurements to it. Every

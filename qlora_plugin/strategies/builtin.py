@@ -69,8 +69,8 @@ def qlora_wrap_model(options, model, runtime):
 
 
 @hookimpl(trylast=True)
-def qlora_training_defaults(num_params, runtime):
-    return training_defaults(num_params, runtime)
+def qlora_training_defaults(num_params, runtime, trainer_kind):
+    return training_defaults(num_params, runtime, trainer_kind)
 
 
 @hookimpl(trylast=True)

@@ -1,4 +1,4 @@
-"""The paper's training recipe, applied to `SFTConfig` fields the user did not set.
+"""The training recipe, applied to the trainer config's fields the user did not set (`SFTConfig`, `DPOConfig`, ...).
 
 "Set" means named on the command line or in the YAML config, or (Python API) holding a value other than the
 config class's default. Explicit choices always win.
@@ -19,23 +19,45 @@ from qlora_plugin.runtime import Runtime
 MIXED_PRECISION = ("bf16", "fp16")
 
 
-def training_defaults(num_params: int, runtime: Runtime) -> dict:
-    """lr 2e-4 (1e-4 above 20B), max_grad_norm 0.3, constant schedule with 3% warmup, paged AdamW 32-bit,
-    gradient checkpointing (reentrant only where DeepSpeed ZeRO-3 requires it), and bf16 mixed precision only
-    where the device runs bf16 natively (TRL turns it on everywhere; emulated bf16 is many times slower), fp16
-    mixed precision on CUDA GPUs without it (`Runtime.half_dtype`)."""
+def training_defaults(num_params: int, runtime: Runtime, trainer_kind: str | None = "sft") -> dict:
+    """The paper's 4-bit training setup for every trainer: paged AdamW 32-bit, gradient checkpointing (reentrant
+    only where DeepSpeed ZeRO-3 requires it), and bf16 mixed precision only where the device runs bf16 natively
+    (TRL turns it on everywhere; emulated bf16 is many times slower), fp16 mixed precision on CUDA GPUs without it
+    (`Runtime.half_dtype`). Then the method's own published QLoRA recipe (`METHOD_RECIPES`, sources in
+    docs/adoption.md); for SFT the paper's: lr 2e-4 (1e-4 above 20B), max_grad_norm 0.3, constant schedule with 3%
+    warmup."""
     fp16 = {"fp16": True} if runtime.half_dtype == "float16" else {}  # adapters then stay fp32 (`trainable_dtype`)
-    return {
-        "bf16": runtime.bf16_native,
-        **fp16,
+    method = METHOD_RECIPES.get(trainer_kind) or {
         "learning_rate": 1e-4 if num_params > BIG_MODEL_PARAMS else 2e-4,
         "max_grad_norm": 0.3,
         "lr_scheduler_type": "constant_with_warmup",
         "warmup_steps": 0.03,
+    }
+    return {
+        "bf16": runtime.bf16_native,
+        **fp16,
+        **method,
         "optim": "paged_adamw_32bit",
         "activation_checkpointing": True,
         "activation_checkpointing_kwargs": {"use_reentrant": runtime.engine == "deepspeed_zero3"},
     }
+
+
+# Published QLoRA recipes per method (docs/adoption.md names each source); the 4-bit setup above comes with each.
+_ONLINE_RL = {  # Unsloth's QLoRA GRPO notebook (Llama 3.1 8B, load_in_4bit)
+    "learning_rate": 5e-6, "adam_beta1": 0.9, "adam_beta2": 0.99, "weight_decay": 0.1,
+    "lr_scheduler_type": "cosine", "warmup_steps": 0.1, "max_grad_norm": 0.1,
+}
+METHOD_RECIPES = {
+    # alignment-handbook, recipes/zephyr-7b-beta/dpo/config_qlora.yaml
+    "dpo": {"learning_rate": 5e-6, "beta": 0.01, "lr_scheduler_type": "cosine", "warmup_steps": 0.1},
+    # TRL, trl/scripts/kto.py, its QLoRA command
+    "kto": {"learning_rate": 5e-7, "lr_scheduler_type": "cosine", "warmup_steps": 0.1},
+    # TRL, examples/scripts/reward_modeling.py, its LoRA command
+    "reward": {"learning_rate": 1e-4},
+    "grpo": _ONLINE_RL,
+    "rloo": _ONLINE_RL,  # no published QLoRA RLOO recipe: GRPO's, the same family of online RL
+}
 
 
 # The field the Trainer reads -> its deprecated alias (the only name before transformers 5.24).

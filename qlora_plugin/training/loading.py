@@ -124,7 +124,7 @@ def load_for_script(request: StrategyRequest, architecture, model_id: str, kwarg
     """The model a script loads with `architecture.from_pretrained(model_id, **kwargs)`, loaded as the strategy
     loads it (4-bit config, dtype, device map, the quantized cache), keeping the script's other kwargs."""
     pm, strategy, options = resolve(request)
-    hooks = Hooks(pm, strategy=strategy, options=options, runtime=detect_runtime())
+    hooks = Hooks(pm, strategy=strategy, options=options, runtime=detect_runtime(), trainer_kind=None)  # not built yet
     init = script_init_kwargs(kwargs, request.explicit_training_args, options)
     trust_remote_code = bool(init.pop("trust_remote_code", False))
     model = load_model(hooks, model_id, {**init, "architecture": architecture}, options, trust_remote_code)

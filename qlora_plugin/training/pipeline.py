@@ -1,8 +1,9 @@
-"""Applying a strategy to `SFTTrainer` arguments: the lifecycle hooks, called in order for one trainer.
+"""Applying a strategy to a TRL trainer's arguments: the lifecycle hooks, called in order for one trainer.
 
-`prepare_trainer_kwargs` is what the TRL patch calls and what the Python API exposes; it returns keyword
-arguments for an unmodified `SFTTrainer`. Everything a strategy or a feature does happens in a hook
-implementation (`plugin.specs`); this module only checks the input, calls the hooks and gathers the facts.
+`prepare_trainer_kwargs` is what the TRL patches call (for every trainer in `trainer_kinds.KINDS`) and what the
+Python API exposes; it returns keyword arguments for the unmodified trainer. Everything a strategy or a feature
+does happens in a hook implementation (`plugin.specs`); this module only checks the input, calls the hooks and
+gathers the facts.
 """
 
 from __future__ import annotations
@@ -32,15 +33,21 @@ from qlora_plugin.training.loading import (
     SCRIPT_LOADED, Hooks, load_model, refuse_8bit, resolve, script_init_kwargs,
 )
 from qlora_plugin.training.model_checks import check_model_argument
+from qlora_plugin.training.trainer_setup import (
+    check_kind_options, init_method, load_kwargs_for_kind, note_zero_start, options_for_kind, reference_fact,
+)
+from qlora_plugin.trainer_kinds import KINDS, TrainerKind
 
 logger = logging.getLogger(__name__)
 
-def _default_args(model):
-    from trl import SFTConfig
+def _default_args(model, kind: TrainerKind):
+    """The config the trainer would make itself when built without `args` (TRL names the folder `<model>-<KIND>`)."""
+    import trl
 
     name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
     with library_deprecations():  # TRL's default `gradient_checkpointing=True`, not a name the user chose
-        return SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
+        return getattr(trl, kind.config_class)(
+            f"{str(name).rstrip('/').split('/')[-1]}-{kind.class_name.removesuffix('Trainer')}")
 
 
 def record_local_base(model) -> None:
@@ -90,21 +97,27 @@ def _merge_facts(facts: dict, extra: dict | None) -> None:
             facts[key] = value
 
 
-def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=None) -> dict:
-    """Return `SFTTrainer` keyword arguments with the strategy applied. `trainer_kwargs` is not modified.
+def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=None, trainer_kind: str = "sft") -> dict:
+    """Return keyword arguments for the TRL trainer of `trainer_kind` (`trainer_kinds.KINDS`: sft, dpo, kto, reward,
+    grpo, rloo) with the strategy applied. `trainer_kwargs` is not modified.
 
     The model is loaded and wrapped here (so `quantization_config`/`peft_config` are no longer passed on);
     a `peft_config` or `quantization_config` you pass yourself wins over the strategy's.
     """
     kwargs = dict(trainer_kwargs)
+    kind = KINDS[trainer_kind]
     pm, strategy, options = resolve(request, pm)
+    auto_init = options.init_lora_weights == "auto"
+    options = options_for_kind(options, kind, request.options)
+    check_kind_options(options, kind)
     explicit = set(request.explicit_training_args)
     model = kwargs.get("model")
     check_model_argument(model)
-    args = kwargs.get("args") or _default_args(model)
-    check_sft_datasets(kwargs, args)  # before the model is loaded: a wrong column fails in seconds, not minutes
+    args = kwargs.get("args") or _default_args(model, kind)
+    if kind.name == "sft":
+        check_sft_datasets(kwargs, args)  # before the model is loaded: a wrong column fails in seconds, not minutes
     runtime = detect_runtime()
-    hooks = Hooks(pm, strategy=strategy, options=options, runtime=runtime)
+    hooks = Hooks(pm, strategy=strategy, options=options, runtime=runtime, trainer_kind=kind.name)
     set_seed(args.seed)  # as SFTTrainer does before building the model: `--seed` fixes the LoRA initialisation
     user_quant = kwargs.pop("quantization_config", None)
     user_peft = kwargs.pop("peft_config", None)
@@ -116,7 +129,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     if isinstance(model, str):
         loaded_by = "strategy"
         init = {**(args.model_init_kwargs or {}), **({"quantization_config": user_quant} if user_quant else {})}
-        init = script_init_kwargs(init, explicit, options)
+        init = load_kwargs_for_kind(script_init_kwargs(init, explicit, options), kind)
         trust_remote_code = bool(init.pop("trust_remote_code", args.trust_remote_code))
         model = load_model(hooks, model, init, options, trust_remote_code)
         args.model_init_kwargs = None  # consumed here; TRL must not warn that they are ignored
@@ -125,7 +138,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         refuse_8bit(user_quant)
         if options.load_in_4bit and not getattr(model, "is_loaded_in_4bit", False):
             raise QLoRAPluginError(
-                f"Strategy {strategy.name!r} trains a 4-bit base, but SFTTrainer got a 16-bit model object the "
+                f"Strategy {strategy.name!r} trains a 4-bit base, but {kind.class_name} got a 16-bit model object the "
                 "plugin did not load (built in code, loaded before `import trl`, or not the model named by "
                 "--model_name_or_path). Load it after `import trl` with `from_pretrained(<model>)` (the strategy "
                 "then loads it in 4-bit), pass its name or folder as `model`, or use `--strategy lora`."
@@ -143,6 +156,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
             model = get_peft_model(model, user_peft)
     else:
         model = hooks.qlora_wrap_model(model=model)
+        note_zero_start(model, kind, auto_init)
 
     num_params = count_parameters(model)
     defaults = hooks.qlora_training_defaults(num_params=num_params) or {}
@@ -162,6 +176,8 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
 
     facts = {
         "strategy": strategy.name,
+        "trainer_kind": kind.name,
+        "trainer": kind.class_name,
         "plugin": strategy.plugin,
         "source": request.source,
         "loaded_by": loaded_by,
@@ -178,6 +194,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         "user_kept": kept,
         "fallbacks": [],
         "memory_budget": budget,
+        "reference": reference_fact(kind, kwargs.get("ref_model"), init_method(model), args),
     }
     facts["fallbacks"].extend(budget["notes"] if budget else [])
     if hub_code.status():
@@ -185,7 +202,9 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     for extra in reversed(hooks.qlora_run_facts(explicit_options=dict(request.options), model=model,
                                                 training_args=args)):
         _merge_facts(facts, extra)  # in registration order: the built-in notes first
-    facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type, compute, pm)
+    # the plan models SFT's batches; for the other trainers no prediction is shown rather than a wrong one
+    facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type, compute, pm) \
+        if kind.name == "sft" else None
     callbacks = [*(kwargs.get("callbacks") or []), resume_guard]
     for extra in hooks.qlora_trainer_callbacks(training_args=args, facts=facts):
         callbacks.extend(extra or [])

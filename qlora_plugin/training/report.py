@@ -63,6 +63,10 @@ def _plugins(loaded: dict) -> str:
 def format_summary(facts: dict) -> str:
     q, a, o = facts.get("quantization"), facts["adapter"], facts["optimizer"]
     lines = [f"[qlora-plugin] strategy {facts['strategy']} (from {facts['plugin']}, requested via {facts['source']})"]
+    if facts.get("trainer_kind", "sft") != "sft":
+        lines.append(f"  trainer    : {facts['trainer']} (trl {facts['trainer_kind']})")
+    if facts.get("reference"):
+        lines.append(f"  reference  : {facts['reference']}")
     if facts.get("loaded_by", "strategy") != "strategy":
         lines.append(f"  loaded by  : {facts['loaded_by']}")
     if "plugins" in facts:
