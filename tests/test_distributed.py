@@ -216,7 +216,7 @@ def test_engine_settings(engine, storage, device_map, reentrant):
     from qlora_plugin.quant.config import model_init_kwargs
     from qlora_plugin.strategies.recipe import training_defaults
 
-    runtime = Runtime(**GPU, engine=engine, process_index=1, num_processes=1 if engine == "none" else 2)
+    runtime = Runtime(**GPU, engine=engine, process_index=1, num_processes=1 if engine == "none" else 2, device_index=1)
     kwargs = model_init_kwargs(StrategyOptions(), {}, runtime)
     config = kwargs["quantization_config"]
     assert kwargs["dtype"] == torch.bfloat16 and config.bnb_4bit_compute_dtype == torch.bfloat16
