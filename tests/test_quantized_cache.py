@@ -93,7 +93,8 @@ def test_key_follows_the_device_kind_and_the_library_versions():
     assert cpu["torch"] == torch.__version__.split("+")[0] and cpu["bitsandbytes"] == bitsandbytes.__version__
     assert (cpu["device"], gpu0["device"]) == ("cpu", "cuda") and gpu0 == gpu1  # the kernel, not which GPU
     assert _entry_name("m", {}, cpu) != _entry_name("m", {}, gpu0)
-    assert quantizing_device(Runtime("cuda", True, "ddp", process_index=1, num_processes=2)) == "cuda:1"
+    assert quantizing_device(Runtime("cuda", True, "ddp", process_index=1, num_processes=2, device_index=1)) == "cuda:1"
+    assert quantizing_device(Runtime("cuda", True, "ddp", process_index=1, num_processes=2, device_index=0)) == "cuda:0"
     assert quantizing_device(Runtime("cpu", False, "ddp", process_index=1, num_processes=2)) == "cpu"
 
 
