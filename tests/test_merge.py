@@ -214,7 +214,7 @@ def test_output_is_a_plain_safetensors_model_that_loads_without_the_plugin(merge
     base, _, out = merged("gpt2, Conv1D + tied embedding LoRA")
     names = sorted(p.name for p in out.iterdir())
     assert names == ["chat_template.jinja", "config.json", "generation_config.json", "merge_report.json",
-                     "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+                     "model.safetensors", "qlora_plugin_merge.json", "tokenizer.json", "tokenizer_config.json"]
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "float32" and "quantization_config" not in config
     assert config["tie_word_embeddings"] is False  # the embedding changed, lm_head did not: no longer tied
