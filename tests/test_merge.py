@@ -221,7 +221,7 @@ def test_output_is_a_plain_safetensors_model_that_loads_without_the_plugin(merge
     base, _, out = merged("gpt2, Conv1D + tied embedding LoRA")
     names = sorted(p.name for p in out.iterdir())
     assert names == ["chat_template.jinja", "config.json", "generation_config.json", "merge_report.json",
-                     "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+                     "model.safetensors", "qlora_plugin_merge.json", "tokenizer.json", "tokenizer_config.json"]
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "float32" and "quantization_config" not in config
     assert config["tie_word_embeddings"] is False  # the embedding changed, lm_head did not: no longer tied
@@ -388,7 +388,7 @@ def test_no_check_and_eval_data(trained_adapter, tmp_path, capsys):
     checked = tmp_path / "checked"
     assert cli.main(["merge", "--adapter", str(trained_adapter), "--out", str(checked), "--eval_data",
                      str(DATA / "test.jsonl")]) == 0
-    assert json.loads((checked / "merge_report.json").read_text())["prompts"] == 8  # prompt+completion rows
+    assert json.loads((checked / "merge_report.json").read_text())["prompts"] == 16  # prompt+completion rows, up to 16
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"label": 1}\n')
     assert cli.main(["merge", "--adapter", str(trained_adapter), "--out", str(tmp_path / "never"), "--eval_data",
