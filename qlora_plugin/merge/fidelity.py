@@ -210,8 +210,8 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
         gated, bound = "mean_kl", KL_FACTOR * floor["mean_kl"] + KL_TOLERANCE
     report = {"prompts": len(prompts), "positions": len(prompts) if classifier else int(mask.sum()), "output_dtype": out_dtype, "device": str(device),
               "merge": merged, "rounding_floor": floor,
-              "thresholds": {f"max_{gated}": bound, "kl_factor": KL_FACTOR,
-                             "tolerance": SCORE_TOLERANCE if classifier else KL_TOLERANCE}}
+              "thresholds": {f"max_{gated}": bound, "kl_factor": KL_FACTOR, **(
+                  {"score_tolerance": SCORE_TOLERANCE} if classifier else {"kl_tolerance": KL_TOLERANCE})}}
     if settings is not None and params > NAIVE_MAX_PARAMS:
         report["naive_skipped"] = (f"{params / 1e9:.1f}B parameters: the naive merge is shown up to "
                                    f"{NAIVE_MAX_PARAMS / 1e9:.0f}B (it loads the model once more)")
