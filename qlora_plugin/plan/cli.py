@@ -23,6 +23,7 @@ from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy, hook_f
 from qlora_plugin.sizes import parse_memory
 
 GIB = 2**30
+TRL_DEFAULT_BATCH = 8  # `per_device_train_batch_size` of TRL's SFTConfig: the samples per step a budget keeps
 # Named GPUs without native bf16 (compute capability below 8.0): the strategy trains in fp16 there, with fp32
 # adapters (`Runtime.half_dtype`), so `--gpu-memory NAME` plans with that unless `--dtype` says otherwise.
 NO_NATIVE_BF16 = ("t4", "v100-32gb")
@@ -182,9 +183,9 @@ def _budget_choice(args, name: str, settings, given: dict, hooks) -> dict:
     options = build_options(dict(strategy.option_defaults), given)
     budget, how = budget_bytes(options.memory_budget, settings.device)
     explicit = args.batch_size if args.batch_size_given else None
-    choice = choose(config, name, strategy, options, settings, budget,
-                    args.batch_size * args.gradient_accumulation_steps, settings.eval_batch_size, explicit,
-                    args.eval_batch_size, options.strict_budget, pm)
+    per_device = args.batch_size if args.batch_size_given else TRL_DEFAULT_BATCH  # as a training run's default
+    choice = choose(config, name, strategy, options, settings, budget, per_device * args.gradient_accumulation_steps,
+                    settings.eval_batch_size, explicit, args.eval_batch_size, options.strict_budget, pm)
     return {**choice, "how": how}
 
 
@@ -221,6 +222,8 @@ def main(argv: list[str]) -> int:
                   f"per-device batch {choice['per_device_train_batch_size']} x accumulation "
                   f"{choice['gradient_accumulation_steps']}, eval batch {choice['per_device_eval_batch_size']}; "
                   f"predicted peak {_size(choice['predicted_peak_bytes'])} (eval {_size(choice['predicted_eval_peak_bytes'])})")
+            for note in choice["notes"]:
+                print(f"warning: {note}")
     if args.plot:
         write_plot(plans, args.plot, args.model, gpu_memory, args.gpu_memory)
         if not args.json:
