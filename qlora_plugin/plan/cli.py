@@ -55,6 +55,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="Compute dtype (default: bf16 on cuda; fp16 with fp32 adapters when --gpu-memory names a "
                              f"GPU without bf16: {', '.join(NO_NATIVE_BF16)}; fp32 on a CPU without bf16).")
     parser.add_argument("--device", default="cuda", help="cuda (allocator peak) or cpu (process RSS).")
+    parser.add_argument("--malloc", default="tuned", choices=("tuned", "glibc"),
+                        help="--device cpu: glibc's malloc as `qlora-plugin run` starts it (tuned, default) or with "
+                             "its defaults (glibc; the allocator then holds about twice as much, docs/plan.md).")
     parser.add_argument("--gpu-memory", default=None, help="Say whether the peak fits: 48GB, 80GiB, a100-80gb, ...")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="Also draw stacked bars per strategy.")
@@ -116,6 +119,9 @@ def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "")
                      f"{'LoRA init ' + d['lora_init'] + ', ' if d.get('lora_init') else ''}trainable "
                      f"{d['trainable_params']:,} params{bits}; activations without/with checkpointing "
                      f"{_size(d['activations_without_checkpointing'])} / {_size(d['activations_with_checkpointing'])}")
+        lines.append(f"  loss: {d['loss_path']}; allocator: {d['allocator_how']}"
+                     + (f"; the {d['lora_init']} start holds {_size(d['start_transient_bytes'])} before the first step"
+                        if d.get("start_transient_bytes") else ""))
     lines += _sharded_loading_notes(plans, gpu_memory)
     return "\n".join(lines)
 
@@ -205,7 +211,7 @@ def main(argv: list[str]) -> int:
         dtype = "float16"
     settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, eval_batch_size=args.eval_batch_size,
                             device=args.device, dtype=dtype,
-                            optim=args.optim, gradient_checkpointing=args.gradient_checkpointing,
+                            optim=args.optim, gradient_checkpointing=args.gradient_checkpointing, malloc=args.malloc,
                             trust_remote_code=args.trust_remote_code)
     plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks)
     choice = _budget_choice(args, strategy or "qlora", settings, given, hooks) if given.get("memory_budget") else None

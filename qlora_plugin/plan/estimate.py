@@ -50,15 +50,15 @@ CPU_RUNTIME_BYTES = 520 * 2**20
 # estimate, not yet measured by this project (CUDA 12 with lazy module loading typically takes 300-600 MiB);
 # examples/gpu_smoke.py measures it (free memory before and after CUDA starts).
 CUDA_CONTEXT_BYTES = 500 * 2**20
-# What the memory allocator holds beyond the tensors a training step has alive, as a share of the step's
-# transients (activations, loss, gradients: what is allocated and freed every step). CPU, glibc's malloc with its
-# defaults: measured at hidden 1024 / 8 layers / 512 tokens on this machine (docs/plan.md, "Where the bytes go"):
-# the process's peak RSS grows by about 3 bytes per byte of live transient tensors (freed blocks cached in per-thread
-# arenas and fragmented between steps). With `qlora-plugin run` (glibc's small-block caches off, the heap's top kept):
-# ALLOCATOR_SHARE["tuned"]. CUDA: the caching allocator rounds large blocks up to 2 MiB and keeps freed ones for
-# reuse; 10% of the transients is an estimate (PyTorch's allocator notes; not measured here: examples/gpu_smoke.py
-# measures reserved minus allocated on a GPU).
-ALLOCATOR_SHARE = {"glibc": 2.0, "tuned": 1.0, "cuda": 0.1}
+# What the memory allocator holds beyond the tensors a training step has alive, per byte of the step's transients
+# (activations, loss, gradients: allocated and freed every step). CPU, measured at hidden 1024 / 8 layers / 512
+# tokens on this machine (examples/step_memory.py; docs/plan.md, "Where the bytes go"): glibc with its defaults keeps
+# freed blocks cached in per-thread arenas and fragmented, about 2.8-3.3 bytes per byte (batch 1 to 8; 3.2, the
+# upper end, so a budget holds); with `qlora-plugin run` (small-block caches off, the heap's top kept) 1.27-1.42
+# (batch 4 and 1). CUDA: the caching allocator rounds large blocks up to 2 MiB and keeps freed ones for reuse; 10% is
+# an estimate (PyTorch's allocator design; not measured here: examples/gpu_smoke.py measures reserved minus
+# allocated on a GPU).
+ALLOCATOR_SHARE = {"glibc": 3.2, "tuned": 1.35, "cuda": 0.1}
 MALLOC_MODES = ("tuned", "glibc")
 
 # bitsandbytes pages an optimizer's state only for parameters of at least this many elements
