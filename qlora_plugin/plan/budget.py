@@ -15,9 +15,9 @@ import dataclasses
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.options import StrategyOptions
 from qlora_plugin.plan.estimate import (
-    CUDA_CONTEXT_BYTES, TRAINING_ONLY, PlanSettings, plan_strategy, running_malloc_mode,
+    CUDA_CONTEXT_BYTES, GLIBC_MMAP_THRESHOLD, TRAINING_ONLY, PlanSettings, plan_strategy, running_malloc_mode,
 )
-from qlora_plugin.plan.loss import eval_peak_bytes, train_loss_term
+from qlora_plugin.plan.loss import buffer_bytes, eval_peak_bytes, train_loss_term
 from qlora_plugin.sizes import parse_memory
 
 MiB = 2**20
@@ -88,13 +88,16 @@ class Peaks:
     eval_stack_per_sample: int | None = None
     start: int = 0  # the adapter's start's transient (`plan.start`)
     share: float = 0.0  # the allocator's share of a transient (`estimate.ALLOCATOR_SHARE`)
+    cuda: bool = False
 
     def offset(self) -> int:
         return 0 if self.in_use is None else self.in_use - self.resident
 
     def train(self, batch: int) -> int:
         loss = 0 if self.head is None else train_loss_term(self.head, batch, self.layer_phase_per_sample)
-        step = self.step_base + batch * self.step_per_sample + int((1 + self.share) * loss)
+        mapped = self.head is not None and not self.cuda and buffer_bytes(self.head, batch) >= GLIBC_MMAP_THRESHOLD
+        kept_by_allocator = 0 if mapped else self.share * loss  # as `estimate.plan_strategy` counts it
+        step = self.step_base + batch * self.step_per_sample + int(loss + kept_by_allocator)
         return self.resident + max(step, self.start) + self.offset()
 
     def eval(self, batch: int) -> int:
@@ -124,7 +127,8 @@ def peaks(config, name, strategy, options: StrategyOptions, settings: PlanSettin
     else:
         eval_slope, eval_base, stack = 0, eval_kept, one.details["eval_stack_per_sample"]
     return Peaks(resident, step_one - slope, slope, eval_base, eval_slope, in_use, head,
-                 one.details["layer_phase_per_sample"], stack, one.details["start_transient_bytes"], share)
+                 one.details["layer_phase_per_sample"], stack, one.details["start_transient_bytes"], share,
+                 settings.device == "cuda")
 
 
 def readable(n: int) -> str:

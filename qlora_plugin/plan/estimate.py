@@ -238,6 +238,16 @@ def qlora_base_bytes(model: str, compute: str = "float32", options: StrategyOpti
     return costs["packed"] + costs["constants"] + costs["other"]
 
 
+GLIBC_MMAP_THRESHOLD = 32 * 2**20  # the most glibc's moving threshold reaches; `qlora-plugin run` fixes it there
+
+
+def _mapped(head: dict, batch_size: int) -> bool:
+    """Whether the fused head's buffer is large enough for glibc to map it on its own (returned when freed)."""
+    from qlora_plugin.plan.loss import buffer_bytes
+
+    return buffer_bytes(head, batch_size) >= GLIBC_MMAP_THRESHOLD
+
+
 def plan_strategy(config, name: str, strategy, options: StrategyOptions, settings: PlanSettings, pm=None) -> Plan:
     """Predict the peak of one strategy; `strategy` None is 16-bit full fine-tuning (`name` then `full`)."""
     full = strategy is None
@@ -279,7 +289,11 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
     # and activations exist: it raises the peak only by what it holds beyond them
     transients = sum(components[k] for k in ("gradients", "activations", "loss"))
     allocator_share = ALLOCATOR_SHARE["cuda" if cuda else settings.malloc]
-    components["allocator"] = int(allocator_share * transients)
+    # on CPU glibc maps blocks of 32 MiB and more on their own and returns them when freed: the fused head's
+    # buffer (tokens x 32,768) is one of those from 512 tokens on, and leaves nothing behind in the heap
+    retained = transients if cuda or not acts["head"] or not _mapped(acts["head"], settings.batch_size) \
+        else transients - components["loss"]
+    components["allocator"] = int(allocator_share * retained)
     step = components["optimizer"] + transients + components["allocator"]
     components["start"] = max(start["total"] - step, 0)
     paged = paged_optimizer_bytes(optim, trainable) if cuda else 0

@@ -142,3 +142,8 @@ def fused_how(device: str) -> str:
     if device == "cuda":
         return "TRL's fused LM head, estimated from TRL's source (Triton path; not measured here)"
     return "TRL's fused LM head, counted on meta tensors (TRL's CPU path)"
+
+
+def buffer_bytes(shape: dict, batch_size: int) -> int:
+    """The fused head's tile buffer for `batch_size` rows: (tokens, at most 4,096) x 32,768 in the compute dtype."""
+    return min(batch_size * (shape["seq_len"] - 1), _token_chunk()) * _vocab_chunk() * shape["compute_itemsize"]
