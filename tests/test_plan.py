@@ -477,7 +477,7 @@ def test_the_fused_head_counted_on_meta_tensors_is_what_trl_holds_on_cpu():
     import torch
     from trl.kernels import chunked_logprob
 
-    from qlora_plugin.plan.activations import LiveBytes
+    from qlora_plugin.plan.live import LiveBytes
     from qlora_plugin.plan.loss import fused_head, fused_loss_bytes
 
     assert fused_head()
@@ -585,3 +585,39 @@ def test_a_run_more_than_10_percent_off_the_plan_says_so_in_one_line():
     line = prediction_off_line(memory)
     assert line.count("\n") == 0 and "3,036 MiB" in line and "1,444 MiB" in line and "-52%" in line
     assert prediction_off_line({**memory, "prediction_error": 0.08}) is None
+
+
+def test_the_default_start_is_in_the_plan_and_the_budget(tiny_models):
+    """`init_lora_weights auto` (the calibrated LoftQ start) holds every layer's fp32 factors, one layer's
+    temporaries and the inputs' statistics before the first step (issue 26.2); peft's start holds nothing. The peak
+    is what is resident plus the larger of the start and a training step, in the plan and in the budget."""
+    import dataclasses
+
+    from qlora_plugin.model_config import load_config
+    from qlora_plugin.options import build_options
+    from qlora_plugin.plan.budget import peaks
+    from qlora_plugin.plan.estimate import PlanSettings, plan_strategy
+    from qlora_plugin.plan.start import PER_ELEMENT
+    from qlora_plugin.strategies.builtin import QLORA
+
+    config = load_config(tiny_models["llama"])
+    settings = PlanSettings(seq_len=64, device="cpu")
+    plans = {init: plan_strategy(config, "qlora", QLORA, build_options(dict(QLORA.option_defaults),
+                                                                         {"init_lora_weights": init}), settings)
+             for init in ("default", "loftq", "loftq_calibrated")}
+    assert plans["default"].details["start_transient_bytes"] == plans["default"].components["start"] == 0
+    loftq, calibrated = (plans[k].details for k in ("loftq", "loftq_calibrated"))
+    trainable = loftq["trainable_params"]
+    parts = loftq["start_parts"]
+    assert parts["adapters_fp32"] == 4 * trainable and parts["layer"] % PER_ELEMENT == 0 and parts["statistics"] == 0
+    assert calibrated["start_parts"]["statistics"] > 0
+    assert calibrated["start_transient_bytes"] > loftq["start_transient_bytes"]
+    plan = plans["loftq_calibrated"]
+    step = sum(plan.components[k] for k in ("optimizer", "gradients", "activations", "loss", "allocator"))
+    assert plan.components["start"] == max(calibrated["start_transient_bytes"] - step, 0)
+    options = build_options(dict(QLORA.option_defaults), {"init_lora_weights": "loftq_calibrated"})
+    p = peaks(config, "qlora", QLORA, options, settings)
+    for b in (1, 4):
+        at_b = plan_strategy(config, "qlora", QLORA, options, dataclasses.replace(settings, batch_size=b,
+                                                                                  eval_batch_size=b))
+        assert p.train(b) == pytest.approx(at_b.total_bytes, rel=1e-4)

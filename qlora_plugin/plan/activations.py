@@ -3,8 +3,7 @@
 A forward pass of the strategy's meta-device skeleton (4-bit stand-ins, LoRA with its dropout, the real dtypes)
 runs under `torch.autograd.graph.saved_tensors_hooks`, which sees every tensor autograd keeps for the backward
 pass; their storages (deduplicated, parameters excluded) are the activations. It runs with 1 and 2 decoder
-layers: the difference is one layer, the rest is the embedding, the head and the loss (the fp32 logits, often
-the largest term for small models). Meta tensors have shapes and dtypes but no data, so this takes a second
+layers: the difference is one layer, the rest is the embedding and the final norm (and the head and loss, below). Meta tensors have shapes and dtypes but no data, so this takes a second
 even for 65B.
 
 - Attention: meta tensors always take SDPA's math path, which keeps the (seq x seq) scores. On CUDA and CPU
@@ -15,9 +14,11 @@ even for 65B.
   those copies, as under autocast (e.g. q, k, v in bf16 while the qlora residual stream is fp32).
 - Gradient checkpointing (non-reentrant, what the recipe uses) keeps each layer's input hidden states and
   recomputes one layer at a time during the backward: embedding/head/loss + L x input + one full layer.
-- Backward transient: when the loss backward starts, the gradient of the fp32 logits (batch x seq x vocab) exists
-  beside everything saved; while a layer is backpropagated its gradients (about one layer's activations) exist
-  beside its saved tensors. Both are added. Measured errors: docs/plan.md.
+- The head and loss: with TRL's fused LM head (TRL 1.16) only the decoder stack runs here and `plan.loss` prices
+  the head; with an older TRL the model's own loss runs, keeping the fp32 logits, whose gradient exists when the
+  backward starts.
+- Backward transient: while a layer is backpropagated, the gradients it produces beside its saved tensors, a
+  measured share of them (`LAYER_GRADIENTS`). Measured errors: docs/plan.md.
 """
 
 from __future__ import annotations
@@ -234,54 +235,6 @@ def activation_bytes(config, build, batch_size: int, seq_len: int, checkpointing
     }
 
 
-class LiveBytes:
-    """While entered: the bytes of every storage an operation creates, followed until its last tensor is freed
-    (`now`, and the most at once, `peak`), the way the allocator sees them. Works on meta tensors."""
-
-    def __init__(self):
-        self.now, self.peak, self._mode = 0, 0, None
-
-    def __enter__(self):
-        import weakref
-
-        import torch
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        holders: dict[int, int] = {}  # storage -> how many live tensors use it (a storage is freed with its last)
-        live = self
-
-        def release(key, nbytes):
-            holders[key] -= 1
-            if not holders[key]:
-                del holders[key]
-                live.now -= nbytes
-
-        class Track(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in torch.utils._pytree.tree_leaves(out):
-                    if not isinstance(t, torch.Tensor):
-                        continue
-                    storage = t.untyped_storage()
-                    key = storage._cdata  # views and `_unsafe_view` results share their input's storage
-                    if key not in holders:
-                        holders[key] = 0
-                        live.now += storage.nbytes()
-                        live.peak = max(live.peak, live.now)
-                    holders[key] += 1
-                    weakref.finalize(t, release, key, storage.nbytes())
-                return out
-
-        self._mode = Track()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._mode.__exit__(*exc)
-        self._mode = None
-        return False
-
-
 def eval_transient(model, batch_size: int, seq_len: int, device: str = "cpu") -> dict:
     """{"total": the most memory an evaluation forward of `model` holds at once beyond its weights, "stack": the
     decoder stack's own part of it per row (with TRL's fused head; else None), "head"} (meta device).
@@ -294,6 +247,7 @@ def eval_transient(model, batch_size: int, seq_len: int, device: str = "cpu") ->
     """
     import torch
 
+    from qlora_plugin.plan.live import LiveBytes
     from qlora_plugin.plan.loss import eval_peak_bytes, fused_head, head_shape
 
     fused = fused_head()

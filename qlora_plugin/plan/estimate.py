@@ -328,7 +328,9 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
         "start_parts": {k: v for k, v in start.items() if k != "total"},
         "mixed_precision": amp_dtype(compute),
         "allocator_share": allocator_share,
-        "allocator_how": ("CUDA caching allocator: an estimate (10% of the step's transients), not measured" if cuda
+        "allocator_how": ("CUDA caching allocator: 10% of the step's transients, an estimate (not measured); "
+                          "runtime: the CUDA context, 500 MiB, an estimate (CUDA 12 with lazy loading: 300-600 MiB)"
+                          if cuda
                           else f"glibc malloc, {'tuned by `qlora-plugin run`' if settings.malloc == 'tuned' else 'its defaults'}: "
                                f"{allocator_share:g} x the step's transients, measured (docs/plan.md)"),
         "optimizer_paged_bytes": paged,

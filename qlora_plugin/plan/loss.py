@@ -56,7 +56,7 @@ def _tracked_peaks(tokens: int, hidden: int, vocab: int, compute_dtype) -> tuple
     import torch
     from trl.kernels import chunked_logprob
 
-    from qlora_plugin.plan.activations import LiveBytes
+    from qlora_plugin.plan.live import LiveBytes
 
     chunk = _vocab_chunk()
     hidden_states = torch.empty(tokens, hidden, device="meta", dtype=compute_dtype, requires_grad=True)
