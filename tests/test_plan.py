@@ -540,7 +540,7 @@ def test_budget_messages_use_what_the_budget_allows_and_readable_sizes(tiny_mode
     with pytest.raises(QLoRAPluginError) as close:
         choose(config, "qlora", QLORA, options, settings, budget, 8, 8)
     message = str(close.value)
-    assert "Changes that fit" in message and "--max_length 256" in message
+    assert "Changes that fit" in message and "raise --memory_budget to at least" in message
     usable = int(budget * (1 - PLAN_ERROR_MARGIN))
     for flag, changed in (("--max_length 256", {"seq_len": 256}), ("--optim paged_adamw_8bit",
                                                                   {"optim": "paged_adamw_8bit"})):
