@@ -3,8 +3,7 @@
 A forward pass of the strategy's meta-device skeleton (4-bit stand-ins, LoRA with its dropout, the real dtypes)
 runs under `torch.autograd.graph.saved_tensors_hooks`, which sees every tensor autograd keeps for the backward
 pass; their storages (deduplicated, parameters excluded) are the activations. It runs with 1 and 2 decoder
-layers: the difference is one layer, the rest is the embedding, the head and the loss (the fp32 logits, often
-the largest term for small models). Meta tensors have shapes and dtypes but no data, so this takes a second
+layers: the difference is one layer, the rest is the embedding and the final norm (and the head and loss, below). Meta tensors have shapes and dtypes but no data, so this takes a second
 even for 65B.
 
 - Attention: meta tensors always take SDPA's math path, which keeps the (seq x seq) scores. On CUDA and CPU
@@ -15,9 +14,11 @@ even for 65B.
   those copies, as under autocast (e.g. q, k, v in bf16 while the qlora residual stream is fp32).
 - Gradient checkpointing (non-reentrant, what the recipe uses) keeps each layer's input hidden states and
   recomputes one layer at a time during the backward: embedding/head/loss + L x input + one full layer.
-- Backward transient: when the loss backward starts, the gradient of the fp32 logits (batch x seq x vocab) exists
-  beside everything saved; while a layer is backpropagated its gradients (about one layer's activations) exist
-  beside its saved tensors. Both are added. Measured errors: docs/plan.md.
+- The head and loss: with TRL's fused LM head (TRL 1.16) only the decoder stack runs here and `plan.loss` prices
+  the head; with an older TRL the model's own loss runs, keeping the fp32 logits, whose gradient exists when the
+  backward starts.
+- Backward transient: while a layer is backpropagated, the gradients it produces beside its saved tensors, a
+  measured share of them (`LAYER_GRADIENTS`). Measured errors: docs/plan.md.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from __future__ import annotations
 import contextlib
 
 from qlora_plugin.plan.skeleton import with_layers
+
+
+# While a layer is backpropagated, the gradients it produces beside its saved tensors, as a share of those (they
+# free as the backward goes): measured with the live-tensor count of real training steps on CPU at hidden 1024,
+# 8 layers, 512 tokens, batch 1, 2 and 4 (docs/plan.md, "Where the bytes go"): the step's peak grows by 66.5 MiB
+# per row, which this share reproduces (1.0 over-counted it by a third).
+LAYER_GRADIENTS = 0.25
 
 
 def _fused_attention(amp_dtype=None):
@@ -101,10 +109,42 @@ def _layer_inputs(model, sizes: list):
             if isinstance(m, GradientCheckpointingLayer)]
 
 
-def saved_bytes(model, batch_size: int, seq_len: int, layer_inputs: list | None = None, amp_dtype=None) -> int:
+def backbone(model):
+    """The decoder stack without the LM head (`base_model` of the causal LM, under a PEFT wrapper too): what TRL's
+    fused head runs before it projects the hidden states itself."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(causal, "base_model", causal)
+
+
+@contextlib.contextmanager
+def _unpacked():
+    """Rows are not packed: transformers' check for packed sequences reads the position ids' values (`.item()`),
+    which meta tensors have not; training with full rows and no padding passes no mask either."""
+    from transformers import masking_utils
+
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+def _stack(model, ids):
+    """The decoder stack's forward as TRL's fused head runs it (no cache), on meta `ids`."""
+    with _unpacked():
+        return backbone(model)(input_ids=ids, use_cache=False)
+
+
+def saved_bytes(model, batch_size: int, seq_len: int, layer_inputs: list | None = None, amp_dtype=None,
+                head: bool = True) -> int:
     """Bytes of the distinct storages autograd saves in one training forward of `model` (meta device), under
     mixed precision when `amp_dtype` (a torch dtype) is given; `layer_inputs`, when given, receives the bytes per
-    element of each decoder layer's input hidden states."""
+    element of each decoder layer's input hidden states. `head` False: the decoder stack only (TRL's fused head
+    computes the loss itself: `plan.loss`)."""
     import torch
 
     params = {id(p) for p in model.parameters()}
@@ -129,89 +169,104 @@ def saved_bytes(model, batch_size: int, seq_len: int, layer_inputs: list | None 
     autocast = _autocast_mode(amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     try:
         with _patched_sdpa(amp_dtype), autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, labels=ids)
+            if head:
+                model(input_ids=ids, labels=ids)
+            else:
+                _stack(model, ids)
     finally:
         for hook in hooks:
             hook.remove()
     return sum(s.nbytes() for s in storages.values())
 
 
-def activation_bytes(config, build, batch_size: int, seq_len: int, checkpointing: bool, amp: str | None = None
-                     ) -> dict:
-    """{"total", "with_checkpointing", "without_checkpointing", "per_layer", "outside_layers"} in bytes.
+def activation_bytes(config, build, batch_size: int, seq_len: int, checkpointing: bool, amp: str | None = None,
+                     device: str = "cpu") -> dict:
+    """{"total", "with_checkpointing", "without_checkpointing", "per_layer", "outside_layers", "loss", "loss_how"}
+    in bytes: "total" is the decoder stack's saved tensors and backward transients, "loss" what the LM head and
+    loss add on top at the step's peak (TRL's fused head, `plan.loss`; with older TRL the full fp32 logits and
+    their gradient, counted in the stack's terms and "loss" 0).
 
     `build(config)` returns the strategy's meta-device skeleton for a config; `amp` the mixed-precision dtype of
     the run ("bfloat16", "float16"), or None.
     """
     import torch
 
+    from qlora_plugin.plan.loss import fused_head, fused_how, head_shape, train_loss_term
+
     amp_dtype = getattr(torch, amp) if amp else None
+    fused = fused_head()
     text = config.get_text_config()
     layers = text.num_hidden_layers
-    one = saved_bytes(build(with_layers(config, 1)), batch_size, seq_len, amp_dtype=amp_dtype)
+    one_model = build(with_layers(config, 1))
+    one = saved_bytes(one_model, batch_size, seq_len, amp_dtype=amp_dtype, head=not fused)
     inputs = []  # bytes per element of the hidden states entering layer 1 and layer 2
-    two = saved_bytes(build(with_layers(config, 2)), batch_size, seq_len, inputs, amp_dtype)
+    two = saved_bytes(build(with_layers(config, 2)), batch_size, seq_len, inputs, amp_dtype, head=not fused)
     per_layer = two - one
     outside = one - per_layer
     if len(inputs) != 2:  # decoder layers not found (custom code): the embeddings' dtype throughout
-        inputs = [build(with_layers(config, 1)).get_input_embeddings().weight.element_size()] * 2
+        inputs = [one_model.get_input_embeddings().weight.element_size()] * 2
     # checkpointing keeps each layer's input: the first in the embeddings' dtype, the rest in the residual
     # stream's (fp32 under qlora, whose fp32 norms promote it, even with 16-bit embeddings)
     inputs_kept = batch_size * seq_len * text.hidden_size * (inputs[0] + (layers - 1) * inputs[1])
-    logits_grad = batch_size * seq_len * text.vocab_size * 4
-    transient = logits_grad + per_layer
-    without = outside + layers * per_layer + transient
-    with_ckpt = outside + inputs_kept + per_layer + transient
+    # the backward's transient beside the saved tensors: with checkpointing one layer recomputed and the gradients
+    # flowing through it, without only the gradients (its saved tensors are already counted)
+    layer_phase = int((1 + LAYER_GRADIENTS) * per_layer) if checkpointing else int(LAYER_GRADIENTS * per_layer)
+    head = None
+    if fused:
+        compute = amp_dtype or one_model.get_output_embeddings().weight.dtype
+        head = head_shape(one_model, seq_len, inputs[1], torch.empty(0, dtype=compute).element_size(), device)
+        loss = train_loss_term(head, batch_size, layer_phase // batch_size)
+        logits_grad, how = 0, fused_how(device)
+    else:  # the fp32 logits are saved with the stack; their gradient exists when the backward starts
+        logits_grad = batch_size * seq_len * text.vocab_size * 4
+        loss, how = 0, "the model's own loss from the full fp32 logits (counted in the activations)"
+    without = outside + layers * per_layer + int(LAYER_GRADIENTS * per_layer) + logits_grad
+    with_ckpt = outside + inputs_kept + int((1 + LAYER_GRADIENTS) * per_layer) + logits_grad
     return {
         "total": with_ckpt if checkpointing else without,
         "with_checkpointing": with_ckpt,
         "without_checkpointing": without,
         "per_layer": per_layer,
         "outside_layers": outside,
+        "loss": loss,
+        "loss_how": how,
+        "head": head,  # the fused head's shape, to price it at another batch (`plan.loss`)
+        "layer_phase_per_sample": layer_phase // batch_size,
     }
 
 
-def eval_transient_bytes(model, batch_size: int, seq_len: int) -> int:
-    """The most memory an evaluation forward of `model` holds at once beyond its weights (meta device).
+def eval_transient(model, batch_size: int, seq_len: int, device: str = "cpu") -> dict:
+    """{"total": the most memory an evaluation forward of `model` holds at once beyond its weights, "stack": the
+    decoder stack's own part of it per row (with TRL's fused head; else None), "head"} (meta device).
 
     Evaluation runs without gradients and without checkpointing: nothing is kept for a backward, but every
-    intermediate lives until its last use, and the logits (batch x seq x vocab, then upcast to fp32 for the loss)
-    are the largest for most models. Counted by following every tensor an operation creates until it is freed
-    (a `TorchDispatchMode` and `weakref.finalize`), by storage, the way the allocator sees them.
+    intermediate lives until its last use. With TRL's fused head (`plan.loss`) the decoder stack runs alone and the
+    head's tiles follow, beside the last hidden states and their flattened copy; with the model's own loss the
+    logits (batch x seq x vocab, then upcast to fp32 for the loss) are the largest for most models. Counted by
+    following every tensor an operation creates until it is freed (`LiveBytes`).
     """
-    import weakref
-
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    live = {"now": 0, "peak": 0}
-    holders: dict[int, int] = {}  # storage -> how many live tensors use it (a storage is freed with its last)
+    from qlora_plugin.plan.live import LiveBytes
+    from qlora_plugin.plan.loss import eval_peak_bytes, fused_head, head_shape
 
-    def release(key, nbytes):
-        holders[key] -= 1
-        if not holders[key]:
-            del holders[key]
-            live["now"] -= nbytes
-
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in torch.utils._pytree.tree_leaves(out):
-                if not isinstance(t, torch.Tensor):
-                    continue
-                storage = t.untyped_storage()
-                key = storage._cdata  # views and `_unsafe_view` results share their input's storage
-                if key not in holders:
-                    holders[key] = 0
-                    live["now"] += storage.nbytes()
-                    live["peak"] = max(live["peak"], live["now"])
-                holders[key] += 1
-                weakref.finalize(t, release, key, storage.nbytes())
-            return out
-
+    fused = fused_head()
     ids = torch.zeros((batch_size, seq_len), dtype=torch.long, device="meta")
     model.eval()
-    with torch.no_grad(), _patched_sdpa(), Track():
-        loss = model(input_ids=ids, labels=ids).loss
-        del loss
-    return live["peak"]
+    with torch.no_grad(), _patched_sdpa(), LiveBytes() as live:
+        if fused:
+            hidden = _stack(model, ids).last_hidden_state
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+            del loss
+    if not fused:
+        return {"total": live.peak, "stack": None, "head": None}
+    head = head_shape(model, seq_len, hidden.element_size(), model.get_output_embeddings().weight.element_size(),
+                      device)
+    stack = live.peak // batch_size
+    return {"total": eval_peak_bytes(head, batch_size, stack), "stack": stack, "head": head}
+
+
+def eval_transient_bytes(model, batch_size: int, seq_len: int, device: str = "cpu") -> int:
+    """`eval_transient`'s total."""
+    return eval_transient(model, batch_size, seq_len, device)["total"]

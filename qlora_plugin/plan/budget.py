@@ -14,14 +14,16 @@ import dataclasses
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.options import StrategyOptions
-from qlora_plugin.plan.estimate import PlanSettings, plan_strategy
+from qlora_plugin.plan.estimate import (
+    CUDA_CONTEXT_BYTES, GLIBC_MMAP_THRESHOLD, TRAINING_ONLY, PlanSettings, plan_strategy, running_malloc_mode,
+)
+from qlora_plugin.plan.loss import buffer_bytes, eval_peak_bytes, train_loss_term
 from qlora_plugin.sizes import parse_memory
 
 MiB = 2**20
-# `auto` on CUDA: the device's total memory less what its driver and context hold before the allocator sees any
-# of it (~0.5-1 GiB on current GPUs), less a tenth for the allocator's fragmentation; on CPU: what the kernel
-# reports available now, less a tenth for the page cache and other processes.
-AUTO_CUDA_RESERVE = 1024 * MiB
+# `auto` on CUDA: what the GPU has free (`torch.cuda.mem_get_info`, other processes' memory excluded) plus what
+# this process already holds there (allocator and context), less a tenth for the allocator's fragmentation; on
+# CPU: what the kernel reports available now, less a tenth for the page cache and other processes.
 AUTO_FRACTION = 0.9
 # Left unused for the plan's own error: measured on CPU from 4% under (this bf16-native machine,
 # examples/budget_accuracy.py) to 12% over (docs/plan.md) the real peak.
@@ -35,13 +37,25 @@ def budget_bytes(text: str, device: str) -> tuple[int, str]:
     if device == "cuda":
         import torch
 
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        return int((total - AUTO_CUDA_RESERVE) * AUTO_FRACTION), f"auto: 90% of the GPU's {total / 2**30:.1f} GiB " \
-                                                                  "less 1 GiB for its context"
+        free, total = torch.cuda.mem_get_info()  # after this process's CUDA context exists: it is not in `free`
+        ours = _cuda_held()
+        others = max(total - free - ours, 0)
+        usable = int((free + ours) * AUTO_FRACTION)
+        return usable, (f"auto: 90% of the GPU's {free / 2**30:.1f} GiB free plus the {ours / 2**30:.1f} GiB this "
+                        f"process holds (CUDA context estimated at {CUDA_CONTEXT_BYTES / MiB:.0f} MiB); other "
+                        f"processes hold {others / 2**30:.1f} GiB of its {total / 2**30:.1f} GiB")
     available = _proc_kib("/proc/meminfo", "MemAvailable")
     if available is None:
         raise QLoRAPluginError("`--memory_budget auto` needs /proc/meminfo on CPU; give a size instead (e.g. 16GiB).")
     return int(available * AUTO_FRACTION), f"auto: 90% of the {available / 2**30:.1f} GiB this machine has available"
+
+
+def _cuda_held() -> int:
+    """What this process holds on its GPU: the caching allocator's reserved bytes plus the CUDA context, which no
+    torch figure shows (an estimate: `CUDA_CONTEXT_BYTES`)."""
+    import torch
+
+    return int(torch.cuda.memory_reserved()) + CUDA_CONTEXT_BYTES
 
 
 def _proc_kib(path: str, key: str) -> int | None:
@@ -58,38 +72,72 @@ def _proc_kib(path: str, key: str) -> int | None:
 
 @dataclasses.dataclass
 class Peaks:
-    """Predicted training and evaluation peaks as functions of the per-device batch."""
+    """Predicted training and evaluation peaks as functions of the per-device batch: what is resident, then the
+    larger of the adapter's start (before the first step) and a training step (optimizer state, gradients,
+    activations linear in the batch, and TRL's fused LM head priced at each batch: `plan.loss`, its buffer stops
+    growing at 4,096 tokens)."""
 
-    train_base: int
-    train_per_sample: int
+    resident: int  # weights, adapters, runtime, as predicted
+    step_base: int  # optimizer state and gradients, plus the activations' intercept
+    step_per_sample: int
     eval_base: int
     eval_per_sample: int
-    resident: int = 0  # what is in memory before training starts (weights, adapters, runtime), as predicted
-    in_use: int | None = None  # the same, measured in a live run: replaces the prediction of it
+    in_use: int | None = None  # what is resident, measured in a live run: replaces the prediction of it
+    head: dict | None = None  # the fused head's shape (None: the model's own loss, linear in the batch)
+    layer_phase_per_sample: int = 0
+    eval_stack_per_sample: int | None = None
+    start: int = 0  # the adapter's start's transient (`plan.start`)
+    share: float = 0.0  # the allocator's share of a transient (`estimate.ALLOCATOR_SHARE`)
+    cuda: bool = False
 
     def offset(self) -> int:
         return 0 if self.in_use is None else self.in_use - self.resident
 
     def train(self, batch: int) -> int:
-        return self.train_base + batch * self.train_per_sample + self.offset()
+        loss = 0 if self.head is None else train_loss_term(self.head, batch, self.layer_phase_per_sample)
+        mapped = self.head is not None and not self.cuda and buffer_bytes(self.head, batch) >= GLIBC_MMAP_THRESHOLD
+        kept_by_allocator = 0 if mapped else self.share * loss  # as `estimate.plan_strategy` counts it
+        step = self.step_base + batch * self.step_per_sample + int(loss + kept_by_allocator)
+        return self.resident + max(step, self.start) + self.offset()
 
     def eval(self, batch: int) -> int:
-        return self.eval_base + batch * self.eval_per_sample + self.offset()
+        if self.head is None or self.eval_stack_per_sample is None:
+            return self.eval_base + batch * self.eval_per_sample + self.offset()
+        transient = eval_peak_bytes(self.head, batch, self.eval_stack_per_sample)
+        return self.eval_base + int((1 + self.share) * transient) + self.offset()
 
 
 def peaks(config, name, strategy, options: StrategyOptions, settings: PlanSettings, pm=None,
           in_use: int | None = None) -> Peaks:
-    """The peaks as lines in the batch. `in_use`: memory a live run holds now (model loaded, runtime started),
-    measured; it replaces the plan's weights, adapters and runtime terms, so the choice rests on what this process
-    really holds (the runtime term is a measured constant from one machine)."""
-    one = plan_strategy(config, name, strategy, options, dataclasses.replace(settings, batch_size=1,
-                                                                                 eval_batch_size=1), pm)
-    two = plan_strategy(config, name, strategy, options, dataclasses.replace(settings, batch_size=2,
-                                                                                 eval_batch_size=2), pm)
-    train_slope, eval_slope = two.total_bytes - one.total_bytes, two.eval_bytes - one.eval_bytes
+    """The peaks as functions of the batch, from plans at batch 1 and 2. `in_use`: memory a live run holds now
+    (model loaded, runtime started), measured; it replaces the plan's weights, adapters and runtime terms, so the
+    choice rests on what this process really holds (the runtime term is a measured constant from one machine)."""
+    one, two = (plan_strategy(config, name, strategy, options,
+                              dataclasses.replace(settings, batch_size=b, eval_batch_size=b), pm) for b in (1, 2))
     resident = sum(one.components[k] for k in ("weights", "adapters", "runtime"))
-    return Peaks(one.total_bytes - train_slope, train_slope, one.eval_bytes - eval_slope, eval_slope, resident,
-                 in_use)
+    share = one.details["allocator_share"]
+    step_one, step_two = (sum(p.components[k] for k in ("optimizer", "gradients", "activations"))
+                          + int(share * (p.components["gradients"] + p.components["activations"])) for p in (one, two))
+    slope = step_two - step_one
+    head = one.details.get("head")
+    eval_kept = sum(v for k, v in one.components.items() if k not in TRAINING_ONLY)
+    if head is None:
+        eval_slope = two.eval_bytes - one.eval_bytes
+        eval_base, stack = one.eval_bytes - eval_slope, None
+    else:
+        eval_slope, eval_base, stack = 0, eval_kept, one.details["eval_stack_per_sample"]
+    return Peaks(resident, step_one - slope, slope, eval_base, eval_slope, in_use, head,
+                 one.details["layer_phase_per_sample"], stack, one.details["start_transient_bytes"], share,
+                 settings.device == "cuda")
+
+
+def readable(n: int) -> str:
+    """A size for a message: GiB, MiB or KiB with the digits that matter (a 10 KiB budget is not "0 MiB")."""
+    for unit, scale in (("GiB", 2**30), ("MiB", MiB), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            value = n / scale
+            return f"{value:,.2f} {unit}" if value < 10 else f"{value:,.0f} {unit}"
+    return f"{n} bytes"
 
 
 def _largest(fits, candidates) -> int | None:
@@ -107,8 +155,8 @@ def choose(config, name, strategy, options: StrategyOptions, settings: PlanSetti
 
     def check_yours(flag: str, value: int, peak: int) -> None:
         if peak > usable:
-            message = (f"{flag}={value} is predicted to peak at {peak / MiB:,.0f} MiB, over the memory budget of "
-                       f"{budget / MiB:,.0f} MiB less {PLAN_ERROR_MARGIN:.0%} for the plan's error")
+            message = (f"{flag}={value} is predicted to peak at {readable(peak)}, over the memory budget of "
+                       f"{readable(budget)} less {PLAN_ERROR_MARGIN:.0%} for the plan's error ({readable(usable)})")
             if strict:
                 raise QLoRAPluginError(f"{message}. Lower it, raise --memory_budget, or drop --strict_budget.")
             notes.append(message)
@@ -120,14 +168,15 @@ def choose(config, name, strategy, options: StrategyOptions, settings: PlanSetti
         divisors = [b for b in range(1, samples_per_step + 1) if samples_per_step % b == 0]
         batch = _largest(lambda b: p.train(b) <= usable, divisors)
         if batch is None:
-            raise QLoRAPluginError(_nothing_fits(config, name, strategy, options, settings, budget, p, pm))
+            raise QLoRAPluginError(_nothing_fits(config, name, strategy, options, settings, budget, usable, p, pm))
     if explicit_eval is not None:
         eval_batch = explicit_eval
         check_yours("per_device_eval_batch_size", eval_batch, p.eval(eval_batch))
     else:
         eval_batch = _largest(lambda b: p.eval(b) <= usable, range(1, max(eval_cap, 1) + 1)) or 1
         if p.eval(eval_batch) > usable:
-            notes.append(f"evaluation at batch 1 is predicted to peak at {p.eval(1) / MiB:,.0f} MiB, over the budget")
+            notes.append(f"evaluation at batch 1 is predicted to peak at {readable(p.eval(1))}, over the memory budget "
+                         f"less {PLAN_ERROR_MARGIN:.0%} for the plan's error ({readable(usable)})")
     return {
         "budget_bytes": budget, "per_device_train_batch_size": batch,
         "gradient_accumulation_steps": max(samples_per_step // batch, 1), "per_device_eval_batch_size": eval_batch,
@@ -138,8 +187,9 @@ def choose(config, name, strategy, options: StrategyOptions, settings: PlanSetti
     }
 
 
-def _nothing_fits(config, name, strategy, options, settings, budget, p: Peaks, pm) -> str:
-    """What to change when batch 1 does not fit, each lever with its predicted peak at batch 1."""
+def _nothing_fits(config, name, strategy, options, settings, budget, usable, p: Peaks, pm) -> str:
+    """What to change when batch 1 does not fit: the levers whose predicted peak at batch 1 fits what the budget
+    really allows (the budget less the plan's error margin), each with that peak; else the budget that would do."""
     levers = []
     one = dataclasses.replace(settings, batch_size=1, eval_batch_size=1)
     if settings.seq_len > 64:
@@ -158,23 +208,31 @@ def _nothing_fits(config, name, strategy, options, settings, budget, p: Peaks, p
         levers.append(("--optim paged_adamw_8bit",
                        plan_strategy(config, name, strategy, options, dataclasses.replace(one, optim="paged_adamw_8bit"),
                                      pm)))
-    listed = "; ".join(f"{flag}: {(plan.total_bytes + p.offset()) / MiB:,.0f} MiB" for flag, plan in levers)
-    return (f"Nothing fits the memory budget of {budget / MiB:,.0f} MiB: even per-device batch 1 is predicted to peak "
-            f"at {p.train(1) / MiB:,.0f} MiB. Predicted peaks at batch 1 with one change each: {listed}. "
-            "Change one of these, or raise --memory_budget.")
+    peaks_at_one = [(flag, plan.total_bytes + p.offset()) for flag, plan in levers]
+    fitting = [(flag, peak) for flag, peak in peaks_at_one if peak <= usable]
+    needed = readable(int(p.train(1) / (1 - PLAN_ERROR_MARGIN)) + 1)
+    head = (f"Nothing fits the memory budget of {readable(budget)} ({readable(usable)} usable: "
+            f"{PLAN_ERROR_MARGIN:.0%} is kept for the plan's error): even per-device batch 1 is predicted to peak at "
+            f"{readable(p.train(1))}.")
+    if fitting:
+        listed = "; ".join(f"{flag}: {readable(peak)}" for flag, peak in fitting)
+        return f"{head} Changes that fit, each alone, with their predicted peaks at batch 1: {listed}. " \
+               f"Make one of them, or raise --memory_budget to at least {needed}."
+    return f"{head} No single change fits; raise --memory_budget to at least {needed}, or combine " \
+           f"{', '.join(flag for flag, _ in peaks_at_one) or 'a shorter --max_length and a smaller --lora_r'}."
 
 
 def settings_for_run(training_args, device: str, compute: str, optim: str) -> PlanSettings:
     """The plan settings of a training run (as `predict_for_run` uses them)."""
+    checkpointing = getattr(training_args, "activation_checkpointing", training_args.gradient_checkpointing)
     return PlanSettings(batch_size=1, seq_len=training_args.max_length or 1024,
                         device="cuda" if device == "cuda" else "cpu", dtype=compute, optim=optim,
-                        gradient_checkpointing=bool(training_args.gradient_checkpointing))
+                        gradient_checkpointing=bool(checkpointing), malloc=running_malloc_mode())
 
 
 def memory_in_use(device: str) -> int | None:
-    """What this process holds now: the CUDA allocator's allocated bytes, or the resident set on CPU (Linux)."""
+    """What this process holds now: on a GPU the caching allocator's reserved bytes plus the CUDA context (the
+    plan's `runtime` term there, so it is not dropped), or the resident set on CPU (Linux)."""
     if device == "cuda":
-        import torch
-
-        return int(torch.cuda.memory_allocated())
+        return _cuda_held()
     return _proc_kib("/proc/self/status", "VmRSS")

@@ -23,6 +23,7 @@ from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy, hook_f
 from qlora_plugin.sizes import parse_memory
 
 GIB = 2**30
+TRL_DEFAULT_BATCH = 8  # `per_device_train_batch_size` of TRL's SFTConfig: the samples per step a budget keeps
 # Named GPUs without native bf16 (compute capability below 8.0): the strategy trains in fp16 there, with fp32
 # adapters (`Runtime.half_dtype`), so `--gpu-memory NAME` plans with that unless `--dtype` says otherwise.
 NO_NATIVE_BF16 = ("t4", "v100-32gb")
@@ -54,6 +55,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="Compute dtype (default: bf16 on cuda; fp16 with fp32 adapters when --gpu-memory names a "
                              f"GPU without bf16: {', '.join(NO_NATIVE_BF16)}; fp32 on a CPU without bf16).")
     parser.add_argument("--device", default="cuda", help="cuda (allocator peak) or cpu (process RSS).")
+    parser.add_argument("--malloc", default="tuned", choices=("tuned", "glibc"),
+                        help="--device cpu: glibc's malloc as `qlora-plugin run` starts it (tuned, default) or with "
+                             "its defaults (glibc; the allocator then holds about twice as much, docs/plan.md).")
     parser.add_argument("--gpu-memory", default=None, help="Say whether the peak fits: 48GB, 80GiB, a100-80gb, ...")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="Also draw stacked bars per strategy.")
@@ -115,6 +119,9 @@ def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "")
                      f"{'LoRA init ' + d['lora_init'] + ', ' if d.get('lora_init') else ''}trainable "
                      f"{d['trainable_params']:,} params{bits}; activations without/with checkpointing "
                      f"{_size(d['activations_without_checkpointing'])} / {_size(d['activations_with_checkpointing'])}")
+        lines.append(f"  loss: {d['loss_path']}; allocator: {d['allocator_how']}"
+                     + (f"; the {d['lora_init']} start holds {_size(d['start_transient_bytes'])} before the first step"
+                        if d.get("start_transient_bytes") else ""))
     lines += _sharded_loading_notes(plans, gpu_memory)
     return "\n".join(lines)
 
@@ -182,9 +189,9 @@ def _budget_choice(args, name: str, settings, given: dict, hooks) -> dict:
     options = build_options(dict(strategy.option_defaults), given)
     budget, how = budget_bytes(options.memory_budget, settings.device)
     explicit = args.batch_size if args.batch_size_given else None
-    choice = choose(config, name, strategy, options, settings, budget,
-                    args.batch_size * args.gradient_accumulation_steps, settings.eval_batch_size, explicit,
-                    args.eval_batch_size, options.strict_budget, pm)
+    per_device = args.batch_size if args.batch_size_given else TRL_DEFAULT_BATCH  # as a training run's default
+    choice = choose(config, name, strategy, options, settings, budget, per_device * args.gradient_accumulation_steps,
+                    settings.eval_batch_size, explicit, args.eval_batch_size, options.strict_budget, pm)
     return {**choice, "how": how}
 
 
@@ -204,7 +211,7 @@ def main(argv: list[str]) -> int:
         dtype = "float16"
     settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, eval_batch_size=args.eval_batch_size,
                             device=args.device, dtype=dtype,
-                            optim=args.optim, gradient_checkpointing=args.gradient_checkpointing,
+                            optim=args.optim, gradient_checkpointing=args.gradient_checkpointing, malloc=args.malloc,
                             trust_remote_code=args.trust_remote_code)
     plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks)
     choice = _budget_choice(args, strategy or "qlora", settings, given, hooks) if given.get("memory_budget") else None
@@ -221,6 +228,8 @@ def main(argv: list[str]) -> int:
                   f"per-device batch {choice['per_device_train_batch_size']} x accumulation "
                   f"{choice['gradient_accumulation_steps']}, eval batch {choice['per_device_eval_batch_size']}; "
                   f"predicted peak {_size(choice['predicted_peak_bytes'])} (eval {_size(choice['predicted_eval_peak_bytes'])})")
+            for note in choice["notes"]:
+                print(f"warning: {note}")
     if args.plot:
         write_plot(plans, args.plot, args.model, gpu_memory, args.gpu_memory)
         if not args.json:

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.model_config import load_config
 from qlora_plugin.options import StrategyOptions, build_options
-from qlora_plugin.plan.activations import activation_bytes, eval_transient_bytes
+from qlora_plugin.plan.activations import activation_bytes, eval_transient
 from qlora_plugin.plan.skeleton import QuantizedLinearStandIn, skeleton
+from qlora_plugin.plan.start import start_transient_bytes
 from qlora_plugin.plugin.manager import collect_strategies, get_plugin_manager
 from qlora_plugin.runtime import Runtime, cpu_has_native_bf16
 from qlora_plugin.strategies.adapters import count_parameters, trainable_dtype
@@ -35,8 +36,11 @@ from qlora_plugin.strategies.recipe import training_defaults
 from qlora_plugin.strategy import unknown_strategy_error
 
 FULL = "full"  # 16-bit full fine-tuning: a plan-only comparison, not a strategy
-COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "runtime")
+COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "loss", "allocator", "start", "runtime")
 DEVICES = ("cuda", "cpu")
+# what exists only while training steps run: freed (gradients: `zero_grad(set_to_none=True)`) or replaced by the
+# evaluation forward's own transient (`eval_activations`) while evaluating
+TRAINING_ONLY = ("gradients", "activations", "loss", "allocator", "start")
 # Process RSS of python + torch + transformers + trl + peft + bitsandbytes + datasets imported and a trainer's
 # data pipeline running, on the CPU development machine: a 1-layer, 64-wide model trained at 1 x 16 tokens peaks
 # at 511-543 MiB with under 2 MiB of model terms (`examples/plan_accuracy.py` prints it; docs/plan.md). The CUDA
@@ -46,6 +50,17 @@ CPU_RUNTIME_BYTES = 520 * 2**20
 # estimate, not yet measured by this project (CUDA 12 with lazy module loading typically takes 300-600 MiB);
 # examples/gpu_smoke.py measures it (free memory before and after CUDA starts).
 CUDA_CONTEXT_BYTES = 500 * 2**20
+# What the memory allocator holds beyond the tensors a training step has alive, per byte of the step's transients
+# (activations, loss, gradients: allocated and freed every step). CPU, measured at hidden 1024 / 8 layers / 512
+# tokens on this machine (examples/step_memory.py; docs/plan.md, "Where the bytes go"): glibc with its defaults keeps
+# freed blocks cached in per-thread arenas and fragmented, about 2.8-3.3 bytes per byte (batch 1 to 8; 3.2, the
+# upper end, so a budget holds); with `qlora-plugin run` (small-block caches off, the heap's top kept) 1.27-1.42
+# (batch 4 and 1). CUDA: the caching allocator rounds large blocks up to 2 MiB and keeps freed ones for reuse; 10% is
+# an estimate (PyTorch's allocator design; not measured here: examples/gpu_smoke.py measures reserved minus
+# allocated on a GPU).
+ALLOCATOR_SHARE = {"glibc": 3.2, "tuned": 1.35, "cuda": 0.1}
+MALLOC_MODES = ("tuned", "glibc")
+
 # bitsandbytes pages an optimizer's state only for parameters of at least this many elements
 # (bitsandbytes/optim/optimizer.py `get_state_buffer`); smaller ones stay in ordinary device memory.
 BNB_PAGED_MIN_NUMEL = 100_000
@@ -73,6 +88,7 @@ class PlanSettings:
     optim: str | None = None
     gradient_checkpointing: bool | None = None
     trust_remote_code: bool = False
+    malloc: str = "tuned"  # CPU: glibc tuned by `qlora-plugin run` (the documented way to train on CPU), or its defaults
 
     def __post_init__(self):
         if self.eval_batch_size is None:
@@ -87,6 +103,8 @@ class PlanSettings:
             raise QLoRAPluginError(
                 f"`--dtype` must be one of auto, bfloat16, float16, float32; got {self.dtype!r}."
             )
+        if self.malloc not in MALLOC_MODES:
+            raise QLoRAPluginError(f"`--malloc` must be one of {', '.join(MALLOC_MODES)}; got {self.malloc!r}.")
         if self.optim is not None and self.optim not in OPTIMIZERS:
             raise QLoRAPluginError(
                 f"`--optim {self.optim}` is not modelled by plan. Supported: {', '.join(OPTIMIZERS)}."
@@ -108,14 +126,25 @@ class Plan:
     @property
     def eval_bytes(self) -> int:
         """The peak while evaluating during training: weights, adapters, optimizer state and runtime stay;
-        gradients are freed (`zero_grad(set_to_none=True)`); the evaluation forward's transient replaces the
-        training activations."""
-        kept = sum(v for k, v in self.components.items() if k not in ("gradients", "activations"))
-        return int(kept + self.details["eval_activations"])
+        gradients are freed (`zero_grad(set_to_none=True)`); the evaluation forward's transient, with the allocator's
+        share of it, replaces the training activations."""
+        kept = sum(v for k, v in self.components.items() if k not in TRAINING_ONLY)
+        return int(kept + (1 + self.details.get("allocator_share", 0)) * self.details["eval_activations"])
 
     def as_dict(self) -> dict:
         return {"strategy": self.strategy, "total_bytes": self.total_bytes, "eval_peak_bytes": self.eval_bytes,
                 "components": dict(self.components), "details": dict(self.details)}
+
+
+def running_malloc_mode() -> str:
+    """The allocator mode of this process: "tuned" when glibc was started with `qlora-plugin run`'s settings (or
+    the user's own for them), else "glibc" (its defaults)."""
+    import os
+
+    from qlora_plugin.perf.malloc_tunables import SETTINGS, TUNABLES_ENV
+
+    names = {entry.split("=", 1)[0] for entry in os.environ.get(TUNABLES_ENV, "").split(":") if entry}
+    return "tuned" if all(name in names for name, _ in SETTINGS) else "glibc"
 
 
 def compute_dtype_name(settings: PlanSettings, options: StrategyOptions) -> str:
@@ -178,7 +207,8 @@ def parameter_costs(model, options: StrategyOptions) -> dict:
 
     storage = options.bnb_4bit_quant_storage
     itemsize = 1 if storage in ("auto", "uint8") else torch.empty(0, dtype=getattr(torch, storage)).element_size()
-    costs = {"packed": 0, "constants": 0, "other": 0, "layers_4bit": 0, "params_4bit": 0, "trainable": []}
+    costs = {"packed": 0, "constants": 0, "other": 0, "layers_4bit": 0, "params_4bit": 0, "largest_4bit": 0,
+             "trainable": []}
     seen = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -193,6 +223,7 @@ def parameter_costs(model, options: StrategyOptions) -> dict:
                 costs["constants"] += cost["constants"]
                 costs["layers_4bit"] += 1
                 costs["params_4bit"] += param.numel()
+                costs["largest_4bit"] = max(costs["largest_4bit"], param.numel())
             else:
                 costs["other"] += param.numel() * param.element_size()
     costs["other"] += sum(b.numel() * b.element_size() for b in model.buffers())
@@ -205,6 +236,16 @@ def qlora_base_bytes(model: str, compute: str = "float32", options: StrategyOpti
     options = options or StrategyOptions()
     costs = parameter_costs(skeleton(load_config(model), QLORA, options, compute), options)
     return costs["packed"] + costs["constants"] + costs["other"]
+
+
+GLIBC_MMAP_THRESHOLD = 32 * 2**20  # the most glibc's moving threshold reaches; `qlora-plugin run` fixes it there
+
+
+def _mapped(head: dict, batch_size: int) -> bool:
+    """Whether the fused head's buffer is large enough for glibc to map it on its own (returned when freed)."""
+    from qlora_plugin.plan.loss import buffer_bytes
+
+    return buffer_bytes(head, batch_size) >= GLIBC_MMAP_THRESHOLD
 
 
 def plan_strategy(config, name: str, strategy, options: StrategyOptions, settings: PlanSettings, pm=None) -> Plan:
@@ -227,16 +268,34 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
     weights, packed, constants, trainable = costs["other"], costs["packed"], costs["constants"], costs["trainable"]
     layers_4bit, params_4bit = costs["layers_4bit"], costs["params_4bit"]
     adapters = sum(p.numel() * p.element_size() for p in trainable)
-    acts = activation_bytes(config, build, settings.batch_size, settings.seq_len, checkpointing, amp_dtype(compute))
+    acts = activation_bytes(config, build, settings.batch_size, settings.seq_len, checkpointing, amp_dtype(compute),
+                            settings.device)
+    evaluation = eval_transient(model, settings.eval_batch_size, settings.seq_len, settings.device)
+    lora_init = None if full else getattr(model, "qlora_lora_init", {}).get("method")
+    stack_per_token = (evaluation["stack"] // settings.seq_len) if evaluation["stack"] else None
+    start = start_transient_bytes(model, lora_init, stack_per_token)
     cuda = settings.device == "cuda"
     components = {
         "weights": weights + packed + constants + (adapters if full else 0),  # full: the trained set is the base
         "adapters": 0 if full else adapters,
         "gradients": adapters,
         "optimizer": _optimizer_bytes(OPTIMIZERS[optim], trainable),
-        "activations": acts["total"],
+        # a 4-bit layer's weight, dequantized into the compute dtype for its matmul, one at a time
+        "activations": acts["total"] + costs["largest_4bit"] * (2 if compute in ("bfloat16", "float16") else 4),
+        "loss": acts["loss"],
         "runtime": CUDA_CONTEXT_BYTES if cuda else CPU_RUNTIME_BYTES,
     }
+    # the start runs before the first step, beside the resident model but before the optimizer state, gradients
+    # and activations exist: it raises the peak only by what it holds beyond them
+    transients = sum(components[k] for k in ("gradients", "activations", "loss"))
+    allocator_share = ALLOCATOR_SHARE["cuda" if cuda else settings.malloc]
+    # on CPU glibc maps blocks of 32 MiB and more on their own and returns them when freed: the fused head's
+    # buffer (tokens x 32,768) is one of those from 512 tokens on, and leaves nothing behind in the heap
+    retained = transients if cuda or not acts["head"] or not _mapped(acts["head"], settings.batch_size) \
+        else transients - components["loss"]
+    components["allocator"] = int(allocator_share * retained)
+    step = components["optimizer"] + transients + components["allocator"]
+    components["start"] = max(start["total"] - step, 0)
     paged = paged_optimizer_bytes(optim, trainable) if cuda else 0
     details = {
         "params": num_params,
@@ -256,12 +315,24 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
         "device": settings.device,
         "activations_without_checkpointing": acts["without_checkpointing"],
         "eval_batch_size": settings.eval_batch_size,
-        "eval_activations": eval_transient_bytes(model, settings.eval_batch_size, settings.seq_len),
+        "eval_activations": evaluation["total"],
+        "eval_stack_per_sample": evaluation["stack"],
+        "loss_path": acts["loss_how"],
+        "head": acts["head"],
+        "layer_phase_per_sample": acts["layer_phase_per_sample"],
         "activations_with_checkpointing": acts["with_checkpointing"],
         "lora_r": None if full else options.lora_r,
-        # how the adapter starts: no memory of its own (loftq reads one 16-bit weight at a time, before training)
-        "lora_init": None if full else getattr(model, "qlora_lora_init", {}).get("method"),
+        # how the adapter starts, and what computing that start holds for a moment before the first step
+        "lora_init": lora_init,
+        "start_transient_bytes": start["total"],
+        "start_parts": {k: v for k, v in start.items() if k != "total"},
         "mixed_precision": amp_dtype(compute),
+        "allocator_share": allocator_share,
+        "allocator_how": ("CUDA caching allocator: 10% of the step's transients, an estimate (not measured); "
+                          "runtime: the CUDA context, 500 MiB, an estimate (CUDA 12 with lazy loading: 300-600 MiB)"
+                          if cuda
+                          else f"glibc malloc, {'tuned by `qlora-plugin run`' if settings.malloc == 'tuned' else 'its defaults'}: "
+                               f"{allocator_share:g} x the step's transients, measured (docs/plan.md)"),
         "optimizer_paged_bytes": paged,
         # what `torch.cuda.max_memory_reserved` should show: all but the CUDA context and the paged state
         "allocator_bytes": sum(components.values()) - components["runtime"] - paged if cuda else None,
@@ -316,12 +387,15 @@ def predict_for_run(model_config, strategy, options: StrategyOptions, training_a
             device="cuda" if device == "cuda" else "cpu", dtype=compute, optim=optim_name(training_args),
             gradient_checkpointing=bool(getattr(training_args, "activation_checkpointing",
                                                 training_args.gradient_checkpointing)),
+            malloc=running_malloc_mode(),
         )
         plan = plan_strategy(config, strategy.name, strategy, options, settings, pm)
     except Exception as err:  # noqa: BLE001 - see docstring
         return {"predicted_peak_bytes": None, "prediction_failed": f"{type(err).__name__}: {err}"}
     return {"predicted_peak_bytes": plan.total_bytes, "predicted_eval_peak_bytes": plan.eval_bytes,
+            # the run measures its peak from the first step, after the adapter's start: compared with this
+            "predicted_step_peak_bytes": plan.total_bytes - plan.components["start"],
             "predicted_components": plan.components, "predicted_allocator_bytes": plan.details["allocator_bytes"],
             "predicted_for": {k: plan.details[k] for k in ("batch_size", "seq_len", "gradient_checkpointing",
                                                             "optimizer", "device", "compute_dtype",
-                                                            "mixed_precision")}}
+                                                            "mixed_precision", "allocator_how", "loss_path")}}

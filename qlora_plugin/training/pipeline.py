@@ -64,9 +64,9 @@ def _fit_to_budget(model, strategy, options, args, runtime, explicit, compute: s
     names = ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size")
     chosen_by_user = {name: getattr(args, name) for name in names if user_set(args, name, explicit)}
     budget, how = budget_bytes(options.memory_budget, runtime.device_type)
+    # the effective batch you asked for (per device, per optimizer step), TRL's default batch where you set none:
+    # the choice keeps it (docs/plan.md: with only the accumulation set, it may be raised to keep it)
     samples = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    if "gradient_accumulation_steps" in chosen_by_user and "per_device_train_batch_size" not in chosen_by_user:
-        samples = args.per_device_train_batch_size  # your accumulation stays: only the per-device batch is chosen
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -75,12 +75,19 @@ def _fit_to_budget(model, strategy, options, args, runtime, explicit, compute: s
                     budget, samples, args.per_device_eval_batch_size, chosen_by_user.get("per_device_train_batch_size"),
                     chosen_by_user.get("per_device_eval_batch_size"), options.strict_budget, pm,
                     memory_in_use(runtime.device_type))
+    batch_is_yours = "per_device_train_batch_size" in chosen_by_user
     for name in names:
-        if name in chosen_by_user or (name == "gradient_accumulation_steps"
-                                      and "per_device_train_batch_size" in chosen_by_user):
+        accumulation = name == "gradient_accumulation_steps"
+        if (name in chosen_by_user and not accumulation) or (accumulation and batch_is_yours):
             choice[name] = getattr(args, name)  # yours: checked, kept
-        else:
-            setattr(args, name, choice[name])
+            continue
+        if accumulation and name in chosen_by_user and choice[name] != args.gradient_accumulation_steps:
+            choice["notes"].append(
+                f"gradient_accumulation_steps {choice[name]} instead of your {args.gradient_accumulation_steps}: "
+                f"it keeps your effective batch of {samples} samples per device and step at the per-device batch "
+                f"{choice['per_device_train_batch_size']} that fits (set --per_device_train_batch_size too to keep "
+                "both)")
+        setattr(args, name, choice[name])
     for note in choice["notes"]:
         logger.warning("%s.", note)
     return {**choice, "how": how}

@@ -128,8 +128,25 @@ def prediction_error(memory: dict, measured: int) -> float | None:
     """predicted / measured - 1, like against like: on a GPU the plan's allocator part (no CUDA context, no paged
     optimizer state) against `max_memory_reserved`; on the CPU the whole plan against the process's peak RSS."""
     cuda = memory.get("memory_kind") == "cuda_max_reserved"
-    predicted = memory.get("predicted_allocator_bytes") if cuda else memory.get("predicted_peak_bytes")
+    predicted = memory.get("predicted_allocator_bytes") if cuda else \
+        memory.get("predicted_step_peak_bytes", memory.get("predicted_peak_bytes"))
     return round(predicted / measured - 1, 4) if predicted and measured else None
+
+
+PREDICTION_TOLERANCE = 0.10  # the plan's validated accuracy (docs/plan.md): beyond it a run says so
+
+
+def prediction_off_line(memory: dict) -> str | None:
+    """One line when the measured peak is more than `PREDICTION_TOLERANCE` off the plan's prediction, so that shapes
+    the plan was not validated at get reported; None otherwise."""
+    error = memory.get("prediction_error")
+    if error is None or abs(error) <= PREDICTION_TOLERANCE:
+        return None
+    predicted = memory.get("predicted_allocator_bytes") if memory.get("memory_kind") == "cuda_max_reserved" \
+        else memory.get("predicted_step_peak_bytes", memory.get("predicted_peak_bytes"))
+    return (f"[qlora-plugin] memory: measured peak {memory['measured_peak_bytes'] / 2**20:,.0f} MiB, plan predicted "
+            f"{predicted / 2**20:,.0f} MiB ({error:+.0%}: more than {PREDICTION_TOLERANCE:.0%} off); please report "
+            "the model's config.json and this run's command (docs/plan.md, Measured accuracy)")
 
 
 class StrategyReportCallback(TrainerCallback):
@@ -168,6 +185,9 @@ class StrategyReportCallback(TrainerCallback):
         if memory is not None:  # the plan's prediction beside what was measured
             memory.update(measured_peak_bytes=measured["peak_memory_bytes"], memory_kind=measured["memory_kind"])
             memory["prediction_error"] = prediction_error(memory, measured["peak_memory_bytes"])
+            off = prediction_off_line(memory)
+            if off:
+                print(off, flush=True)
         path = os.path.join(args.output_dir, REPORT_FILE)
         write_json_atomic(path, self.facts)
         print(f"[qlora-plugin] report written to {path}", flush=True)

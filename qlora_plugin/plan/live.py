@@ -1,0 +1,52 @@
+"""Bytes held by live tensors, followed op by op: how `plan` counts transients on meta tensors (evaluation, TRL's
+fused LM head), and how its tests compare those counts with the same code run on real tensors."""
+
+from __future__ import annotations
+
+
+class LiveBytes:
+    """While entered: the bytes of every storage an operation creates, followed until its last tensor is freed
+    (`now`, and the most at once, `peak`), the way the allocator sees them. Works on meta tensors."""
+
+    def __init__(self):
+        self.now, self.peak, self._mode = 0, 0, None
+
+    def __enter__(self):
+        import weakref
+
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        holders: dict[int, int] = {}  # storage -> how many live tensors use it (a storage is freed with its last)
+        live = self
+
+        def release(key, nbytes):
+            holders[key] -= 1
+            if not holders[key]:
+                del holders[key]
+                live.now -= nbytes
+
+        class Track(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    storage = t.untyped_storage()
+                    key = storage._cdata  # views and `_unsafe_view` results share their input's storage
+                    if key not in holders:
+                        holders[key] = 0
+                        live.now += storage.nbytes()
+                        live.peak = max(live.peak, live.now)
+                    holders[key] += 1
+                    weakref.finalize(t, release, key, storage.nbytes())
+                return out
+
+        self._mode = Track()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        self._mode = None
+        return False
