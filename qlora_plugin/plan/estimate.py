@@ -273,7 +273,7 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
     evaluation = eval_transient(model, settings.eval_batch_size, settings.seq_len, settings.device)
     lora_init = None if full else getattr(model, "qlora_lora_init", {}).get("method")
     stack_per_token = (evaluation["stack"] // settings.seq_len) if evaluation["stack"] else None
-    start = start_transient_bytes(model, lora_init, stack_per_token)
+    start = start_transient_bytes(model, lora_init, stack_per_token, settings.device)
     cuda = settings.device == "cuda"
     components = {
         "weights": weights + packed + constants + (adapters if full else 0),  # full: the trained set is the base
