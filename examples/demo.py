@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     chats = [row["prompt"] for row in rows]
     expected = [row["completion"][0]["content"] for row in rows]
     before = answers(model, chats, "the model as downloaded")
+    print(f"[demo] before training: {exact(before, expected)}/{len(rows)} held-out answers exactly right", flush=True)
     bin_dir = Path(sys.executable).parent
     code, log = run([
         str(bin_dir / "qlora-plugin"), "run", "--", sys.executable, "-m", "trl.scripts.sft",
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
     if code != 0:
         return code
     after = answers(MERGED, chats, "the merged model")
+    print(f"[demo] after training: {exact(after, expected)}/{len(rows)} held-out answers exactly right", flush=True)
 
     report = json.loads((RUN / "qlora_plugin_report.json").read_text())
     measured, losses = report["measured"], eval_losses(log)
