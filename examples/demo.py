@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     print(f"[demo] after training: {exact(after, expected)}/{len(rows)} held-out answers exactly right", flush=True)
 
     report = json.loads((RUN / "qlora_plugin_report.json").read_text())
-    measured, losses = report["measured"], eval_losses(log)
+    measured, losses = report["measured"], eval_losses(log.replace("{'eval_loss'", "\n{'eval_loss'"))  # after a bar
     n = len(rows)
     print("\n=== qlora demo: SmolLM2-135M-Instruct, name/age/city to JSON ===")
     print(f"instruction   : {chats[0][0]['content'].splitlines()[0]}")
