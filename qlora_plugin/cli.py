@@ -12,7 +12,7 @@ sys._qlora_plugin_own_cli = True  # our own flags (e.g. --strategy) are never ta
 from qlora_plugin.errors import QLoRAPluginError  # noqa: E402 (after the flag above, which must come first)
 from qlora_plugin.flags import parse_bool  # noqa: E402
 from qlora_plugin.hub_code import refuse_hub_kernels  # noqa: E402
-from qlora_plugin.notices import leave_out_bnb_cpu_kernel_note  # noqa: E402
+from qlora_plugin.notices import leave_out_for_a_command  # noqa: E402
 from qlora_plugin.options import FOUR_BIT_OPTIONS, StrategyOptions, options_reference_markdown  # noqa: E402
 from qlora_plugin.plugin.manager import (  # noqa: E402
     collect_strategies, get_plugin_manager, hook_files_from_env, packaged_hooks,
@@ -165,7 +165,7 @@ def _plan(args, rest) -> int:
 
 
 def main(argv=None) -> int:
-    leave_out_bnb_cpu_kernel_note()  # plan and merge import bitsandbytes; its CPU repacking is never used here
+    leave_out_for_a_command()  # bitsandbytes' CPU kernel note (never used here), the Hub's retries as one line
     refuse_hub_kernels()  # ... and never with a kernel fetched from the Hub
     parser = make_parser()
     args, rest = parser.parse_known_args(argv)

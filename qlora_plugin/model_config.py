@@ -20,8 +20,16 @@ def load_config(model: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        raise QLoRAPluginError(
-            f"Could not read the config of {model!r}: {err}. Pass a local folder with config.json, or a hub id on a "
-            "machine that reaches the Hub. Architectures transformers does not ship need custom code: only `plan` "
-            "runs it, and only with `--trust-remote-code`; `merge` never does."
-        ) from None
+        raise QLoRAPluginError(_unreadable(model, err)) from None
+
+
+def _unreadable(model: str, err: Exception) -> str:
+    """One line for a config that could not be read: the library's reason (its own sentences, ending once), what to
+    pass instead, and the custom-code rule only when the reason is custom code or an architecture transformers
+    does not know."""
+    reason = " ".join(str(err).split()).rstrip(".")
+    custom = any(word in reason for word in ("custom code", "trust_remote_code", "model type", "model_type"))
+    return (f"Could not read the config of {model!r}: {reason}. Pass a local folder with config.json, or a hub id on "
+            "a machine that reaches the Hub." + (
+                " Architectures transformers does not ship need custom code: only `plan` runs it, and only with "
+                "`--trust-remote-code`; `merge` never does." if custom else ""))

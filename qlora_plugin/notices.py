@@ -14,7 +14,8 @@ is shown as the library wrote it. docs/troubleshooting.md ("What a run prints") 
 - transformers, through peft: "`is_gradient_checkpointing` is deprecated", raised inside peft's
   `get_peft_model` when the strategy adds LoRA (and when `plan` builds its skeleton).
 - huggingface_hub, when the Hub cannot be reached: a pair of lines per retry (about 20 s of them) becomes one
-  line that says what is happening and that `HF_HUB_OFFLINE=1` fails at once.
+  line that says what is happening and that `HF_HUB_OFFLINE=1` fails at once (in strategy runs and in the
+  `qlora-plugin` commands, e.g. `plan` on a Hub id).
 """
 
 from __future__ import annotations
@@ -98,6 +99,13 @@ def _add_once(logger_name: str, log_filter: logging.Filter) -> None:
 def leave_out_bnb_cpu_kernel_note() -> None:
     """For `qlora-plugin` commands and strategy runs: bitsandbytes' note about its CPU repacking kernel."""
     _add_once(BNB_CPU_KERNEL[0], _Drop(_bnb_cpu_kernel))
+
+
+def leave_out_for_a_command() -> None:
+    """For `qlora-plugin` commands: the bitsandbytes note, and huggingface_hub's retries as one line (`plan` and
+    `merge` may ask the Hub for a config)."""
+    leave_out_bnb_cpu_kernel_note()
+    _add_once(HUB_HTTP, _HubRetries())
 
 
 def leave_out_for_a_strategy_run(user_named_gradient_checkpointing: bool) -> None:

@@ -36,11 +36,37 @@ class Strategy:
         return bool(self.option_defaults.get("load_in_4bit", True))
 
 
-def unknown_strategy_error(name: str, available: list[str]) -> QLoRAPluginError:
-    """The error for `--strategy NAME` that no installed plugin registers: lists them and the closest."""
-    close = difflib.get_close_matches(name, available, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+def _folded(name: str) -> str:
+    return name.casefold().replace("-", "_")
+
+
+def resolve_name(name: str, available) -> str:
+    """The registered spelling of `name`: strategy names match regardless of case and of `-` for `_` (`QLoRA`,
+    the paper's spelling, is `qlora`). A name that matches none, or several, is returned as given."""
+    if name in available:
+        return name
+    same = [known for known in available if _folded(known) == _folded(name)]
+    return same[0] if len(same) == 1 else name
+
+
+def _family(strategy) -> str:
+    if not isinstance(strategy, Strategy):
+        return ""
+    return " (4-bit base)" if strategy.quantized else " (16-bit base)"
+
+
+def unknown_strategy_error(name: str, available) -> QLoRAPluginError:
+    """The error for `--strategy NAME` that no installed plugin registers: lists them and the closest ones.
+
+    `available` is a mapping of name to `Strategy` (or just the names). Every close name is offered with what it
+    trains on -- a 4-bit or a 16-bit base -- so a typo is never steered silently from one family to the other
+    (`qloar` is as close to `lora` as to `qlora`)."""
+    strategies = available if isinstance(available, Mapping) else dict.fromkeys(available)
+    folded = {_folded(known): known for known in strategies}
+    close = [folded[f] for f in difflib.get_close_matches(_folded(name), list(folded), n=3)]
+    offers = [f"{known!r}{_family(strategies[known])}" for known in close]
+    hint = f" Did you mean {' or '.join(offers)}?" if offers else ""
     return QLoRAPluginError(
-        f"Unknown strategy {name!r}.{hint} Available: {', '.join(sorted(available))}. "
+        f"Unknown strategy {name!r}.{hint} Available: {', '.join(sorted(strategies))}. "
         "`qlora-plugin strategies` lists them with their options; plugins add more."
     )

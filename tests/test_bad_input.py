@@ -15,7 +15,7 @@ def sft(tiny_models, dataset_dir, out, *extra):
 
 
 def assert_clean_failure(proc, out, *fragments):
-    assert proc.returncode != 0
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])  # one status for every user error
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "qlora-plugin: error" in proc.stderr, proc.stderr[-3000:]
     for fragment in fragments:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, TRAIN_FLAGS, run_python
+from conftest import DATA, TRAIN_FLAGS, run_command, run_python
 
 from qlora_plugin import QLoRAPluginError
 from qlora_plugin.integration import activation, state
@@ -81,7 +81,7 @@ def test_misspelled_flag_gets_a_suggestion(tiny_models, tmp_path):
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
                        str(DATA), "--output_dir", str(out), "--strategy", "qlora", "--lora_rank", "8", *TRAIN_FLAGS],
                      tmp_path)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "qlora-plugin: error: Unknown argument(s) --lora_rank 8" in proc.stderr
     assert "Did you mean --lora_r?" in proc.stderr and not out.exists()
 
@@ -118,6 +118,22 @@ def test_qlora_plugin_command(case, monkeypatch, capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.jsonl"]
 
 
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_plan_on_a_hub_id_without_the_hub(tmp_path, hub):
+    """`plan` on a Hub id with no Hub: at most one line while huggingface_hub retries (not a pair per retry), then
+    one message that ends each sentence once and says nothing about custom code (not the problem here)."""
+    env = ({"HF_HUB_OFFLINE": "1"} if hub == "offline" else
+           {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")})
+    proc = run_command(["qlora-plugin", "plan", "someone/not-cached-model"], tmp_path, env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == (1 if hub == "offline" else 2) and "Retrying in" not in proc.stderr, proc.stderr
+    assert lines[-1].startswith("qlora-plugin: error: Could not read the config of 'someone/not-cached-model': ")
+    assert ".." not in lines[-1] and "custom code" not in lines[-1], lines[-1]
+    if hub == "unreachable":
+        assert lines[0].startswith("[qlora-plugin] http://127.0.0.1:9 cannot be reached")
+
+
 # --- YAML --config ------------------------------------------------------------------------------------------------
 
 YAML = {
@@ -126,7 +142,8 @@ YAML = {
     "not a mapping": ("- strategy\n- qlora\n", "must hold a YAML mapping"),
     "wrong type": ("strategy: qlora\nlora_r: eight\n", "`lora_r` must be an integer; got 'eight'"),
     "list option not a list": ("strategy: qlora\nlora_target_modules: 5\n", "`lora_target_modules` must be a list"),
-    "unknown strategy": ("strategy: qlroa\n", "Unknown strategy 'qlroa'. Did you mean 'qlora'?"),
+    "unknown strategy": ("strategy: qlroa\n",
+                         "Unknown strategy 'qlroa'. Did you mean 'qlora' (4-bit base) or 'lora' (16-bit base)?"),
     "strategy not a name": ("strategy: [qlora]\n", "`strategy` must be a name"),
     "option in env block": ("strategy: qlora\nenv:\n  lora_r: 16\n", "lora_r in the YAML `env:` block"),
     "plugin variable in env block": ("env:\n  QLORA_PLUGIN_STRATEGY: qlora\n  QLORA_PLUGIN_OPTIONS: '{}'\n",
@@ -152,7 +169,7 @@ def test_yaml_misspelled_key(tiny_models, tmp_path):
     out = tmp_path / "out"
     proc = run_python(["-m", "trl.scripts.sft", "--config", "cfg.yaml", "--model_name_or_path", tiny_models["llama"],
                        "--dataset_name", str(DATA), "--output_dir", str(out), *TRAIN_FLAGS], tmp_path)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "Unknown key(s) in the YAML config" in proc.stderr and "lora_rank: Did you mean --lora_r?" in proc.stderr
     assert not out.exists()
 
@@ -377,7 +394,7 @@ def test_dataset_columns_in_a_script(tiny_models, tmp_path):
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
                        str(tmp_path / "data"), "--output_dir", str(out), "--strategy", "qlora", *TRAIN_FLAGS],
                       tmp_path)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "The train_dataset has columns ['question', 'answer']" in proc.stderr and not out.exists()
 
 
@@ -388,7 +405,7 @@ def test_dataset_path_missing(tiny_models, tmp_path):
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
                        str(tmp_path / "no_data"), "--output_dir", str(out), "--strategy", "qlora", *TRAIN_FLAGS],
                       tmp_path)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "qlora-plugin: error: The dataset could not be loaded: Couldn't find any data file" in proc.stderr
     assert "trl/scripts/sft.py" in proc.stderr and not out.exists()
 
@@ -401,7 +418,7 @@ def test_dataset_relative_path_missing(tiny_models, tmp_path, offline):
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
                        "./nodata", "--output_dir", "out", "--strategy", "qlora", *TRAIN_FLAGS], tmp_path,
                       {"HF_HUB_OFFLINE": offline, "HF_DATASETS_OFFLINE": offline})
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (f"qlora-plugin: error: The dataset could not be loaded: './nodata' is not a folder or file (looked in "
             f"{tmp_path})") in proc.stderr
     assert (", nor a Hub dataset id" in proc.stderr) is (offline == "0")
@@ -414,7 +431,7 @@ def test_dataset_on_an_unreachable_hub(tiny_models, tmp_path):
     proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
                        "someone/no-such-data", "--output_dir", "out", "--strategy", "qlora", *TRAIN_FLAGS], tmp_path,
                       {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 2 and "Retrying in" not in proc.stderr, proc.stderr
     assert lines[0].startswith("[qlora-plugin] http://127.0.0.1:9 cannot be reached")
@@ -429,14 +446,18 @@ def test_dataset_on_an_unreachable_hub(tiny_models, tmp_path):
 
 @pytest.fixture
 def excepthook(monkeypatch, capsys):
-    """The excepthook an active strategy installs; returns what it prints for an exception."""
-    from qlora_plugin.integration.excepthook import install_excepthook
+    """The excepthook an active strategy installs; returns what it prints for an exception (and checks that it
+    ends the process with the user-error status, 2)."""
+    from qlora_plugin.integration import excepthook as module
 
     monkeypatch.setattr(sys, "excepthook", lambda *exc_info: pytest.fail(f"not handled: {exc_info[1]!r}"))
-    install_excepthook()
+    codes = []
+    monkeypatch.setattr(module, "exit_now", codes.append)
+    module.install_excepthook()
 
     def show(excinfo) -> str:
         sys.excepthook(excinfo.type, excinfo.value, excinfo.tb)
+        assert codes.pop() == 2
         return capsys.readouterr().err
 
     return show
@@ -470,6 +491,40 @@ def test_resume_from_missing_checkpoint(tiny_models, tmp_path, excepthook):
     stderr = excepthook(err)
     assert "qlora-plugin: error: --resume_from_checkpoint" in stderr and "is not a folder" in stderr
     assert "checkpoint-500" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("folder", ["alone", "shared"])
+def test_dataset_name_is_one_file(excepthook, tmp_path, monkeypatch, folder):
+    """TRL users pass a data file; `load_dataset(NAME)` reads folders and Hub ids only. The message says exactly
+    what works (its folder, or a folder of its own when others lie beside it), never "folder or file"."""
+    from datasets import load_dataset
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ["train.jsonl", *(["test.jsonl"] if folder == "shared" else [])]:
+        (data / name).write_text('{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(OSError) as err:
+        load_dataset(str(data / "train.jsonl"))
+    message = excepthook(err)
+    assert f"The dataset could not be loaded: '{data / 'train.jsonl'}' is a file" in message, message
+    assert f'load_dataset("json", data_files=\'{data / "train.jsonl"}\')' in message
+    assert "folder or file" not in message and message.count("\n") == 1
+    if folder == "shared":
+        assert "Move it into a folder of its own" in message and "other data files" in message
+    else:
+        assert f"Pass its folder instead: --dataset_name {data} " in message
+        assert "train" in load_dataset(str(data))  # what the message says works, works
+
+
+def test_a_training_childs_status_is_the_commands(excepthook):
+    """`trl sft` / `accelerate launch` re-raise the child's exit: its status (2 for bad input) is the command's."""
+    import subprocess
+
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        raise subprocess.CalledProcessError(2, ["accelerate", "launch", "sft.py"])
+    assert "the training process exited with status 2" in excepthook(err)
 
 
 def test_unknown_exceptions_keep_their_traceback(monkeypatch, capsys):

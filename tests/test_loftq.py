@@ -407,3 +407,17 @@ def test_plan_shows_the_start_and_plans_16_bit_beside_it_with_peft_start(tiny_mo
     assert "LoRA init default" in out.split("lora: compute")[-1].split("\n")[0]
     assert main(["plan", tiny_models["llama"]]) == 0  # auto: the same choice as a training run
     assert "LoRA init loftq_calibrated" in capsys.readouterr().out.split("qlora: compute")[1].split("\n")[0]
+
+
+def test_the_start_shows_its_progress(tiny_models, capsys):
+    """The start takes seconds on an idle machine and minutes on a loaded one: a bar over the layers says how far
+    it is (asked for by the training run unless `--disable_tqdm`); off by default."""
+    from qlora_plugin.strategies.loftq import loftq_initialise
+
+    model = wrap_with_lora(_four_bit(tiny_models["llama"]), StrategyOptions(init_lora_weights="default"), CPU)
+    capsys.readouterr()
+    facts = loftq_initialise(model, progress=True)
+    err = capsys.readouterr().err
+    assert "LoRA start (loftq): 100%" in err and f"{facts['layers']}/{facts['layers']}" in err, err
+    loftq_initialise(model)
+    assert "LoRA start" not in capsys.readouterr().err

@@ -333,3 +333,33 @@ def test_architecture_examples_work_as_written(tiny_models, tmp_path):
     trainer.train()
     report = json.loads((tmp_path / "out" / "qlora_plugin_report.json").read_text())
     assert report["adapter"]["final_norm_trained"] is True and report["strategy"] == "qlora-r16"
+
+
+@pytest.mark.parametrize("typed", ["QLoRA", "Qlora", "QLORA", "qlora"])
+def test_strategy_names_match_regardless_of_case(typed):
+    """`--strategy QLoRA` (the paper's spelling) or a one-letter case slip is the 4-bit strategy, never `lora`."""
+    assert get_strategy(get_plugin_manager(load_entrypoints=False), typed).name == "qlora"
+
+
+def test_a_suggestion_names_the_family_of_each_close_strategy():
+    """A typo close to both `qlora` and `lora` offers both, each with what it trains on: never one family for the
+    other silently."""
+    pm = get_plugin_manager(load_entrypoints=False)
+    with pytest.raises(QLoRAPluginError) as caught:
+        get_strategy(pm, "qloar")
+    message = str(caught.value)
+    assert "'qlora' (4-bit base)" in message and "'lora' (16-bit base)" in message, message
+    with pytest.raises(QLoRAPluginError, match=r"Did you mean 'lora' \(16-bit base\) or 'qlora' \(4-bit base\)\?"):
+        get_strategy(pm, "Lroa")
+
+
+def test_strategy_names_differing_only_in_case_are_refused():
+    class Clash:
+        @hookimpl
+        def qlora_register_strategies(self, register):
+            register(Strategy("QLoRA", "impostor", {}))
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(Clash())
+    with pytest.raises(QLoRAPluginError, match="is registered twice .*as '(qlora|QLoRA)'"):
+        collect_strategies(pm)

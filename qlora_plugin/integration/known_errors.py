@@ -52,8 +52,24 @@ def _through(tb, package: str) -> bool:
     return False
 
 
-DATASET_HINT = ("Pass a local folder or file of .jsonl/.json/.csv/.parquet data, or a Hub dataset id on a machine "
-                "that reaches the Hub.")
+DATASET_HINT = ("Pass a local folder of .jsonl/.json/.csv/.parquet files, or a Hub dataset id on a machine that "
+                "reaches the Hub.")
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _single_file_message(path: str, where: str) -> str:
+    """`--dataset_name` names one data file: `load_dataset(NAME)` reads a folder or a Hub id, never one file."""
+    kind = DATA_FILE_TYPES.get(os.path.splitext(path)[1].lower())
+    folder = os.path.dirname(path) or "."
+    others = [f for f in os.listdir(folder) if f != os.path.basename(path)
+              and os.path.splitext(f)[1].lower() in DATA_FILE_TYPES]
+    fix = (f"Pass its folder instead: --dataset_name {folder}" if not others else
+           f"Move it into a folder of its own and pass that folder ({folder} has other data files, which would be "
+           f"read too)")
+    direct = f'; in Python, load_dataset("{kind}", data_files={path!r}) reads the file itself' if kind else ""
+    return (f"The dataset could not be loaded: {path!r} is a file, and `load_dataset` (called at {where}) reads a "
+            f"folder of data files or a Hub dataset id, not a single file. {fix} (files named train*/test* are the "
+            f"training/evaluation splits, any other is the training split){direct}.")
 
 
 def _dataset_message(exc: BaseException, tb) -> str | None:
@@ -68,6 +84,9 @@ def _dataset_message(exc: BaseException, tb) -> str | None:
     unreachable = re.match(r"Couldn't reach '([^']*)' on the Hub", text)
     if unreachable and looks_like_path(unreachable.group(1)):  # offline, `datasets` tried a missing path as an id
         return missing.format(unreachable.group(1)) + f" (in load_dataset, called at {where}). {DATASET_HINT}"
+    named = re.match(r"Couldn't find any data file at (.*?)\.?$", text)
+    if named and os.path.isfile(named.group(1)):
+        return _single_file_message(named.group(1), where)
     offline = "Couldn't reach" in text and os.environ.get("HF_HUB_OFFLINE", "") in ("", "0")
     hint = " HF_HUB_OFFLINE=1 makes this fail at once, without the retries." if offline else ""
     return f"The dataset could not be loaded: {text} (in load_dataset, called at {where}). {DATASET_HINT}{hint}"

@@ -54,7 +54,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto",
                         help="Compute dtype (default: bf16 on cuda; fp16 with fp32 adapters when --gpu-memory names a "
                              f"GPU without bf16: {', '.join(NO_NATIVE_BF16)}; fp32 on a CPU without bf16).")
-    parser.add_argument("--device", default="cuda", help="cuda (allocator peak) or cpu (process RSS).")
+    parser.add_argument("--device", default=None,
+                        help="cuda (allocator peak) or cpu (process RSS); default: cuda with --gpu-memory, else the "
+                             "machine plan runs on (cuda when torch sees a GPU, else cpu), said in the output.")
     parser.add_argument("--malloc", default="tuned", choices=("tuned", "glibc"),
                         help="--device cpu: glibc's malloc as `qlora-plugin run` starts it (tuned, default) or with "
                              "its defaults (glibc; the allocator then holds about twice as much, docs/plan.md).")
@@ -93,10 +95,27 @@ def _size(n: int) -> str:
     return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / 2**20:,.1f} MiB"
 
 
-def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "") -> str:
+def _count(n: int) -> str:
+    """A parameter count people read: 1.24B, 135.0M, 12.3K, 512."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.{2 if unit == 'B' else 1}f}{unit}"
+    return str(n)
+
+
+def this_machine() -> tuple[str, str]:
+    """The device `plan` defaults to -- the one it runs on -- and how it was chosen, for the output."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", "this machine's GPU; --device cpu plans for the CPU"
+    return "cpu", "this machine has no GPU torch can use; --device cuda plans for a GPU"
+
+
+def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "", device_note: str = "") -> str:
     first = plans[0].details
-    lines = [f"Peak training memory for {model} ({first['params'] / 1e9:.2f}B params), batch {first['batch_size']} "
-             f"x {first['seq_len']} tokens, device {first['device']}"]
+    lines = [f"Peak training memory for {model} ({_count(first['params'])} params), batch {first['batch_size']} "
+             f"x {first['seq_len']} tokens, device {first['device']}" + (f" ({device_note})" if device_note else "")]
     width = 16
     lines.append("component".ljust(16) + "".join(p.strategy.rjust(width) for p in plans))
     for name in COMPONENTS:
@@ -112,7 +131,8 @@ def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "")
     lines.append("")
     for p in plans:
         d = p.details
-        bits = f", 4-bit layers {d['layers_4bit']} at {d['bits_per_4bit_param']} bits/param" if d["layers_4bit"] else ""
+        bits = (f", 4-bit layers {d['layers_4bit']} at {d['bits_per_4bit_param']} bits per 4-bit weight, all "
+                f"storage" if d["layers_4bit"] else "")
         adapters = f" (adapters {d['adapter_dtype']})" if d.get("adapter_dtype", d["compute_dtype"]) != d["compute_dtype"] else ""
         lines.append(f"{p.strategy}: compute {d['compute_dtype']}{adapters}, optimizer {d['optimizer']}, gradient "
                      f"checkpointing {'on' if d['gradient_checkpointing'] else 'off'}, "
@@ -122,8 +142,16 @@ def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "")
         lines.append(f"  loss: {d['loss_path']}; allocator: {d['allocator_how']}"
                      + (f"; the {d['lora_init']} start holds {_size(d['start_transient_bytes'])} before the first step"
                         if d.get("start_transient_bytes") else ""))
+    if any(p.details["layers_4bit"] for p in plans):
+        lines.append(BITS_NOTE)
     lines += _sharded_loading_notes(plans, gpu_memory)
     return "\n".join(lines)
+
+
+# Why plan's bits per 4-bit weight is above the run summary's 4.127 (the paper's figure with double quantization).
+BITS_NOTE = ("bits per 4-bit weight: codes and block scales (what a run's summary and the paper count: 4.127 with "
+             "double quantization, 4.5 without) plus each layer's fixed constants (a 1 KiB lookup table and a few "
+             "scalars), which weigh more the smaller the layers")
 
 
 def _sharded_loading_notes(plans, gpu_memory: int | None) -> list[str]:
@@ -206,6 +234,11 @@ def main(argv: list[str]) -> int:
     gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
     if args.plot:
         _check_plot_path(args.plot)
+    device_note = ""
+    if args.device is None and args.gpu_memory:
+        args.device, device_note = "cuda", "--gpu-memory names a GPU"
+    elif args.device is None:
+        args.device, device_note = this_machine()
     dtype = args.dtype
     if dtype == "auto" and args.device == "cuda" and (args.gpu_memory or "").strip().lower() in NO_NATIVE_BF16:
         dtype = "float16"
@@ -222,7 +255,7 @@ def main(argv: list[str]) -> int:
             objects[0]["memory_budget"] = choice
         print(json.dumps(objects[0] if len(objects) == 1 else objects, indent=2))
     else:
-        print(format_table(plans, args.model, gpu_memory, args.gpu_memory))
+        print(format_table(plans, args.model, gpu_memory, args.gpu_memory, device_note))
         if choice:
             print(f"\nmemory budget {choice['budget_bytes'] / 2**20:,.0f} MiB ({choice['how']}), {strategy or 'qlora'}: "
                   f"per-device batch {choice['per_device_train_batch_size']} x accumulation "

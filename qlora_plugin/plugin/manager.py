@@ -20,7 +20,7 @@ import pluggy
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.plugin import specs
-from qlora_plugin.strategy import Strategy, unknown_strategy_error
+from qlora_plugin.strategy import Strategy, resolve_name, unknown_strategy_error
 
 ENTRY_POINT_GROUP = "qlora_plugin"
 HOOKS_ENV = "QLORA_PLUGIN_HOOKS"
@@ -182,8 +182,8 @@ def load_hook_file(path: str):
 
 
 def collect_strategies(pm: pluggy.PluginManager) -> dict[str, Strategy]:
-    """Every strategy registered through the `qlora_register_strategies` hook, by name. Two with one name is an
-    error.
+    """Every strategy registered through the `qlora_register_strategies` hook, by name. Two with one name (its
+    case and `-`/`_` aside) is an error.
 
     The hook is called through pluggy (so ordering, wrappers and tracing apply); which plugin registered a
     strategy is read from the implementation on the call stack when it calls `register`.
@@ -195,10 +195,11 @@ def collect_strategies(pm: pluggy.PluginManager) -> dict[str, Strategy]:
         plugin = _calling_plugin(owners)
         if not isinstance(strategy, Strategy):
             raise QLoRAPluginError(f"Plugin {plugin} registered {strategy!r}, not a Strategy.")
-        if strategy.name in found:
+        same = resolve_name(strategy.name, found)  # names match regardless of case and `-`/`_`
+        if same in found:
             raise QLoRAPluginError(
-                f"Strategy {strategy.name!r} is registered twice ({found[strategy.name].plugin} and {plugin}). "
-                "Uninstall or rename one."
+                f"Strategy {strategy.name!r} is registered twice ({found[same].plugin} and {plugin}"
+                f"{'' if same == strategy.name else f', as {same!r}'}). Uninstall or rename one."
             )
         found[strategy.name] = dataclasses.replace(strategy, plugin=plugin)
 
@@ -216,7 +217,10 @@ def _calling_plugin(owners: dict) -> str:
 
 
 def get_strategy(pm: pluggy.PluginManager, name: str) -> Strategy:
+    """The strategy registered as `name` (its case and `-`/`_` aside: `resolve_name`); unknown: an error naming
+    the close ones."""
     strategies = collect_strategies(pm)
+    name = resolve_name(name, strategies)
     if name not in strategies:
-        raise unknown_strategy_error(name, list(strategies))
+        raise unknown_strategy_error(name, strategies)
     return strategies[name]

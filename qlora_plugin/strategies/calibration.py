@@ -290,7 +290,8 @@ class CalibratedLoftQ(TrainerCallback):
                 self.init.update(cached, cached=True, seconds=round(time.perf_counter() - start, 2))
             else:
                 weights = InputWeights(model, batches)
-                self.init.update(loftq_initialise(model, input_weights=weights), examples=examples,
+                show = state.is_world_process_zero and not args.disable_tqdm
+                self.init.update(loftq_initialise(model, input_weights=weights, progress=show), examples=examples,
                                  tokens=weights.tokens, weighting=weights.kind, passes=weights.passes)
                 if key:
                     save_start(model, key, {k: v for k, v in self.init.items() if k not in ("note", "method")})

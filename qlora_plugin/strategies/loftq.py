@@ -124,7 +124,8 @@ def transient_bytes(out_features: int, in_features: int, calibrated: bool) -> in
     return 4 * (2 * out_features * in_features + (in_features * in_features if calibrated else 0))
 
 
-def loftq_initialise(model, adapter: str = "default", input_weights: dict | None = None) -> dict:
+def loftq_initialise(model, adapter: str = "default", input_weights: dict | None = None,
+                     progress: bool = False) -> dict:
     """Set every 4-bit LoRA layer's A and B so that `scaling * B @ A` is the best rank-r approximation of that
     layer's quantization error R. Returns facts for the summary: layers initialised, the share of the quantization
     error (squared norm, summed over layers) the adapters now cancel, and the seconds it took.
@@ -134,8 +135,13 @@ def loftq_initialise(model, adapter: str = "default", input_weights: dict | None
     L⁻¹. L is the Cholesky factor of the inputs' second-moment matrix (EoRA, Liu et al. 2024, up to the choice of
     square root), or, where that matrix is too large to hold, the diagonal of per-channel root-mean-squares
     (activation-aware SVD, Yuan et al. 2023). A few input channels carry most of the signal, so an error there costs
-    far more than the same error elsewhere; the plain form treats all alike."""
+    far more than the same error elsewhere; the plain form treats all alike.
+
+    `progress`: a progress bar over the layers (the start takes seconds on a small model on an idle machine,
+    minutes on a loaded one)."""
     import time
+
+    from tqdm.auto import tqdm
 
     import bitsandbytes as bnb
     import torch
@@ -146,9 +152,8 @@ def loftq_initialise(model, adapter: str = "default", input_weights: dict | None
     weights = base_weights(model)
     prefix = getattr(base_model, "base_model_prefix", None)
     starts, error, cancelled = [], 0.0, 0.0
-    for name, module in model.named_modules():
-        if not isinstance(module, Linear4bit) or adapter not in module.lora_A:
-            continue
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit) and adapter in m.lora_A]
+    for name, module in tqdm(layers, desc="LoRA start (loftq)", unit="layer", disable=not progress):
         packed = module.get_base_layer().weight
         quantized = bnb.functional.dequantize_4bit(packed.data, packed.quant_state).float()
         residual = weights.get(name[len(PEFT_PREFIX):] + ".weight", prefix).to(quantized.device, torch.float32,

@@ -74,8 +74,9 @@ def format_summary(facts: dict) -> str:
     if q:
         lines.append(
             f"  4-bit base : {q['layers_4bit']} linear layers in {q['quant_type']}"
-            f"{' + double quant' if q['double_quant'] else ''} ({q['bits_per_param']:.3f} bits/param), "
-            f"compute {q['compute_dtype']}, storage {q['quant_storage']}, embeddings {q['embeddings_dtype']}"
+            f"{' + double quant' if q['double_quant'] else ''} ({q['bits_per_param']:.3f} bits per 4-bit weight: "
+            f"codes and block scales), compute {q['compute_dtype']}, storage {q['quant_storage']}, "
+            f"embeddings {q['embeddings_dtype']}"
         )
         if q.get("dequant_buffer_layers"):
             lines.append(f"  dequantize : {q['dequant_buffer_layers']} large 4-bit layers into one reused buffer "
