@@ -291,3 +291,34 @@ def test_a_crafted_quantization_record_is_refused_before_writing(case, adapter, 
     code, err, out = run_merge(capsys, tmp_path, "--adapter", folder)
     assert_refused(code, err, out, f"`{key}` is {value!r}", allowed)
     assert len(err.strip().splitlines()) == 1
+
+
+KILLED_MERGE = ("import sys, time\nfrom qlora_plugin.merge.writer import staged_folder\n"
+                "with staged_folder(sys.argv[1], False) as tmp:\n    print('staged', flush=True)\n    time.sleep(120)\n")
+
+
+def test_a_killed_merges_staging_folder_is_removed_by_the_next_merge(tmp_path):
+    """kill -9 leaves `.<out>.merging-*` beside `--out` (issue 24, item 9): the next merge to that `--out` removes it
+    (its owner is gone), and the staging record never reaches the merged folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from qlora_plugin.merge.writer import staged_folder
+    from qlora_plugin.quant.cache_lock import OWNER_FILE
+
+    out = tmp_path / "merged"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_MERGE, str(out)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "QLORA_PLUGIN_LOAD": ""})
+    try:
+        assert child.stdout.readline().strip() == "staged"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged.merging-")]
+    assert len(left) == 1  # what kill -9 leaves behind
+    with staged_folder(str(out), False) as tmp:
+        (Path(tmp) / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"] and not (out / OWNER_FILE).exists()

@@ -13,6 +13,7 @@ import tempfile
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.files import give_normal_permissions
+from qlora_plugin.quant.cache_lock import OWNER_FILE, make_staging, remove_stale_staging
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -78,16 +79,21 @@ def _as_os_error(err: Exception) -> OSError:
 
 @contextlib.contextmanager
 def staged_folder(out: str, force: bool, keep: tuple[str, ...] = ()):
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed."""
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed. The
+    folder names its owner (pid, host): one left by a merge that was killed (kill -9 gives no chance to clean up)
+    is removed by the next merge to the same `out`."""
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
+    prefix = f".{os.path.basename(out)}.merging-"
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.merging-")
+        remove_stale_staging(parent, prefix=prefix, where="the output's folder")
+        tmp = make_staging(parent, out, prefix=prefix)
     except OSError as err:
         raise disk_error(err, out) from None
     try:
         yield tmp
+        os.remove(os.path.join(tmp, OWNER_FILE))  # the staging record is not part of the model
         give_normal_permissions(tmp)  # mkdtemp's 0700 and safetensors' 0600: the model is for others to read too
         old = None
         if os.path.exists(out):

@@ -134,21 +134,23 @@ def _inode(path: str) -> int | None:
         return None
 
 
-def make_staging(root: str, entry_name: str) -> str:
-    """A new staging folder in `root` for `entry_name`, naming its owner so a later run can tell it is stale."""
-    tmp = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root)
+def make_staging(root: str, entry_name: str, prefix: str = STAGING_PREFIX) -> str:
+    """A new staging folder in `root` for `entry_name`, naming its owner so a later run can tell it is stale (also
+    `merge`'s, beside its output, with its own `prefix`)."""
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=root)
     with open(os.path.join(tmp, OWNER_FILE), "w", encoding="utf-8") as f:
         json.dump({"pid": os.getpid(), "host": _host(), "entry": entry_name, "since": time.time()}, f)
     return tmp
 
 
-def remove_stale_staging(root: str, locked_entry: str | None = None) -> list[str]:
-    """Remove staging folders left by killed makers: those of processes gone from this host, those with no
-    owner record older than `ORPHAN_SECONDS`, and (called under that entry's lock) every one of `locked_entry`.
-    Returns the removed paths."""
+def remove_stale_staging(root: str, locked_entry: str | None = None, prefix: str = STAGING_PREFIX,
+                         where: str = "the cache") -> list[str]:
+    """Remove staging folders (names starting with `prefix`) left by killed makers: those of processes gone from
+    this host, those with no owner record older than `ORPHAN_SECONDS`, and (called under that entry's lock) every
+    one of `locked_entry`. Returns the removed paths."""
     removed = []
     try:
-        names = [n for n in os.listdir(root) if n.startswith(STAGING_PREFIX)]
+        names = [n for n in os.listdir(root) if n.startswith(prefix)]
     except OSError:
         return removed
     for name in names:
@@ -168,5 +170,5 @@ def remove_stale_staging(root: str, locked_entry: str | None = None) -> list[str
             if not os.path.exists(path):
                 removed.append(path)
     if removed:
-        logger.info("Removed %d staging folder(s) left in the cache %s by interrupted runs.", len(removed), root)
+        logger.warning("Removed %d staging folder(s) left in %s %s by interrupted runs.", len(removed), where, root)
     return removed
