@@ -297,7 +297,7 @@ KILLED_MERGE = ("import sys, time\nfrom qlora_plugin.merge.writer import staged_
                 "with staged_folder(sys.argv[1], False) as tmp:\n    print('staged', flush=True)\n    time.sleep(120)\n")
 
 
-def test_a_killed_merges_staging_folder_is_removed_by_the_next_merge(tmp_path):
+def test_a_killed_merges_staging_folder_is_removed_by_the_next_merge(tmp_path, caplog):
     """kill -9 leaves `.<out>.merging-*` beside `--out` (issue 24, item 9): the next merge to that `--out` removes it
     (its owner is gone), and the staging record never reaches the merged folder."""
     import os
@@ -318,7 +318,8 @@ def test_a_killed_merges_staging_folder_is_removed_by_the_next_merge(tmp_path):
         child.wait(timeout=60)
     left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged.merging-")]
     assert len(left) == 1  # what kill -9 leaves behind
-    with staged_folder(str(out), False) as tmp:
+    with caplog.at_level("WARNING"), staged_folder(str(out), False) as tmp:
         (Path(tmp) / "config.json").write_text("{}")
+    assert "Removed 1 staging folder(s) left in the output's folder" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
     assert sorted(p.name for p in out.iterdir()) == ["config.json"] and not (out / OWNER_FILE).exists()

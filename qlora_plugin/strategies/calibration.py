@@ -263,7 +263,7 @@ class CalibratedLoftQ(TrainerCallback):
             error = err
         if rank == 0:
             try:
-                self._compute(model, batches, error)
+                self._compute(model, batches, error, show=state.is_world_process_zero and not args.disable_tqdm)
             except QLoRAPluginError as err:
                 if world == 1:
                     raise
@@ -278,7 +278,7 @@ class CalibratedLoftQ(TrainerCallback):
         if state.is_world_process_zero:
             print(f"[qlora-plugin] {describe(self.init)}", flush=True)
 
-    def _compute(self, model, batches, batches_error) -> None:
+    def _compute(self, model, batches, batches_error, show: bool) -> None:
         try:
             if batches_error is not None:
                 raise batches_error
@@ -290,7 +290,6 @@ class CalibratedLoftQ(TrainerCallback):
                 self.init.update(cached, cached=True, seconds=round(time.perf_counter() - start, 2))
             else:
                 weights = InputWeights(model, batches)
-                show = state.is_world_process_zero and not args.disable_tqdm
                 self.init.update(loftq_initialise(model, input_weights=weights, progress=show), examples=examples,
                                  tokens=weights.tokens, weighting=weights.kind, passes=weights.passes)
                 if key:
