@@ -119,15 +119,32 @@ INTERNALS = (
     ("trl", "trl.trainer.sft_trainer", "SFTTrainer", "the strategy's trainer arguments"),
     ("trl", "trl.scripts.utils", "TrlParser.set_defaults_with_config", "the plugin's YAML keys"),
     ("trl", "trl.trainer.utils", "create_model_from_path", "TRL's own model loading"),
-    ("peft", "peft.tuners.lora", "Linear4bit", "LoRA on 4-bit layers"),
+    ("peft", "peft.tuners.lora", "Linear4bit", "LoRA on 4-bit layers"),  # peft defines it only with bitsandbytes
     ("bitsandbytes", "bitsandbytes.nn.modules", "fix_4bit_weight_quant_state_from_module", "the 4-bit matmul paths"),
     ("bitsandbytes", "bitsandbytes.optim.optimizer", "Optimizer8bit.get_state_buffer", "resuming paged optimizers"),
 )
 
 
+NEEDS_BITSANDBYTES = ("peft.tuners.lora.Linear4bit",)  # present only where bitsandbytes imports
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - a broken install counts as absent
+        return False
+    return True
+
+
 def check_internals() -> None:
-    """Raise one `QLoRAPluginError` line for the first internal in INTERNALS that the installed release lacks."""
+    """Raise one `QLoRAPluginError` line for the first internal in INTERNALS that the installed release lacks.
+    Where bitsandbytes itself cannot be imported, its internals (and peft's that need it) are not judged here: the
+    4-bit strategy then stops with its own message, which names the install (`quant/config.py`), and the 16-bit
+    strategy does not need them."""
+    bitsandbytes = _importable("bitsandbytes")
     for library, module_name, path, what in INTERNALS:
+        if not bitsandbytes and (library == "bitsandbytes" or f"{module_name}.{path}" in NEEDS_BITSANDBYTES):
+            continue
         try:
             target = importlib.import_module(module_name)
             for part in filter(None, path.split(".")):
