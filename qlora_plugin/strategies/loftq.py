@@ -166,7 +166,7 @@ def loftq_initialise(model, adapter: str = "default", input_weights: dict | None
         if weight is not None:
             residual = residual @ weight if weight.dim() == 2 else residual * weight  # R·L: as the inputs see it
         b, a, captured = low_rank(residual, module.r[adapter])
-        error += float(residual.square().sum())
+        error += float(torch.linalg.vector_norm(residual)) ** 2  # no full-size temporary, unlike square().sum()
         cancelled += captured
         if weight is not None:
             a = torch.linalg.solve_triangular(weight, a, upper=False, left=False) if weight.dim() == 2 else a / weight
