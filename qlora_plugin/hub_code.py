@@ -44,20 +44,28 @@ class _WithoutHubCode:
         return getattr(self._loader, name)
 
 
+def spec_from_the_other_finders(owner, fullname, path=None, target=None):
+    """The module spec the rest of `sys.meta_path` finds for `fullname` (what a finder that wraps a loader, such
+    as this module's and `integration.import_hook`'s, starts from), or None."""
+    for finder in sys.meta_path:
+        if finder is owner or not hasattr(finder, "find_spec"):
+            continue
+        spec = finder.find_spec(fullname, path, target)
+        if spec is not None and spec.loader is not None:
+            return spec
+    return None
+
+
 class BitsandbytesWithoutHubCode:
     """A `sys.meta_path` finder for the first import of `bitsandbytes` only."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != GUARDED:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None:
-                spec.loader = _WithoutHubCode(spec.loader)
-                return spec
-        return None
+        spec = spec_from_the_other_finders(self, fullname, path, target)
+        if spec is not None:
+            spec.loader = _WithoutHubCode(spec.loader)
+        return spec
 
 
 _state = {"late": False}

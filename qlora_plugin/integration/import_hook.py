@@ -3,6 +3,8 @@ only: the process start-up hook (`bootstrap`) installs it before anything else i
 
 import sys
 
+from qlora_plugin.hub_code import spec_from_the_other_finders
+
 DISABLE_ENV = "QLORA_PLUGIN_DISABLE"  # set to 1: the start-up hook installs nothing (bootstrap)
 
 
@@ -40,15 +42,11 @@ class PostImportWatcher:
         callback = self.callbacks.get(fullname)
         if callback is None:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None:
-                del self.callbacks[fullname]
-                spec.loader = _LoaderProxy(spec.loader, callback)
-                return spec
-        return None
+        spec = spec_from_the_other_finders(self, fullname, path, target)
+        if spec is not None:
+            del self.callbacks[fullname]
+            spec.loader = _LoaderProxy(spec.loader, callback)
+        return spec
 
 
 def watcher() -> PostImportWatcher:
