@@ -263,7 +263,8 @@ class CalibratedLoftQ(TrainerCallback):
             error = err
         if rank == 0:
             try:
-                self._compute(model, batches, error, show=state.is_world_process_zero and not args.disable_tqdm)
+                self._compute(model, batches, error,
+                              show=state.is_world_process_zero and not getattr(args, "disable_tqdm", False))
             except QLoRAPluginError as err:
                 if world == 1:
                     raise
