@@ -13,6 +13,7 @@ from qlora_plugin.compat import check_at_activation
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.hub_code import refuse_hub_kernels
 from qlora_plugin.request import StrategyRequest
+from qlora_plugin.training.checkpointing import install, patch_trainer_class
 from qlora_plugin.training.pipeline import prepare_trainer_kwargs
 
 
@@ -30,8 +31,16 @@ def apply_strategy(trainer_kwargs: dict, strategy: str = "qlora", options: dict 
     recipe defaults for the `SFTConfig` fields you left at their defaults, paged AdamW).
 
     `options` are strategy options by name (see `qlora-plugin strategies`); `hook_files` are hook modules to load.
-    Raises `QLoRAPluginError` (a `ValueError`) for bad input.
+    Raises `QLoRAPluginError` (a `ValueError`) for bad input. The trainer you build from these is not the plugin's
+    to reach, so resume and atomic saves come from wrappers on `transformers.Trainer` that pass straight through
+    for trainers without a strategy; `make_trainer` wraps its one trainer instead.
     """
+    kwargs = _prepare(trainer_kwargs, strategy, options, hook_files, plugin_manager)
+    patch_trainer_class()
+    return kwargs
+
+
+def _prepare(trainer_kwargs, strategy, options, hook_files, plugin_manager) -> dict:
     if not isinstance(strategy, str):
         raise QLoRAPluginError(f"`strategy` must be a strategy name such as 'qlora'; got {strategy!r}.")
     if not isinstance(options or {}, dict):
@@ -49,4 +58,6 @@ def make_trainer(strategy: str = "qlora", options: dict | None = None, hook_file
     """Build a TRL `SFTTrainer` with `strategy` applied; keyword arguments are `SFTTrainer`'s own."""
     from trl import SFTTrainer
 
-    return SFTTrainer(**apply_strategy(trainer_kwargs, strategy, options, hook_files, plugin_manager))
+    trainer = SFTTrainer(**_prepare(trainer_kwargs, strategy, options, hook_files, plugin_manager))
+    install(trainer)  # resume and atomic saves on this trainer only
+    return trainer

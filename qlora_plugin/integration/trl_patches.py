@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 
+from qlora_plugin.compat import TRL_BASE_TRAINER
 from qlora_plugin.errors import QLoRAPluginError, report_and_exit
 from qlora_plugin.integration import state
 from qlora_plugin.integration.known_errors import check_unused_yaml_keys
@@ -59,7 +60,7 @@ def _patch_init(cls, kind: TrainerKind) -> None:
 def patch_base_trainer(module) -> None:
     """Refuse, while a strategy is active, every TRL trainer it is not applied to in full: in `__new__`, before the
     trainer's `__init__` can load or read a weight."""
-    cls = module._BaseTrainer
+    cls = getattr(module, TRL_BASE_TRAINER)
     if getattr(cls.__new__, "_qlora_plugin", False):
         return
 

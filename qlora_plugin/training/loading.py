@@ -108,7 +108,7 @@ def load_model(hooks, model_id: str, init_kwargs: dict, options, trust_remote_co
             raise
         raise friendly from None
     if kwargs.get("subfolder"):  # transformers names the root; the weights (LoftQ's, the adapter's base) are below
-        model.config._name_or_path = model.name_or_path = recorded_base(model_id, kwargs)
+        model.config.name_or_path = model.name_or_path = recorded_base(model_id, kwargs)
     return model
 
 
