@@ -40,6 +40,29 @@ def test_each_manager_is_fresh():
         first.unregister(extra)
 
 
+def test_each_strategy_names_the_plugin_that_registered_it():
+    """Owners come from the `register` bound per plugin: two instances of one plugin class (one code object) each
+    get their own name, and a registration made through a helper names the plugin whose hook called it."""
+    class Family:
+        def __init__(self, name):
+            self.name = name
+
+        @hookimpl
+        def qlora_register_strategies(self, register):
+            _register_through_a_helper(register, Strategy(self.name, "test", {}))
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(Family("first"), name="plugin-a")
+    pm.register(Family("second"), name="plugin-b")
+    strategies = collect_strategies(pm)
+    assert (strategies["first"].plugin, strategies["second"].plugin) == ("plugin-a", "plugin-b")
+    assert strategies["qlora"].plugin == "qlora_plugin.strategies.builtin"
+
+
+def _register_through_a_helper(register, strategy):
+    register(strategy)
+
+
 def test_a_plugin_overrides_a_builtin_hook():
     """Built-in implementations are trylast: a plugin's answer to a firstresult hook comes first."""
     sentinel = object()
