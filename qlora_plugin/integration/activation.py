@@ -24,9 +24,10 @@ from qlora_plugin.integration.excepthook import install_excepthook
 from qlora_plugin.integration.state import EXPLICIT_ENV, OPTIONS_ENV, SOURCE_ENV, STRATEGY_ENV
 from qlora_plugin.integration.yaml_config import read as read_yaml_config
 from qlora_plugin.notices import leave_out_for_a_strategy_run
-from qlora_plugin.options import HOOKS_KEY, OPTION_NAMES, OWN_KEYS, build_options
+from qlora_plugin.options import HOOKS_KEY, OPTION_NAMES, OWN_KEYS
 from qlora_plugin.perf import malloc_tunables
-from qlora_plugin.plugin.manager import HOOKS_ENV, LOAD_ENV, get_plugin_manager, get_strategy, hook_files_from_env
+from qlora_plugin.plugin.manager import HOOKS_ENV, LOAD_ENV, hook_files_from_env
+from qlora_plugin.plugin.resolution import forget, resolve
 from qlora_plugin.quant.cache import CACHE_DIR_ENV
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.trainer_kinds import KINDS
@@ -146,10 +147,9 @@ def _check_contradictions(given: dict) -> None:
 
 
 def validate(request: StrategyRequest) -> None:
-    """Fail early, before the script does any work: the strategy exists, options and hook files are valid."""
-    pm = get_plugin_manager(request.hook_files)
-    strategy = get_strategy(pm, request.strategy)
-    build_options(dict(strategy.option_defaults), request.options)
+    """Fail early, before the script does any work: the strategy exists, options and hook files are valid. The
+    manager and options built here are the run's (`resolve`: once per request)."""
+    strategy = resolve(request).strategy
     if not strategy.option_defaults.get("load_in_4bit", True) and request.options.get("load_in_4bit") is True:
         raise QLoRAPluginError(
             f"`--load_in_4bit` contradicts `--strategy {strategy.name}` (16-bit). Use `--strategy qlora` for a 4-bit "
@@ -172,7 +172,8 @@ def activate(request: StrategyRequest) -> None:
 
 
 def deactivate() -> None:
-    """Forget the active request (patched TRL methods then pass straight through)."""
+    """Forget the active request and its resolution (patched TRL methods then pass straight through)."""
+    forget(state.active_request())
     state.set_active(None)
 
 

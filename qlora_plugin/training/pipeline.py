@@ -19,6 +19,7 @@ from qlora_plugin import hub_code
 from qlora_plugin.notices import library_deprecations
 from qlora_plugin.plan.budget import budget_bytes, choose, memory_in_use, settings_for_run
 from qlora_plugin.plan.estimate import predict_for_run
+from qlora_plugin.plan.skeleton import drop_skeletons
 from qlora_plugin.plugin.manager import loaded_plugins
 from qlora_plugin.quant.layers import quantization_facts
 from qlora_plugin.request import StrategyRequest
@@ -212,6 +213,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     # the plan models SFT's batches; for the other trainers no prediction is shown rather than a wrong one
     facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type, compute, pm) \
         if kind.name == "sft" else None
+    drop_skeletons(pm)  # the budget choice and the prediction shared them; planning for this run is done
     callbacks = [*(kwargs.get("callbacks") or []), resume_guard]
     for extra in hooks.qlora_trainer_callbacks(training_args=args, facts=facts):
         callbacks.extend(extra or [])
