@@ -329,9 +329,8 @@ def test_packaged_hooks_load_by_name(tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_architecture_examples_work_as_written(tiny_models, tmp_path):
-    """docs/architecture.md's strategy and feature plugin, copied from the page, as hook files of a real run."""
-    import os
-
+    """docs/architecture.md's strategy and feature plugin, copied from the page, as hook files of a real run: the
+    feature's own option turns it on, and its summary line is printed and kept in the report."""
     from trl import SFTConfig
 
     from qlora_plugin import make_trainer
@@ -340,15 +339,11 @@ def test_architecture_examples_work_as_written(tiny_models, tmp_path):
     blocks = [block.split("```")[0] for block in page.split("```python\n")[1:]]
     strategy, feature = (tmp_path / "strategy.py"), (tmp_path / "feature.py")
     strategy.write_text(next(b for b in blocks if "qlora_register_strategies" in b))
-    feature.write_text(next(b for b in blocks if "TRAIN_FINAL_NORM" in b))
-    os.environ["TRAIN_FINAL_NORM"] = "1"
-    try:
-        trainer = make_trainer("qlora-r16", hook_files=[str(strategy), str(feature)], model=tiny_models["llama"],
-                               train_dataset=_skills(),
-                               args=SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none",
-                                              use_cpu=True, save_strategy="no", max_length=32))
-    finally:
-        del os.environ["TRAIN_FINAL_NORM"]
+    feature.write_text(next(b for b in blocks if "qlora_register_options" in b))
+    trainer = make_trainer("qlora-r16", hook_files=[str(strategy), str(feature)], options={"train_final_norm": True},
+                           model=tiny_models["llama"], train_dataset=_skills(),
+                           args=SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none",
+                                          use_cpu=True, save_strategy="no", max_length=32))
     config = trainer.model.peft_config["default"]
     assert config.r == 16 and set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_" not in n}
@@ -356,6 +351,7 @@ def test_architecture_examples_work_as_written(tiny_models, tmp_path):
     trainer.train()
     report = json.loads((tmp_path / "out" / "qlora_plugin_report.json").read_text())
     assert report["adapter"]["final_norm_trained"] is True and report["strategy"] == "qlora-r16"
+    assert ["final norm", "trained beside the adapter (train_final_norm)"] in report["summary_lines"]
 
 
 @pytest.mark.parametrize("typed", ["QLoRA", "Qlora", "QLORA", "qlora"])

@@ -27,7 +27,8 @@ from qlora_plugin.notices import leave_out_for_a_strategy_run
 from qlora_plugin.options import HOOKS_KEY, OPTION_NAMES, OWN_KEYS
 from qlora_plugin.perf import malloc_tunables
 from qlora_plugin.plugin.manager import HOOKS_ENV, LOAD_ENV, hook_files_from_env
-from qlora_plugin.plugin.resolution import forget, resolve
+from qlora_plugin.plugin.manager import collect_options
+from qlora_plugin.plugin.resolution import forget, manager, resolve
 from qlora_plugin.quant.cache import CACHE_DIR_ENV
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.trainer_kinds import KINDS
@@ -146,6 +147,21 @@ def _check_contradictions(given: dict) -> None:
         )
 
 
+def take_plugin_options(request: StrategyRequest, argv: list[str]) -> list[str]:
+    """The options plugins add (`qlora_register_options`), from the command line and the YAML config, into the
+    request; returns argv without their flags. Runs after the built-in options are read (and after an opted-in
+    re-execution, `cpu_malloc_tunables`): it loads the plugins, through the request's one manager."""
+    extra = collect_options(manager(request))
+    if not extra:
+        return argv
+    names = {option.name for option in extra}
+    config = read_yaml_config(argv)[0]
+    flags, rest = parse_own_flags(argv, extra)
+    request.options.update({k: v for k, v in config.items() if k in names})
+    request.options.update({k: v for k, v in flags.items() if k in names})
+    return rest
+
+
 def validate(request: StrategyRequest) -> None:
     """Fail early, before the script does any work: the strategy exists, options and hook files are valid. The
     manager and options built here are the run's (`resolve`: once per request)."""
@@ -205,6 +221,7 @@ def activate_from_process() -> None:
         leave_out_for_a_strategy_run("gradient_checkpointing" in request.explicit_training_args)  # before imports
         refuse_hub_kernels()
         check_at_activation()  # supported releases, before any patch (compat)
+        argv = take_plugin_options(request, argv)
         validate(request)
         trl_patches.check_trl_command(sys.argv, request.strategy)
     except QLoRAPluginError as err:

@@ -99,7 +99,8 @@ def patch_trl_parser(module) -> None:
         request = state.active_request()
         if request is None:
             return original(self, **kwargs)
-        remaining = original(self, **{k: v for k, v in kwargs.items() if k not in OWN_KEYS})
+        remaining = original(self, **{k: v for k, v in kwargs.items()
+                                      if k not in OWN_KEYS and k not in request.options})  # plugins' options too
         check_unused_yaml_keys(remaining[::2])  # `lora_rank: 8` would otherwise be dropped silently
         state.publish(request)  # TRL has just applied the YAML's `env:` block; child processes get the request
         return remaining

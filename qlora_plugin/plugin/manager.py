@@ -19,6 +19,7 @@ from pathlib import Path
 import pluggy
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.options import PluginOption, check_plugin_option
 from qlora_plugin.plugin import specs
 from qlora_plugin.strategy import Strategy, resolve_name, unknown_strategy_error
 
@@ -206,6 +207,24 @@ def collect_strategies(pm: pluggy.PluginManager) -> dict[str, Strategy]:
     for plugin, call in per_plugin(pm, "qlora_register_strategies"):
         call(register=register_for(plugin))
     return found
+
+
+def collect_options(pm: pluggy.PluginManager) -> tuple[PluginOption, ...]:
+    """The options plugins add through `qlora_register_options`, each checked (`options.check_plugin_option`) and
+    naming the plugin that registered it, in the order pluggy calls the plugins."""
+    found: dict[str, PluginOption] = {}
+
+    def register_for(plugin: str):
+        def register(name, type, default, help, choices=()):  # noqa: A002 - the hook's documented parameter names
+            option = PluginOption(name, type, default, help, tuple(choices), plugin)
+            check_plugin_option(option, {n: o.plugin for n, o in found.items()})
+            found[name] = option
+
+        return register
+
+    for plugin, call in per_plugin(pm, "qlora_register_options"):
+        call(register=register_for(plugin))
+    return tuple(found.values())
 
 
 def per_plugin(pm: pluggy.PluginManager, hook: str):

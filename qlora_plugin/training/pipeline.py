@@ -214,6 +214,8 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type, compute, pm) \
         if kind.name == "sft" else None
     drop_skeletons(pm)  # the budget choice and the prediction shared them; planning for this run is done
+    facts["summary_lines"] = [list(line) for lines in reversed(hooks.qlora_summary_lines(facts=facts))
+                              for line in lines or ()]  # in registration order, as the facts
     callbacks = [*(kwargs.get("callbacks") or []), resume_guard]
     for extra in hooks.qlora_trainer_callbacks(training_args=args, facts=facts):
         callbacks.extend(extra or [])
