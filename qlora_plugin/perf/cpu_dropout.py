@@ -124,7 +124,7 @@ def qlora_summary_lines(facts):
 def qlora_wrap_model(options, runtime):
     """After whichever plugin wrapped the model: on CPU runs, give its LoRA dropouts the cheaper mask."""
     model = yield
-    if model is not None and getattr(options, OPTION, DEFAULT) and runtime.device_type == "cpu":
+    if model is not None and options is not None and getattr(options, OPTION, DEFAULT) and runtime.device_type == "cpu":
         install(model)
     return model
 
