@@ -3,6 +3,7 @@ the process is TRL's own, byte for byte (docs/architecture.md, "What we patch an
 
 from __future__ import annotations
 
+import pytest
 from datasets import load_dataset
 
 from conftest import DATA
@@ -25,7 +26,17 @@ def _own_methods():
     return {name: (vars(Trainer).get(name), vars(SFTTrainer).get(name)) for name in WRAPPED}
 
 
-def test_only_the_strategy_trainer_is_wrapped(tiny_models, tmp_path):
+@pytest.fixture
+def unpatched_trainer(monkeypatch):
+    """transformers' own methods on `Trainer`, whatever an earlier test's `apply_strategy` fallback installed."""
+    from transformers import Trainer
+
+    for name in WRAPPED:
+        function = vars(Trainer)[name]
+        monkeypatch.setattr(Trainer, name, getattr(function, "__wrapped__", function))
+
+
+def test_only_the_strategy_trainer_is_wrapped(tiny_models, tmp_path, unpatched_trainer):
     from trl import SFTTrainer
 
     from qlora_plugin import make_trainer
@@ -73,4 +84,8 @@ def test_apply_strategy_falls_back_to_class_wrappers_that_pass_through(monkeypat
     fake = checkpointing._make_save_model(lambda self, out, internal: calls.append((out, internal)))
     fake(Plain(), "out", False)
     assert calls == [("out", False)]
+
+    trainer = Plain()
+    checkpointing.install(trainer)  # the class wrappers act for it already: no second layer
+    assert not any(name in vars(trainer) for name in WRAPPED)
 

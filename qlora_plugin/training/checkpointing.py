@@ -74,7 +74,13 @@ def _wrapped(original, make):
 
 def install(trainer) -> None:
     """Wrap `train`, `_save_checkpoint` and `save_model` of this trainer only: bound methods set on the instance over
-    its class's (TRL's overrides included), once. Called right after the trainer's own `__init__`."""
+    its class's (TRL's overrides included), once. Called right after the trainer's own `__init__`. Not when this
+    process already has the class fallback (`patch_trainer_class`): its wrappers act for this trainer, and a second
+    layer would stage every save twice."""
+    from transformers import Trainer
+
+    if getattr(vars(Trainer)["train"], "_qlora_plugin", False):
+        return
     for name, make in _wrappers():
         if name not in vars(trainer):
             setattr(trainer, name, types.MethodType(_wrapped(getattr(type(trainer), name), make), trainer))
