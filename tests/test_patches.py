@@ -59,15 +59,13 @@ def test_only_the_strategy_trainer_is_wrapped(tiny_models, tmp_path, unpatched_t
     assert set(vars(plain_after)) == set(vars(plain_before))  # ... and a plain trainer gets no attribute of ours
 
 
-def test_apply_strategy_falls_back_to_class_wrappers_that_pass_through(monkeypatch):
+def test_apply_strategy_falls_back_to_class_wrappers_that_pass_through(monkeypatch, unpatched_trainer):
     """`SFTTrainer(**apply_strategy(...))`: the plugin never sees that trainer, so the wrappers go on the class;
     they hand a trainer without the strategy straight to transformers' own method."""
     from transformers import Trainer
 
     from qlora_plugin.training import checkpointing
 
-    for name in WRAPPED:
-        monkeypatch.setattr(Trainer, name, vars(Trainer)[name])  # restored after the test
     original_save = vars(Trainer)["save_model"]
     checkpointing.patch_trainer_class()
     wrapped = vars(Trainer)["save_model"]
