@@ -143,8 +143,8 @@ def needed_bytes(params: int, vocab: int, prompts: int) -> int:
 
 def block_needed_bytes(shapes: dict, adapter_params: int, config, prompts: int) -> int:
     """The block-by-block check's peak (`block_check`): its largest stage in float32 (a decoder block, or the
-    embedding or head on its own) with five float32 temporaries of its largest tensor (quantizing it, drawing the
-    floor's rounding error), the adapter twice in float32 (the merge's copy and the check's), four
+    embedding or head on its own) with three float32 temporaries of its largest tensor (quantizing it, drawing
+    the floor's rounding error), the adapter twice in float32 (the merge's copy and the check's), four
     [positions, vocab] float32 logit tensors (three kept, one being computed), and the three models' hidden states
     with one block's activations (three [positions, intermediate] float32 tensors)."""
     from qlora_plugin.merge.block_check import stage_params
@@ -154,7 +154,7 @@ def block_needed_bytes(shapes: dict, adapter_params: int, config, prompts: int) 
     hidden = getattr(config, "hidden_size", 0) or 0
     intermediate = getattr(config, "intermediate_size", 0) or 4 * hidden
     vocab = getattr(config, "vocab_size", 0) or 0
-    return (4 * max(stage_params(shapes), default=0) + 5 * 4 * largest + 2 * 4 * adapter_params
+    return (4 * max(stage_params(shapes), default=0) + 3 * 4 * largest + 2 * 4 * adapter_params
             + 4 * 4 * vocab * positions + 4 * positions * (3 * hidden + 3 * intermediate))
 
 
