@@ -4,6 +4,7 @@ written, so a 70B merge is checked on a machine with twice its 4-bit size in hos
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -72,7 +73,7 @@ def test_merge_checks_block_by_block_when_the_whole_model_does_not_fit(llama_mer
     assert cli.main(["merge", "--adapter", adapter, "--out", str(out), "--dtype", "bfloat16"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "merge_report.json").read_text())
-    assert report["passed"] and "checked block by block in about" in report["blocks"] and "check: passed" in printed
+    assert report["passed"] and "checked block by block on cpu in about" in report["blocks"] and "check: passed" in printed
     assert "checked block by block" in printed
     assert cli.main(["merge", "--adapter", adapter, "--out", str(tmp_path / "fp4"), "--dtype", "bfloat16",
                      "--bnb_4bit_quant_type", "fp4"]) == 2
@@ -95,6 +96,7 @@ def test_a_model_the_block_check_cannot_walk_is_refused_with_the_reason(tiny_mod
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
+@functools.cache
 def _llama_70b():
     """Llama-3-70B's shapes (by the model's names) and the adapter of r=64 on every linear layer."""
     import torch
@@ -122,12 +124,36 @@ def test_a_70b_check_fits_twice_its_4bit_size_block_by_block(monkeypatch):
     monkeypatch.setattr(fidelity, "check_device", lambda: __import__("torch").device("cpu"))
     monkeypatch.setattr(fidelity, "available_bytes", lambda device: int(host * fidelity.MEMORY_FRACTION))
     assert 69e9 < params < 72e9 and 75e9 < host < 85e9
-    blocks = fidelity.plan_memory(config, shapes, adapter, None)
+    plan = fidelity.plan_memory(config, shapes, adapter, None)
+    blocks = plan.blocks
     needed = fidelity.block_needed_bytes(shapes, adapter, config, 12)
-    assert blocks and "checked block by block" in blocks and fidelity.needed_bytes(params, 128256, 12) > host
+    assert plan.device.type == "cpu" and "checked block by block" in blocks
+    assert fidelity.needed_bytes(params, 128256, 12) > host
     assert needed < host * fidelity.MEMORY_FRACTION / 2  # the embedding in fp32 + temporaries, adapter, logits
     print(f"\n[70B] whole-model check {fidelity.needed_bytes(params, 128256, 12) / 1e9:.0f} GB, block by block "
           f"{needed / 1e9:.1f} GB, host 2 x 4-bit = {host / 1e9:.0f} GB ({blocks})")
+
+
+def test_a_gpu_too_small_for_the_check_leaves_it_to_the_host(monkeypatch):
+    """A machine with a 24 GB GPU and a large host: the 70B check fits neither way on the GPU, so it runs on the
+    CPU (block by block); with a host too small as well, refused with both sizes and --no_check."""
+    import torch
+
+    from qlora_plugin.errors import QLoRAPluginError
+
+    config, shapes, _, adapter = _llama_70b()
+    memory = {"cuda": 24e9, "cpu": 80e9}
+    monkeypatch.setattr(fidelity, "check_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(fidelity, "available_bytes", lambda device: int(memory[device.type] * 0.8))
+    plan = fidelity.plan_memory(config, shapes, adapter, None)
+    assert plan.device == torch.device("cpu") and "GiB on cuda, 59.6 GiB on cpu): checked block by block on cpu in" in plan.blocks
+    memory["cpu"] = 24e9
+    with pytest.raises(QLoRAPluginError, match=r"more than it may use \(17.9 GiB on cuda, 17.9 GiB on cpu\), and "
+                                               r"block by block it needs .*--no_check"):
+        fidelity.plan_memory(config, shapes, adapter, None)
+    memory["cuda"] = 400e9  # a GPU that holds the whole-model check: there, whole
+    plan = fidelity.plan_memory(config, shapes, adapter, None)
+    assert plan.device.type == "cuda" and plan.blocks is None
 
 
 def torch_numel(shape) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.files import write_json_atomic
@@ -165,36 +166,53 @@ def _numel(shape) -> int:
     return count
 
 
-def plan_memory(config, shapes: dict, adapter_params: int, eval_data: str | None) -> str | None:
-    """How the check will run, decided before anything is written: None for the whole-model check when it fits
-    the memory of its device, else the reason it runs block by block (`block_check`); a check that fits neither
-    way, or a model the block check cannot walk, is refused with the sizes and `--no_check`."""
+@dataclass
+class CheckPlan:
+    """Where and how the check runs, decided by `plan_memory` before anything is written."""
+
+    device: object  # a torch.device: every model and the batch
+    blocks: str | None  # why the check runs block by block (`block_check`); None: the whole-model check
+
+
+def plan_memory(config, shapes: dict, adapter_params: int, eval_data: str | None) -> CheckPlan:
+    """How the check will run: on the check's device (`check_device`), else on the CPU when the machine has a GPU
+    too small for it; whole when the whole-model check fits there, else block by block (`block_check`). A check
+    that fits nowhere, or a model too large for the whole-model check that the block check cannot walk, is refused
+    with the sizes, the reason and `--no_check`."""
+    import torch
+
     from qlora_plugin.merge.block_check import unwalkable
 
-    device, prompts = check_device(), len(load_prompts(eval_data))
-    params = sum(_numel(s) for s in shapes.values() if s)
-    needed, available = needed_bytes(params, getattr(config, "vocab_size", 0) or 0, prompts), available_bytes(device)
-    if needed <= available:
-        return None
-    whole = (f"The fidelity check needs about {needed / 2**30:.1f} GiB on {device.type} to compute the merged model "
-             f"in float32, more than the {available / 2**30:.1f} GiB it may use there")
-    reason = unwalkable(config)
-    blocks = block_needed_bytes(shapes, adapter_params, config, prompts)
-    if reason is None and blocks <= available:
-        return f"{whole}; checked block by block in about {blocks / 2**30:.1f} GiB"
+    prompts = len(load_prompts(eval_data))
+    needed = needed_bytes(sum(_numel(s) for s in shapes.values() if s), getattr(config, "vocab_size", 0) or 0, prompts)
+    blocks, reason = block_needed_bytes(shapes, adapter_params, config, prompts), unwalkable(config)
+    devices = [check_device()]
+    devices += [torch.device("cpu")] if devices[0].type != "cpu" else []
+    tried = []
+    for device in devices:
+        available = available_bytes(device)
+        if needed <= available:
+            return CheckPlan(device, None)
+        tried.append(f"{available / 2**30:.1f} GiB on {device.type}")
+        if reason is None and blocks <= available:
+            return CheckPlan(device, f"the whole-model check needs about {needed / 2**30:.1f} GiB in float32, more "
+                                     f"than it may use ({', '.join(tried)}): checked block by block on {device.type} "
+                                     f"in about {blocks / 2**30:.1f} GiB")
     raise QLoRAPluginError(
-        whole + (f", and it cannot run block by block: {reason}." if reason else
-                 f", and block by block it needs {blocks / 2**30:.1f} GiB.")
+        f"The fidelity check needs about {needed / 2**30:.1f} GiB to compute the merged model in float32, more than "
+        f"it may use ({', '.join(tried)})" + (f", and it cannot run block by block: {reason}." if reason else
+                                            f", and block by block it needs {blocks / 2**30:.1f} GiB.")
         + " Pass --no_check to merge without it (the merge itself streams the weights), or run merge on a machine "
         "with more memory."
     )
 
 
 def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | None, out_dtype: str,
-          eval_data: str | None = None, blocks: str | None = None) -> dict:
+          eval_data: str | None = None, blocks: str | None = None, device=None) -> dict:
     """The fidelity report for a merged folder: figures for the merge, the output dtype's rounding floor and (4-bit
     base, up to NAIVE_MAX_PARAMS, whole-model check) the naive merge, the gate's bound, and whether it passed.
-    `blocks` (from `plan_memory`): why the whole-model check does not fit; the check then runs block by block."""
+    `blocks` and `device` (from `plan_memory`): why the whole-model check does not fit, so the check runs block by
+    block; where it runs (default: `check_device`)."""
     import gc
 
     import torch
@@ -206,7 +224,7 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    device = check_device()
+    device = device or check_device()
     batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=MAX_TOKENS).to(device)
     mask = batch["attention_mask"].bool()
 

@@ -346,7 +346,7 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None
     out_dtype = _output_dtype(config, dtype)
     out_shapes = {n: s for n, s in shapes.items() if s and (n in written or n in extra)}
     params = sum(torch.Size(s).numel() for s in out_shapes.values())
-    blocks = fidelity.plan_memory(config, out_shapes, _adapter_params(adapter), eval_data) if check else None
+    plan = fidelity.plan_memory(config, out_shapes, _adapter_params(adapter), eval_data) if check else None
     needed = params * torch.empty((), dtype=out_dtype).element_size()
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(parent) and shutil.disk_usage(parent).free < needed:
@@ -376,7 +376,7 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None
             # The reference is what was trained: the recorded settings, not overrides given to this merge.
             trained = quant_settings(adapter, trained_on=trained_on) if read_record(adapter.folder) else settings
             summary["fidelity"] = _check(adapter, tmp, out, _reference_base(adapter, checkpoint.folder), trained,
-                                         out_dtype, eval_data, force, blocks) if check else None
+                                         out_dtype, eval_data, force, plan) if check else None
     except OSError as err:
         raise disk_error(err, out, needed) from None
     return summary
@@ -426,11 +426,11 @@ def _adapter_params(adapter: Adapter) -> int:
 
 
 def _check(adapter: Adapter, tmp: str, out: str, base_folder: str, settings, out_dtype, eval_data, force,
-           blocks=None) -> dict:
-    """The fidelity check on the written folder, before it is put in place; a failure keeps it apart. `blocks`:
-    why it runs block by block (`fidelity.plan_memory`), None for the whole-model check."""
+           plan) -> dict:
+    """The fidelity check on the written folder, before it is put in place, as planned (`fidelity.plan_memory`:
+    where, whole or block by block); a failure keeps it apart."""
     report = fidelity.check(adapter.folder, tmp, base_folder, settings, str(out_dtype).replace("torch.", ""),
-                            eval_data, blocks)
+                            eval_data, plan.blocks, plan.device)
     fidelity.write_report(tmp, report)
     if not report["passed"]:
         incomplete = _incomplete_place(out, force)
