@@ -18,10 +18,10 @@ from qlora_plugin.merge import fidelity
 FORCED = "forced by the test"
 
 
-def _crafted_merge(base, root, **lora):
+def _crafted_merge(base, root, four_bit=True, **lora):
     from test_merge import crafted_adapter
 
-    adapter = crafted_adapter(base, root / "adapter", **lora)
+    adapter = crafted_adapter(base, root / "adapter", four_bit, **lora)
     assert cli.main(["merge", "--adapter", adapter, "--out", str(root / "bf16"), "--dtype", "bfloat16",
                      "--no_check"]) == 0
     return base, adapter, str(root / "bf16")
@@ -62,6 +62,34 @@ def test_dora_and_a_saved_head_block_by_block(tiny_models, tmp_path):
         assert blocks["merge"][figure] == pytest.approx(value, rel=1e-6), figure
     assert blocks["rounding_floor"]["mean_kl"] == pytest.approx(whole["rounding_floor"]["mean_kl"], rel=0.02)
     assert blocks["passed"]
+
+
+def _tied_llama(base, folder):
+    """The tiny Llama with its head tied to the embedding (no lm_head.weight stored), as SmolLM2 and Llama-3.2 are."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return str(folder)
+
+
+@pytest.mark.parametrize("case", ["16-bit base", "tied head"])
+def test_block_by_block_on_a_16bit_base_and_a_tied_head(case, tiny_models, tmp_path):
+    """A LoRA (not QLoRA) adapter: the reference is the adapter on the 16-bit base; a tied head: the head is the
+    embedding, and the floor rounds it once, for both."""
+    base = tiny_models["llama"] if case == "16-bit base" else _tied_llama(tiny_models["llama"], tmp_path / "tied")
+    merge = _crafted_merge(base, tmp_path, target_modules="all-linear", four_bit=case != "16-bit base")
+    whole, blocks = _both_ways(*merge)
+    for row in ("merge", "rounding_floor"):
+        for figure, value in whole[row].items():
+            assert blocks[row][figure] == pytest.approx(value, rel=1e-6, abs=1e-12), (row, figure)
+    assert blocks["passed"] and ("naive_skipped" in blocks) == (case != "16-bit base")
 
 
 def test_merge_checks_block_by_block_when_the_whole_model_does_not_fit(llama_merge, tmp_path, capsys, monkeypatch):

@@ -72,6 +72,10 @@ class _Tensors:
         self.folder, self.layout, self.handles = checkpoint.folder, layout, {}
         self.where = {layout.name(key): (file, key) for key, file in checkpoint.files.items()}
 
+    def close(self) -> None:
+        """Let go of the files' mappings: the pages read so far would otherwise stay in this process's memory."""
+        self.handles.clear()
+
     def get(self, name: str):
         from safetensors import safe_open
 
@@ -99,7 +103,9 @@ def _skeleton(config):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # as loading does (a tied head is the embedding: one parameter, one rounding error)
+    return model
 
 
 def _place(root, names_values, device) -> list[str]:
@@ -231,6 +237,7 @@ def logits(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict |
     # Every trained tensor now (peft left them on the meta device): held for the whole check, like the adapter.
     _place(trained, [(n, reference_value(n)) for n, p in trained.named_parameters(remove_duplicate=False)
                      if p.is_meta and (".lora_" in n or ".modules_to_save." in n)], device)
+    adapter.clear()  # placed in float32: the file's copy is not needed again
 
     def add_floor(modules):
         """The floor's rounding error on every weight of the stage (the LoRA factors excepted), as the whole-model
@@ -257,4 +264,5 @@ def logits(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict |
             placed = merged.stage(theirs)
             streams["merge"] = merged.step(kind, streams.get("merge"), batch, mask, theirs[0])
             _free(merged.root, placed)
+            base.close(), written.close()
     return streams["reference"], streams["floor"], streams["merge"]
