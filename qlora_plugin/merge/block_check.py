@@ -120,8 +120,8 @@ def _place(root, names_values, device) -> list[str]:
 
 def _free(root, names) -> None:
     """Empty a stage again, and hand the freed memory back: glibc keeps freed heap memory for reuse, and stage
-    after stage that grew the process by about half a block each (measured at a 1B width); `malloc_trim` keeps
-    the peak at one stage."""
+    after stage that grew the process by 118 MiB a block at a 1B width (docs/merge.md); `malloc_trim` keeps the
+    peak at one stage."""
     import ctypes
 
     from accelerate.utils import set_module_tensor_to_device
