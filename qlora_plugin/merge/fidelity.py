@@ -7,13 +7,15 @@ output dtype's rounding error (the floor no merge in that dtype can beat) and, f
 into the original 16-bit weights, to show what the quantization-aware merge avoids. Figures: the mean KL divergence
 (reference || model), the gate's figure; the largest logit difference relative to the largest reference logit;
 the share of positions where the greedy token agrees (shown, not gated: near-ties flip under any rounding).
-Every model and the batch sit on one device (`check_device`), each computed in float32, one at a time.
+Every model and the batch sit on one device (`check_device`), each computed in float32, one at a time; when that
+would not fit the device's memory, the same figures are computed block by block (`block_check.py`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.files import write_json_atomic
@@ -135,43 +137,94 @@ def available_bytes(device) -> int:
 
 
 def needed_bytes(params: int, vocab: int, prompts: int) -> int:
-    """The check's peak: one model computed in float32 (4 bytes a parameter; the models load one after another)
-    plus three [positions, vocab] float32 logit tensors (the reference, the model's, a batch's)."""
+    """The whole-model check's peak: one model computed in float32 (4 bytes a parameter; the models load one after
+    another) plus three [positions, vocab] float32 logit tensors (the reference, the model's, a batch's)."""
     return 4 * params + 3 * 4 * vocab * prompts * MAX_TOKENS
 
 
-def plan_memory(params: int, vocab: int, eval_data: str | None) -> None:
-    """Refuse, before anything is written, a check that would not fit in the memory of the device it runs on."""
-    device = check_device()
-    needed, available = needed_bytes(params, vocab, len(load_prompts(eval_data))), available_bytes(device)
-    if needed > available:
-        raise QLoRAPluginError(
-            f"The fidelity check needs about {needed / 2**30:.1f} GiB on {device.type} (the merged model computed "
-            f"in float32), more than the {available / 2**30:.1f} GiB it may use there. Pass --no_check to merge "
-            "without it (the merge itself streams the weights), or run merge on a machine with more memory."
-        )
+def block_needed_bytes(shapes: dict, adapter_params: int, config, prompts: int) -> int:
+    """The block-by-block check's peak (`block_check`): its largest stage in float32 (a decoder block, or the
+    embedding or head on its own) with three float32 temporaries of its largest tensor (quantizing it, drawing
+    the floor's rounding error), the adapter twice in float32 (the merge's copy and the check's), four
+    [positions, vocab] float32 logit tensors (three kept, one being computed), and the three models' hidden states
+    with one block's activations (three [positions, intermediate] float32 tensors)."""
+    from qlora_plugin.merge.block_check import stage_params
+
+    positions = prompts * MAX_TOKENS
+    largest = max((_numel(s) for s in shapes.values() if s), default=0)
+    hidden = getattr(config, "hidden_size", 0) or 0
+    intermediate = getattr(config, "intermediate_size", 0) or 4 * hidden
+    vocab = getattr(config, "vocab_size", 0) or 0
+    return (4 * max(stage_params(shapes), default=0) + 3 * 4 * largest + 2 * 4 * adapter_params
+            + 4 * 4 * vocab * positions + 4 * positions * (3 * hidden + 3 * intermediate))
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+@dataclass
+class CheckPlan:
+    """Where and how the check runs, decided by `plan_memory` before anything is written."""
+
+    device: object  # a torch.device: every model and the batch
+    blocks: str | None  # why the check runs block by block (`block_check`); None: the whole-model check
+
+
+def plan_memory(config, shapes: dict, adapter_params: int, eval_data: str | None) -> CheckPlan:
+    """How the check will run: on the check's device (`check_device`), else on the CPU when the machine has a GPU
+    too small for it; whole when the whole-model check fits there, else block by block (`block_check`). A check
+    that fits nowhere, or a model too large for the whole-model check that the block check cannot walk, is refused
+    with the sizes, the reason and `--no_check`."""
+    import torch
+
+    from qlora_plugin.merge.block_check import unwalkable
+
+    prompts = len(load_prompts(eval_data))
+    needed = needed_bytes(sum(_numel(s) for s in shapes.values() if s), getattr(config, "vocab_size", 0) or 0, prompts)
+    blocks, reason = block_needed_bytes(shapes, adapter_params, config, prompts), unwalkable(config)
+    devices = [check_device()]
+    devices += [torch.device("cpu")] if devices[0].type != "cpu" else []
+    tried = []
+    for device in devices:
+        available = available_bytes(device)
+        if needed <= available:
+            return CheckPlan(device, None)
+        tried.append(f"{available / 2**30:.1f} GiB on {device.type}")
+        if reason is None and blocks <= available:
+            return CheckPlan(device, f"the whole-model check needs about {needed / 2**30:.1f} GiB in float32, more "
+                                     f"than it may use ({', '.join(tried)}): checked block by block on {device.type} "
+                                     f"in about {blocks / 2**30:.1f} GiB")
+    raise QLoRAPluginError(
+        f"The fidelity check needs about {needed / 2**30:.1f} GiB to compute the merged model in float32, more than "
+        f"it may use ({', '.join(tried)})" + (f", and it cannot run block by block: {reason}." if reason else
+                                            f", and block by block it needs {blocks / 2**30:.1f} GiB.")
+        + " Pass --no_check to merge without it (the merge itself streams the weights), or run merge on a machine "
+        "with more memory."
+    )
 
 
 def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | None, out_dtype: str,
-          eval_data: str | None = None) -> dict:
+          eval_data: str | None = None, blocks: str | None = None, device=None) -> dict:
     """The fidelity report for a merged folder: figures for the merge, the output dtype's rounding floor and (4-bit
-    base, up to NAIVE_MAX_PARAMS) the naive merge, the gate's bound, and whether it passed."""
+    base, up to NAIVE_MAX_PARAMS, whole-model check) the naive merge, the gate's bound, and whether it passed.
+    `blocks` and `device` (from `plan_memory`): why the whole-model check does not fit, so the check runs block by
+    block; where it runs (default: `check_device`)."""
     import gc
 
     import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     merged_config = AutoConfig.from_pretrained(merged_dir)
-    auto = model_class(merged_config)  # a causal LM, or a reward model's classifier (`merge.classifier`)
-    classifier = is_classifier_config(merged_config)
-    head = {"num_labels": merged_config.num_labels, "pad_token_id": merged_config.pad_token_id} if classifier else {}
+    classifier = is_classifier_config(merged_config)  # a reward model's classifier (`merge.classifier`)
     prompts = load_prompts(eval_data)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    device = check_device()
-    place = {"device_map": {"": device}}  # one device for all three models and the batch
+    device = device or check_device()
     batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=MAX_TOKENS).to(device)
     mask = batch["attention_mask"].bool()
 
@@ -180,6 +233,65 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
             out = model.eval()(**batch).logits  # a classifier: one row of scores per prompt
             return (out if classifier else out[mask]).float()
 
+    if blocks:
+        from qlora_plugin.merge import block_check
+
+        reference, floor_logits, merged_logits = block_check.logits(
+            adapter_dir, merged_dir, base_folder, settings, out_dtype, batch, mask, device, FLOOR_SEED)
+        floor, merged = compare(reference, floor_logits), compare(reference, merged_logits)
+        del floor_logits, merged_logits
+        params = None
+    else:
+        reference, floor, merged, params = _whole_model(adapter_dir, merged_dir, base_folder, settings, out_dtype,
+                                                        merged_config, device, logits)
+    if classifier:
+        gated, bound = "max_relative_logit_diff", KL_FACTOR * floor["max_relative_logit_diff"] + SCORE_TOLERANCE
+    else:
+        gated, bound = "mean_kl", KL_FACTOR * floor["mean_kl"] + KL_TOLERANCE
+    report = {"prompts": len(prompts), "positions": len(prompts) if classifier else int(mask.sum()), "output_dtype": out_dtype, "device": str(device),
+              "merge": merged, "rounding_floor": floor,
+              "thresholds": {f"max_{gated}": bound, "kl_factor": KL_FACTOR, **(
+                  {"score_tolerance": SCORE_TOLERANCE} if classifier else {"kl_tolerance": KL_TOLERANCE})}}
+    if blocks:
+        report["blocks"] = blocks
+        if settings is not None:
+            report["naive_skipped"] = "checked block by block: the naive merge is shown by the whole-model check only"
+    elif settings is not None and params > NAIVE_MAX_PARAMS:
+        report["naive_skipped"] = (f"{params / 1e9:.1f}B parameters: the naive merge is shown up to "
+                                   f"{NAIVE_MAX_PARAMS / 1e9:.0f}B (it loads the model once more)")
+    elif settings is not None:
+        from peft import PeftModel
+
+        auto = model_class(merged_config)
+        head = {"num_labels": merged_config.num_labels, "pad_token_id": merged_config.pad_token_id} if classifier else {}
+        with library_deprecations():
+            naive = PeftModel.from_pretrained(auto.from_pretrained(
+                base_folder, dtype=getattr(torch, out_dtype), device_map={"": device}, **head),
+                adapter_dir).merge_and_unload().float()
+        report["naive_merge_into_16bit_base"] = compare(reference, logits(naive))
+        del naive
+        gc.collect()
+    failed = [] if merged[gated] <= bound else [  # a NaN fails too
+        f"{'max relative score difference' if classifier else 'mean KL'} {merged[gated]:.2e} > {bound:.2e} = "
+        f"{KL_FACTOR:g} x the {out_dtype} rounding floor {floor[gated]:.2e} + "
+        f"{SCORE_TOLERANCE if classifier else KL_TOLERANCE:.0e}"]
+    report.update(passed=not failed, failures=failed)
+    return report
+
+
+def _whole_model(adapter_dir, merged_dir, base_folder, settings, out_dtype, merged_config, device, logits) -> tuple:
+    """The reference, floor and merge figures with each model loaded whole, one at a time, on `device`; and the
+    reference's parameter count."""
+    import gc
+
+    import torch
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig
+
+    auto = model_class(merged_config)
+    head = {"num_labels": merged_config.num_labels, "pad_token_id": merged_config.pad_token_id} if (
+        is_classifier_config(merged_config)) else {}
+    place = {"device_map": {"": device}}  # one device for all three models and the batch
     if settings is None:  # trained on a 16-bit base: the reference is the adapter on it
         base = auto.from_pretrained(base_folder, dtype=torch.float32, **place, **head)
     else:
@@ -204,30 +316,7 @@ def check(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict | 
     gc.collect()  # one model in memory at a time: the reference, the merge, then the naive merge
     merged = compare(reference, logits(auto.from_pretrained(merged_dir, dtype=torch.float32, **place)))
     gc.collect()
-    if classifier:
-        gated, bound = "max_relative_logit_diff", KL_FACTOR * floor["max_relative_logit_diff"] + SCORE_TOLERANCE
-    else:
-        gated, bound = "mean_kl", KL_FACTOR * floor["mean_kl"] + KL_TOLERANCE
-    report = {"prompts": len(prompts), "positions": len(prompts) if classifier else int(mask.sum()), "output_dtype": out_dtype, "device": str(device),
-              "merge": merged, "rounding_floor": floor,
-              "thresholds": {f"max_{gated}": bound, "kl_factor": KL_FACTOR, **(
-                  {"score_tolerance": SCORE_TOLERANCE} if classifier else {"kl_tolerance": KL_TOLERANCE})}}
-    if settings is not None and params > NAIVE_MAX_PARAMS:
-        report["naive_skipped"] = (f"{params / 1e9:.1f}B parameters: the naive merge is shown up to "
-                                   f"{NAIVE_MAX_PARAMS / 1e9:.0f}B (it loads the model once more)")
-    elif settings is not None:
-        with library_deprecations():
-            naive = PeftModel.from_pretrained(auto.from_pretrained(
-                base_folder, dtype=getattr(torch, out_dtype), **place, **head), adapter_dir).merge_and_unload().float()
-        report["naive_merge_into_16bit_base"] = compare(reference, logits(naive))
-        del naive
-        gc.collect()
-    failed = [] if merged[gated] <= bound else [  # a NaN fails too
-        f"{'max relative score difference' if classifier else 'mean KL'} {merged[gated]:.2e} > {bound:.2e} = "
-        f"{KL_FACTOR:g} x the {out_dtype} rounding floor {floor[gated]:.2e} + "
-        f"{SCORE_TOLERANCE if classifier else KL_TOLERANCE:.0e}"]
-    report.update(passed=not failed, failures=failed)
-    return report
+    return reference, floor, merged, params
 
 
 def format_table(report: dict) -> str:
@@ -242,6 +331,8 @@ def format_table(report: dict) -> str:
                      f"{figures['greedy_agreement']:>13.1%}")
     if "naive_skipped" in report:
         lines.append(f"  naive merge not shown: {report['naive_skipped']}")
+    if "blocks" in report:
+        lines.append(f"  {report['blocks']}")
     gated = "mean_kl" if "max_mean_kl" in report["thresholds"] else "max_relative_logit_diff"
     verdict = (f"{'mean KL' if gated == 'mean_kl' else 'max relative score difference'} "
                f"{report['merge'][gated]:.2e} <= {report['thresholds'][f'max_{gated}']:.2e}")

@@ -176,19 +176,21 @@ def check_fit(adapter: Adapter, base: BaseCheckpoint, layout: Layout, heads=()) 
     return shapes
 
 
-def nf4_roundtrip(weight, settings: dict):
-    """dequant(quant(W)) exactly as bitsandbytes computed it when training loaded the base (fp32 result)."""
+def nf4_roundtrip(weight, settings: dict, device=None):
+    """dequant(quant(W)) exactly as bitsandbytes computed it when training loaded the base (fp32 result). On
+    `device` when given (the fidelity check's: the result stays there), else where training quantized (the
+    recorded device; unrecorded: the GPU if there is one), the result on the CPU."""
     import torch
     import bitsandbytes.functional as F
 
     dtype = getattr(torch, settings["weight_dtype"]) if settings.get("weight_dtype") else weight.dtype
-    # Quantize where training did (the recorded device; unrecorded: the GPU if there is one).
-    device = "cuda" if torch.cuda.is_available() and settings.get("device_type", "cuda") == "cuda" else "cpu"
+    where = device or ("cuda" if torch.cuda.is_available() and settings.get("device_type", "cuda") == "cuda" else "cpu")
     packed, state = F.quantize_4bit(
-        weight.to(device=device, dtype=dtype).contiguous(), blocksize=settings.get("blocksize", 64),
+        weight.to(device=where, dtype=dtype).contiguous(), blocksize=settings.get("blocksize", 64),
         compress_statistics=settings["bnb_4bit_use_double_quant"], quant_type=settings["bnb_4bit_quant_type"],
     )
-    return F.dequantize_4bit(packed, state).float().cpu()
+    result = F.dequantize_4bit(packed, state).float()
+    return result if device is not None else result.cpu()
 
 
 def _as_loaded(tensor, settings: dict | None):
@@ -342,9 +344,9 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None
     extra = [t for t in layout.tied if untie and t not in written and shapes.get(t)]
 
     out_dtype = _output_dtype(config, dtype)
-    params = sum(torch.Size(s).numel() for n, s in shapes.items() if s and (n in written or n in extra))
-    if check:
-        fidelity.plan_memory(params, getattr(config, "vocab_size", 0) or 0, eval_data)
+    out_shapes = {n: s for n, s in shapes.items() if s and (n in written or n in extra)}
+    params = sum(torch.Size(s).numel() for s in out_shapes.values())
+    plan = fidelity.plan_memory(config, out_shapes, _adapter_params(adapter), eval_data) if check else None
     needed = params * torch.empty((), dtype=out_dtype).element_size()
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(parent) and shutil.disk_usage(parent).free < needed:
@@ -374,7 +376,7 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None
             # The reference is what was trained: the recorded settings, not overrides given to this merge.
             trained = quant_settings(adapter, trained_on=trained_on) if read_record(adapter.folder) else settings
             summary["fidelity"] = _check(adapter, tmp, out, _reference_base(adapter, checkpoint.folder), trained,
-                                         out_dtype, eval_data, force) if check else None
+                                         out_dtype, eval_data, force, plan) if check else None
     except OSError as err:
         raise disk_error(err, out, needed) from None
     return summary
@@ -418,10 +420,17 @@ def _incomplete_place(out: str, force: bool) -> str:
     return place
 
 
-def _check(adapter: Adapter, tmp: str, out: str, base_folder: str, settings, out_dtype, eval_data, force) -> dict:
-    """The fidelity check on the written folder, before it is put in place; a failure keeps it apart."""
+def _adapter_params(adapter: Adapter) -> int:
+    tensors = [t for entry in adapter.lora.values() for t in (entry["A"], entry["B"], entry.get("magnitude"))]
+    return sum(t.numel() for t in [*tensors, *adapter.replacements.values()] if t is not None)
+
+
+def _check(adapter: Adapter, tmp: str, out: str, base_folder: str, settings, out_dtype, eval_data, force,
+           plan) -> dict:
+    """The fidelity check on the written folder, before it is put in place, as planned (`fidelity.plan_memory`:
+    where, whole or block by block); a failure keeps it apart."""
     report = fidelity.check(adapter.folder, tmp, base_folder, settings, str(out_dtype).replace("torch.", ""),
-                            eval_data)
+                            eval_data, plan.blocks, plan.device)
     fidelity.write_report(tmp, report)
     if not report["passed"]:
         incomplete = _incomplete_place(out, force)
