@@ -27,6 +27,7 @@ from qlora_plugin.notices import leave_out_for_a_strategy_run
 from qlora_plugin.options import HOOKS_KEY, OPTION_NAMES, OWN_KEYS, build_options
 from qlora_plugin.perf import malloc_tunables
 from qlora_plugin.plugin.manager import HOOKS_ENV, LOAD_ENV, get_plugin_manager, get_strategy, hook_files_from_env
+from qlora_plugin.quant.backends import backend_for, backend_named, check_asked_quantization
 from qlora_plugin.quant.cache import CACHE_DIR_ENV
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.trainer_kinds import KINDS
@@ -139,21 +140,20 @@ def _check_env_block(config_env: dict) -> None:
 
 def _check_contradictions(given: dict) -> None:
     if given.get("load_in_8bit") in (True, "true", "True"):
-        raise QLoRAPluginError(
-            "`--load_in_8bit` contradicts `--strategy`: strategies load the base in 4-bit (qlora) or 16-bit (lora). "
-            "Remove `--load_in_8bit`, or drop `--strategy` to use TRL's own 8-bit loading."
-        )
+        check_asked_quantization(None, flag="load_in_8bit")
 
 
 def validate(request: StrategyRequest) -> None:
     """Fail early, before the script does any work: the strategy exists, options and hook files are valid."""
     pm = get_plugin_manager(request.hook_files)
     strategy = get_strategy(pm, request.strategy)
-    build_options(dict(strategy.option_defaults), request.options)
+    options = build_options(dict(strategy.option_defaults), request.options)
+    backend_for(options)  # a `quant_backend` no backend is registered under fails here
     if not strategy.option_defaults.get("load_in_4bit", True) and request.options.get("load_in_4bit") is True:
+        own = backend_named(strategy.option_defaults.get("quant_backend"))
         raise QLoRAPluginError(
-            f"`--load_in_4bit` contradicts `--strategy {strategy.name}` (16-bit). Use `--strategy qlora` for a 4-bit "
-            "base."
+            f"`--load_in_4bit` contradicts `--strategy {strategy.name}` ({own.label if own else '16-bit'}). "
+            "Use `--strategy qlora` for a 4-bit base."
         )
 
 
