@@ -211,7 +211,8 @@ OPTION_NAMES = tuple(f.name for f in dataclasses.fields(StrategyOptions))
 FOUR_BIT_OPTIONS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage", "quantized_cache",
                     "cpu_dequant_buffer", "reuse_dequantized_weights")
 HOOKS_KEY = "qlora_hooks"  # hook files or packaged hook names, on the command line and in YAML
-# TRL ModelConfig flags a strategy answers for: `use_peft` is implied, `load_in_8bit` contradicts every strategy.
+# TRL ModelConfig flags a strategy answers for: `use_peft` is implied, `load_in_8bit` is refused with every strategy
+# (each picks its base: `quant_backend`; the one check is `quant.backends.registry.check_asked_quantization`).
 TRL_ANSWERED_FLAGS = ("use_peft", "load_in_8bit")
 OWN_KEYS = frozenset(("strategy", HOOKS_KEY, *OPTION_NAMES, *TRL_ANSWERED_FLAGS))  # taken out of the script's argv
 

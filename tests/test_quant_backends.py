@@ -191,7 +191,7 @@ def test_lora_int8_trains_resumes_and_merges(tiny_models, tmp_path):
 
     data = load_dataset(str(DATA))["train"]
     trainer = make_trainer("lora-int8", model=tiny_models["llama"], args=config(2), train_dataset=data,
-                           options={"lora_r": 8})
+                           options={"lora_r": 8, "bnb_4bit_compute_dtype": "float32"})  # fp32 on every CPU
     assert backend_of_model(trainer.model).name == "bnb_int8"
     trainer.train()
     checkpoint = tmp_path / "run" / "checkpoint-2"
@@ -200,11 +200,15 @@ def test_lora_int8_trains_resumes_and_merges(tiny_models, tmp_path):
     assert report["quantization"]["backend"] == "bnb_int8"
 
     resumed = make_trainer("lora-int8", model=tiny_models["llama"], args=config(3), train_dataset=data,
-                           options={"lora_r": 8})
+                           options={"lora_r": 8, "bnb_4bit_compute_dtype": "float32"})  # fp32 on every CPU
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 3
+    resumed.save_model()  # as TRL's script does after training
 
     summary = merge(str(tmp_path / "run"), str(tmp_path / "merged"), dtype="float32")
+    from qlora_plugin.merge.fidelity import format_table
+
+    print(format_table(summary["fidelity"]))
     assert summary["quantization"] == {"quant_backend": "bnb_int8", "weight_dtype": "float32"}
     assert summary["requantized_layers"] == 14 and summary["fidelity"]["passed"], summary["fidelity"]
     naive = summary["fidelity"]["naive_merge_into_16bit_base"]["mean_kl"]

@@ -30,7 +30,7 @@ QLORA = Strategy(
 LORA_INT8 = Strategy(
     "lora-int8",
     "LoRA on an 8-bit base (bitsandbytes LLM.int8()): the qlora recipe with the frozen base in int8 instead of NF4 "
-    "(about twice the base memory of qlora, half the rounding error per weight); peft's default start.",
+    "(about twice the base memory of qlora, a far smaller rounding error per weight); peft's default start.",
     {"load_in_4bit": False, "quant_backend": "bnb_int8"},
 )
 LORA = Strategy(
