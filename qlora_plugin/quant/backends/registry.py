@@ -9,7 +9,7 @@ from qlora_plugin.quant.backends import bnb_4bit, bnb_int8
 from qlora_plugin.quant.backends.base import NONE, QuantBackend
 
 BUILT_IN = (bnb_4bit.BACKEND, bnb_int8.BACKEND)
-_registry: dict[str, QuantBackend] = {}
+_registry: dict[str, QuantBackend] = {backend.name: backend for backend in BUILT_IN}
 
 
 def register(backend: QuantBackend) -> None:
@@ -23,9 +23,6 @@ def register(backend: QuantBackend) -> None:
 
 def registered() -> dict[str, QuantBackend]:
     """Every backend by name, the built-in ones first."""
-    if not _registry:
-        for backend in BUILT_IN:
-            register(backend)
     return dict(_registry)
 
 
@@ -60,6 +57,7 @@ def backend_of_model(model) -> QuantBackend | None:
 
 
 def describe(backend: QuantBackend | None) -> str:
+    """The base in words, for messages: "4-bit base (bnb_4bit)", "16-bit base"."""
     return f"{backend.label} base ({backend.name})" if backend else "16-bit base"
 
 
