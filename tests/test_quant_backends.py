@@ -51,6 +51,21 @@ def test_a_quantization_config_of_another_backend_is_refused_in_one_place():
         check_asked_quantization(None, flag="load_in_8bit")
 
 
+def test_4bit_options_set_for_an_int8_base_are_refused_not_ignored():
+    from qlora_plugin.integration.activation import validate
+    from qlora_plugin.request import StrategyRequest
+    from qlora_plugin.training.loading import resolve
+
+    for check in (validate, resolve):  # the command line / YAML, and the Python API
+        with pytest.raises(QLoRAPluginError, match="`bnb_4bit_quant_type` acts on 4-bit layers only, and `--strategy "
+                           "lora-int8` trains on an 8-bit base"):
+            check(StrategyRequest("lora-int8", {"bnb_4bit_quant_type": "fp4"}))
+        with pytest.raises(QLoRAPluginError, match="`quantized_cache` acts on 4-bit layers only"):
+            check(StrategyRequest("lora-int8", {"quantized_cache": True}))
+        check(StrategyRequest("lora-int8", {"quantized_cache": False, "lora_r": 8}))  # turning it off is harmless
+        check(StrategyRequest("qlora", {"bnb_4bit_quant_type": "fp4"}))
+
+
 def test_lora_int8_is_offered_as_an_8bit_base_and_typos_of_qlora_do_not_reach_it():
     from qlora_plugin.strategy import unknown_strategy_error
 

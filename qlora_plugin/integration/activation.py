@@ -27,7 +27,7 @@ from qlora_plugin.notices import leave_out_for_a_strategy_run
 from qlora_plugin.options import HOOKS_KEY, OPTION_NAMES, OWN_KEYS, build_options
 from qlora_plugin.perf import malloc_tunables
 from qlora_plugin.plugin.manager import HOOKS_ENV, LOAD_ENV, get_plugin_manager, get_strategy, hook_files_from_env
-from qlora_plugin.quant.backends import backend_for, backend_named, check_asked_quantization
+from qlora_plugin.quant.backends import backend_named, check_asked_quantization, check_options_apply
 from qlora_plugin.quant.cache import CACHE_DIR_ENV
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.trainer_kinds import KINDS
@@ -148,7 +148,7 @@ def validate(request: StrategyRequest) -> None:
     pm = get_plugin_manager(request.hook_files)
     strategy = get_strategy(pm, request.strategy)
     options = build_options(dict(strategy.option_defaults), request.options)
-    backend_for(options)  # a `quant_backend` no backend is registered under fails here
+    check_options_apply(options, request.options, strategy.name)  # also: an unregistered `quant_backend` fails here
     if not strategy.option_defaults.get("load_in_4bit", True) and request.options.get("load_in_4bit") is True:
         own = backend_named(strategy.option_defaults.get("quant_backend"))
         raise QLoRAPluginError(

@@ -16,7 +16,8 @@ import os
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.options import build_options
 from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy
-from qlora_plugin.quant.backends import backend_for, backend_of_model, check_asked_quantization, describe
+from qlora_plugin.quant.backends import (backend_for, backend_of_model, check_asked_quantization, check_options_apply,
+                                         describe)
 from qlora_plugin.quant.cache import recorded_base
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.runtime import detect_runtime
@@ -109,7 +110,9 @@ def resolve(request: StrategyRequest, pm=None):
     user's explicit values."""
     pm = pm or get_plugin_manager(request.hook_files)
     strategy = get_strategy(pm, request.strategy)
-    return pm, strategy, build_options(dict(strategy.option_defaults), request.options)
+    options = build_options(dict(strategy.option_defaults), request.options)
+    check_options_apply(options, request.options, strategy.name)
+    return pm, strategy, options
 
 
 def load_for_script(request: StrategyRequest, architecture, model_id: str, kwargs: dict):

@@ -2,10 +2,11 @@
 
 from qlora_plugin.quant.backends.base import NONE, QuantBackend
 from qlora_plugin.quant.backends.registry import (backend_for, backend_named, backend_of_config, backend_of_model,
-                                                  check_asked_quantization, describe, register, registered)
+                                                  check_asked_quantization, check_options_apply, describe, register,
+                                                  registered)
 
 __all__ = ["NONE", "QuantBackend", "backend_for", "backend_named", "backend_of_config", "backend_of_model",
-           "check_asked_quantization", "describe", "model_facts", "register", "registered"]
+           "check_asked_quantization", "check_options_apply", "describe", "model_facts", "register", "registered"]
 
 
 def model_facts(model) -> dict | None:

@@ -5,6 +5,7 @@ for outside the strategy."""
 from __future__ import annotations
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.options import FOUR_BIT_OPTIONS
 from qlora_plugin.quant.backends import bnb_4bit, bnb_int8
 from qlora_plugin.quant.backends.base import NONE, QuantBackend
 
@@ -59,6 +60,20 @@ def backend_of_model(model) -> QuantBackend | None:
 def describe(backend: QuantBackend | None) -> str:
     """The base in words, for messages: "4-bit base (bnb_4bit)", "16-bit base"."""
     return f"{backend.label} base ({backend.name})" if backend else "16-bit base"
+
+
+def check_options_apply(options, explicit: dict, strategy: str) -> None:
+    """Options that act on 4-bit layers only, set by the user for a run on another quantized base (`lora-int8`),
+    would be silently ignored: refused (turning one off, `false`, is harmless and accepted)."""
+    backend = backend_for(options)
+    if backend is None or backend.name == "bnb_4bit":
+        return  # 16-bit runs keep their historical leniency (`qlora-plugin strategies` says what does not apply)
+    given = [name for name in FOUR_BIT_OPTIONS if name in explicit and explicit[name] is not False]
+    if given:
+        raise QLoRAPluginError(
+            f"`{given[0]}` acts on 4-bit layers only, and `--strategy {strategy}` trains on {backend.article} "
+            f"{backend.label} base ({backend.name}). Remove it, or use `--strategy qlora` for a 4-bit base."
+        )
 
 
 def check_asked_quantization(config, options=None, flag: str | None = None) -> None:
