@@ -228,3 +228,23 @@ def test_lora_int8_trains_resumes_and_merges(tiny_models, tmp_path):
     assert summary["requantized_layers"] == 14 and summary["fidelity"]["passed"], summary["fidelity"]
     naive = summary["fidelity"]["naive_merge_into_16bit_base"]["mean_kl"]
     assert summary["fidelity"]["merge"]["mean_kl"] < naive  # the int8 rounding the adapter learnt on is kept
+
+
+@pytest.mark.slow
+def test_lora_int8_through_trls_script_and_the_merge_command(tiny_models, tmp_path):
+    """As a user runs it: `python -m trl.scripts.sft ... --strategy lora-int8`, then `qlora-plugin merge`. The
+    script's own `get_quantization_config(model_args)` (8-bit, from the filled-in `ModelConfig`) is recognised as
+    the strategy's, not as a contradicting config."""
+    from conftest import DATA, TRAIN_FLAGS, run_command, run_python
+
+    proc = run_python(["-m", "trl.scripts.sft", "--model_name_or_path", tiny_models["llama"], "--dataset_name",
+                       str(DATA), "--output_dir", "run", "--strategy", "lora-int8", "--lora_r", "8", *TRAIN_FLAGS],
+                      tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert "8-bit base : 14 linear layers in int8" in said and "instead of the strategy's" not in said
+    assert json.loads((tmp_path / "run" / "qlora_plugin_quantization.json").read_text())["quant_backend"] == "bnb_int8"
+    proc = run_command(["qlora-plugin", "merge", "--adapter", "run", "--out", "merged"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "into the dequantized int8 base (14 layers re-quantized)" in proc.stdout
+    assert json.loads((tmp_path / "merged" / "merge_report.json").read_text())["passed"] is True
