@@ -29,8 +29,14 @@ def test_each_builtin_strategy_picks_its_backend():
     chosen = options_of(QLORA, quant_backend="bnb_int8")
     assert backend_for(chosen).name == "bnb_int8" and chosen.load_in_4bit is False
     assert backend_for(options_of(LORA_INT8, load_in_4bit=True)).name == "bnb_4bit"
+
+
+def test_load_in_4bit_and_an_int8_backend_contradict():
     with pytest.raises(QLoRAPluginError, match="`load_in_4bit` true contradicts `quant_backend` bnb_int8"):
         options_of(QLORA, load_in_4bit=True, quant_backend="bnb_int8")
+
+
+def test_an_unknown_quant_backend_is_refused():
     with pytest.raises(QLoRAPluginError, match="`quant_backend` must be one of bnb_4bit, bnb_int8, none; got 'gptq'"):
         backend_for(options_of(LORA, quant_backend="gptq"))
 
@@ -172,18 +178,30 @@ def test_resuming_across_backends_is_refused_before_loading(tmp_path):
     check_before_load(str(folder), options_of(LORA_INT8), own_quantization=True, own_adapter=False)
 
 
+def _int8_record(folder, **changes) -> dict:
+    record = {"version": 1, "load_in_4bit": False, "load_in_8bit": True, "quant_backend": "bnb_int8",
+              "weight_dtype": "float32", "layers_quantized": 14, **changes}
+    (folder / "qlora_plugin_quantization.json").write_text(json.dumps(record))
+    return record
+
+
 def test_merge_reads_an_int8_record_and_refuses_4bit_flags_for_it(tmp_path):
     from qlora_plugin.merge.inputs import Adapter
     from qlora_plugin.merge.merging import quant_settings
 
-    record = {"version": 1, "load_in_4bit": False, "load_in_8bit": True, "quant_backend": "bnb_int8",
-              "weight_dtype": "float32", "layers_quantized": 14}
-    (tmp_path / "qlora_plugin_quantization.json").write_text(json.dumps(record))
+    record = _int8_record(tmp_path)
     adapter = Adapter(str(tmp_path), {})
     assert quant_settings(adapter) == record
     with pytest.raises(QLoRAPluginError, match="trained on an 8-bit base.*--bnb_4bit_quant_type.*do not apply"):
         quant_settings(adapter, quant_type="nf4")
-    (tmp_path / "qlora_plugin_quantization.json").write_text(json.dumps({**record, "quant_backend": "hqq"}))
+
+
+def test_merge_refuses_a_record_of_an_unknown_backend(tmp_path):
+    from qlora_plugin.merge.inputs import Adapter
+    from qlora_plugin.merge.merging import quant_settings
+
+    _int8_record(tmp_path, quant_backend="hqq")
+    adapter = Adapter(str(tmp_path), {})
     with pytest.raises(QLoRAPluginError, match="`quant_backend` is 'hqq', which merge cannot rebuild"):
         quant_settings(adapter)
 
