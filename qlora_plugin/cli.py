@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 sys._qlora_plugin_own_cli = True  # our own flags (e.g. --strategy) are never taken as an activation
@@ -14,6 +13,7 @@ from qlora_plugin.flags import parse_bool  # noqa: E402
 from qlora_plugin.hub_code import refuse_hub_kernels  # noqa: E402
 from qlora_plugin.notices import leave_out_for_a_command  # noqa: E402
 from qlora_plugin.options import FOUR_BIT_OPTIONS, option_defaults, options_reference_markdown  # noqa: E402
+from qlora_plugin.strategy import BASE_WORDS  # noqa: E402
 from qlora_plugin.plugin.manager import (  # noqa: E402
     collect_options, collect_strategies, get_plugin_manager, hook_files_from_env, packaged_hooks,
 )
@@ -25,12 +25,13 @@ def _strategies(args) -> int:
     for strategy in sorted(collect_strategies(pm).values(), key=lambda s: s.name):
         print(f"{strategy.name}  [{strategy.plugin}]")
         print(f"    {strategy.description}")
-        sixteen_bit = strategy.option_defaults.get("load_in_4bit", defaults["load_in_4bit"]) is False
+        not_4bit = strategy.option_defaults.get("load_in_4bit", defaults["load_in_4bit"]) is False
+        base = BASE_WORDS.get(strategy.option_defaults.get("quant_backend") or "none", "quantized")
         for name, default in defaults.items():
-            if not (sixteen_bit and name in FOUR_BIT_OPTIONS):
+            if not (not_4bit and name in FOUR_BIT_OPTIONS):
                 print(f"    --{name} (default: {strategy.option_defaults.get(name, default)})")
-        if sixteen_bit:
-            print(f"    (a 16-bit base: the 4-bit options {', '.join(FOUR_BIT_OPTIONS)} do not apply)")
+        if not_4bit:
+            print(f"    ({'an' if base.startswith('8') else 'a'} {base} base: the 4-bit options {', '.join(FOUR_BIT_OPTIONS)} do not apply)")
         print()
     print("packaged hooks (load with --qlora_hooks NAME, the YAML key qlora_hooks, or QLORA_PLUGIN_HOOKS=NAME):")
     for name, summary in packaged_hooks().items():

@@ -32,6 +32,15 @@ class StrategyOptions:
         default=True,
         metadata={"help": "Store the frozen base's linear layers in bitsandbytes 4-bit. Set by the strategy."},
     )
+    quant_backend: str | None = field(
+        default=None,
+        metadata={
+            "help": "How the frozen base is quantized: bnb_4bit (bitsandbytes NF4/FP4, the qlora strategy's), "
+            "bnb_int8 (bitsandbytes LLM.int8(), the lora-int8 strategy's) or none (16-bit). Default: bnb_4bit when "
+            "load_in_4bit is on, else none. Set by the strategy; naming a backend sets load_in_4bit to match.",
+            "choices": ["bnb_4bit", "bnb_int8", "none"],
+        },
+    )
     bnb_4bit_quant_type: str = field(
         default="nf4",
         metadata={"help": "4-bit data type: nf4 (NormalFloat, the paper's) or fp4.", "choices": ["nf4", "fp4"]},
@@ -164,6 +173,13 @@ class StrategyOptions:
                 raise QLoRAPluginError(
                     f"`{name}` must be one of {', '.join(allowed)}; got {getattr(self, name)!r}."
                 )
+        if self.quant_backend is None:
+            self.quant_backend = "bnb_4bit" if self.load_in_4bit else "none"
+        elif self.load_in_4bit != (self.quant_backend == "bnb_4bit"):
+            raise QLoRAPluginError(
+                f"`load_in_4bit` {str(self.load_in_4bit).lower()} contradicts `quant_backend` {self.quant_backend}: "
+                "name one of them (quant_backend bnb_4bit is load_in_4bit true)."
+            )
         if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 1:
             raise QLoRAPluginError(f"`lora_r` must be a positive integer (e.g. 64); got {self.lora_r!r}.")
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
@@ -185,7 +201,8 @@ OPTION_NAMES = tuple(f.name for f in dataclasses.fields(StrategyOptions))  # the
 FOUR_BIT_OPTIONS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage", "quantized_cache",
                     "cpu_dequant_buffer", "reuse_dequantized_weights")  # cpu_dequant_buffer: perf/dequant_buffer.py
 HOOKS_KEY = "qlora_hooks"  # hook files or packaged hook names, on the command line and in YAML
-# TRL ModelConfig flags a strategy answers for: `use_peft` is implied, `load_in_8bit` contradicts every strategy.
+# TRL ModelConfig flags a strategy answers for: `use_peft` is implied, `load_in_8bit` is refused with every strategy
+# (each picks its base: `quant_backend`; the one check is `quant.backends.registry.check_asked_quantization`).
 TRL_ANSWERED_FLAGS = ("use_peft", "load_in_8bit")
 OWN_KEYS = frozenset(("strategy", HOOKS_KEY, *OPTION_NAMES, *TRL_ANSWERED_FLAGS))  # taken out of the script's argv
 
@@ -311,6 +328,10 @@ def build_options(strategy_defaults: dict, explicit: dict, extra: tuple = ()) ->
             f"Unknown strategy option(s): {', '.join(unknown)}.{hint} Allowed: {', '.join(names)}."
         )
     values = {**strategy_defaults, **explicit}
+    if "quant_backend" in explicit and "load_in_4bit" not in explicit:  # the user's backend wins over the preset
+        values["load_in_4bit"] = explicit["quant_backend"] == "bnb_4bit"
+    elif "load_in_4bit" in explicit and "quant_backend" not in explicit:
+        values["quant_backend"] = None  # derived from the user's load_in_4bit
     try:
         options = options_class(extra)(**values)
     except TypeError as err:  # a value of the wrong type from YAML or Python

@@ -49,17 +49,21 @@ def resolve_name(name: str, available) -> str:
     return same[0] if len(same) == 1 else name
 
 
+BASE_WORDS = {"bnb_4bit": "4-bit", "bnb_int8": "8-bit", "none": "16-bit"}  # the built-in `quant_backend`s
+
+
 def _family(strategy) -> str:
     if not isinstance(strategy, Strategy):
         return ""
-    return " (4-bit base)" if strategy.quantized else " (16-bit base)"
+    backend = strategy.option_defaults.get("quant_backend") or ("bnb_4bit" if strategy.quantized else "none")
+    return f" ({BASE_WORDS.get(backend, backend)} base)"
 
 
 def unknown_strategy_error(name: str, available) -> QLoRAPluginError:
     """The error for `--strategy NAME` that no installed plugin registers: lists them and the closest ones.
 
     `available` is a mapping of name to `Strategy` (or just the names). Every close name is offered with what it
-    trains on -- a 4-bit or a 16-bit base -- so a typo is never steered silently from one family to the other
+    trains on -- a 4-bit, 8-bit or 16-bit base -- so a typo is never steered silently from one family to the other
     (`qloar` is as close to `lora` as to `qlora`)."""
     strategies = available if isinstance(available, Mapping) else dict.fromkeys(available)
     folded = {_folded(known): known for known in strategies}

@@ -19,7 +19,7 @@ def test_builtin_strategies_come_through_the_hooks():
     pm = get_plugin_manager(load_entrypoints=False)
     assert pm.get_plugin("qlora_plugin.strategies.builtin") is not None
     strategies = collect_strategies(pm)
-    assert set(strategies) == {"qlora", "lora"}
+    assert set(strategies) == {"qlora", "lora-int8", "lora"}
     assert strategies["qlora"].plugin == "qlora_plugin.strategies.builtin"
     assert strategies["lora"].option_defaults["load_in_4bit"] is False
 

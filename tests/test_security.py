@@ -137,9 +137,9 @@ def installed_plugins(tmp_path, monkeypatch):
 
 def test_entry_points_load_only_from_the_group_and_as_allowed(installed_plugins, monkeypatch):
     monkeypatch.setenv("QLORA_PLUGIN_LOAD", "")
-    assert set(collect_strategies(get_plugin_manager())) == {"qlora", "lora"}
+    assert set(collect_strategies(get_plugin_manager())) == {"qlora", "lora-int8", "lora"}
     monkeypatch.setenv("QLORA_PLUGIN_LOAD", "fake")
-    assert set(collect_strategies(get_plugin_manager())) == {"qlora", "lora", "fake"}
+    assert set(collect_strategies(get_plugin_manager())) == {"qlora", "lora-int8", "lora", "fake"}
     monkeypatch.delenv("QLORA_PLUGIN_LOAD")  # unset: every installed plugin, so the broken one is reported
     with pytest.raises(QLoRAPluginError) as err:
         get_plugin_manager()

@@ -29,6 +29,7 @@ from qlora_plugin.perf import malloc_tunables
 from qlora_plugin.plugin.manager import HOOKS_ENV, LOAD_ENV, hook_files_from_env
 from qlora_plugin.plugin.manager import collect_options
 from qlora_plugin.plugin.resolution import forget, manager, resolve
+from qlora_plugin.quant.backends import backend_named, check_asked_quantization, check_options_apply
 from qlora_plugin.quant.cache import CACHE_DIR_ENV
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.trainer_kinds import KINDS
@@ -141,10 +142,7 @@ def _check_env_block(config_env: dict) -> None:
 
 def _check_contradictions(given: dict) -> None:
     if given.get("load_in_8bit") in (True, "true", "True"):
-        raise QLoRAPluginError(
-            "`--load_in_8bit` contradicts `--strategy`: strategies load the base in 4-bit (qlora) or 16-bit (lora). "
-            "Remove `--load_in_8bit`, or drop `--strategy` to use TRL's own 8-bit loading."
-        )
+        check_asked_quantization(None, flag="load_in_8bit")
 
 
 def take_plugin_options(request: StrategyRequest, argv: list[str]) -> list[str]:
@@ -165,11 +163,14 @@ def take_plugin_options(request: StrategyRequest, argv: list[str]) -> list[str]:
 def validate(request: StrategyRequest) -> None:
     """Fail early, before the script does any work: the strategy exists, options and hook files are valid. The
     manager and options built here are the run's (`resolve`: once per request)."""
-    strategy = resolve(request).strategy
+    resolved = resolve(request)
+    strategy = resolved.strategy
+    check_options_apply(resolved.options, request.options, strategy.name)  # also: a backend the strategy cannot take
     if not strategy.option_defaults.get("load_in_4bit", True) and request.options.get("load_in_4bit") is True:
+        own = backend_named(strategy.option_defaults.get("quant_backend"))
         raise QLoRAPluginError(
-            f"`--load_in_4bit` contradicts `--strategy {strategy.name}` (16-bit). Use `--strategy qlora` for a 4-bit "
-            "base."
+            f"`--load_in_4bit` contradicts `--strategy {strategy.name}` ({own.label if own else '16-bit'}). "
+            "Use `--strategy qlora` for a 4-bit base."
         )
 
 

@@ -208,7 +208,8 @@ def logits(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict |
     from safetensors import safe_open
 
     from qlora_plugin.merge import rounding_floor
-    from qlora_plugin.merge.merging import model_layout, nf4_roundtrip
+    from qlora_plugin.merge.merging import model_layout
+    from qlora_plugin.quant.backends import backend_named
     from qlora_plugin.model_config import load_config
     from qlora_plugin.notices import library_deprecations
 
@@ -217,6 +218,7 @@ def logits(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict |
     base, written = _Tensors(base_folder, layout), _Tensors(merged_dir, merged_layout)
     loaded = getattr(torch, (settings or {}).get("weight_dtype") or "float32")  # the dtype training loaded
     quantize = None if settings is None else {**settings, "weight_dtype": None}
+    backend = None if settings is None else backend_named(settings.get("quant_backend") or "bnb_4bit")
 
     skeleton = _skeleton(base_config)
     four_bit = [f"{n}.weight" for n, _ in skeleton.named_modules() if f"{n}.weight" in layout.quantized]
@@ -236,7 +238,7 @@ def logits(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict |
         model_name = _model_name(name)
         tensor = base.get(model_name).to(loaded)
         if model_name in layout.quantized:
-            return nf4_roundtrip(tensor, quantize, device)
+            return backend.roundtrip(tensor, quantize, device)
         return tensor.float()
 
     reference = _Model(trained, reference_value, device)

@@ -23,7 +23,7 @@ from qlora_plugin.merge import rounding_floor
 from qlora_plugin.merge.classifier import is_classifier_config, model_class
 from qlora_plugin.notices import library_deprecations
 from qlora_plugin.quant.cpu_guard import make_cpu_inference_safe
-from qlora_plugin.quant.layers import four_bit_layers
+from qlora_plugin.quant.backends import backend_named
 
 REPORT_FILE = "merge_report.json"
 # The gate (thresholds measured on SmolLM2-135M-Instruct, docs/merge.md "How the check decides"): the merge's mean
@@ -286,27 +286,25 @@ def _whole_model(adapter_dir, merged_dir, base_folder, settings, out_dtype, merg
 
     import torch
     from peft import PeftModel
-    from transformers import BitsAndBytesConfig
 
     auto = model_class(merged_config)
     head = {"num_labels": merged_config.num_labels, "pad_token_id": merged_config.pad_token_id} if (
         is_classifier_config(merged_config)) else {}
     place = {"device_map": {"": device}}  # one device for all three models and the batch
+    backend = None if settings is None else backend_named(settings.get("quant_backend") or "bnb_4bit")
     if settings is None:  # trained on a 16-bit base: the reference is the adapter on it
         base = auto.from_pretrained(base_folder, dtype=torch.float32, **place, **head)
     else:
         dtype = getattr(torch, settings.get("weight_dtype") or "float32")
-        base = auto.from_pretrained(base_folder, dtype=dtype, **place, **head, quantization_config=(
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings["bnb_4bit_quant_type"],
-                               bnb_4bit_use_double_quant=settings["bnb_4bit_use_double_quant"],
-                               bnb_4bit_compute_dtype=torch.float32)))
+        base = auto.from_pretrained(base_folder, dtype=dtype, **place, **head,
+                                    quantization_config=backend.reference_config(settings))
         base = make_cpu_inference_safe(base)
         for name, param in base.named_parameters():
             if param.dtype in (torch.float16, torch.bfloat16):  # the rest as the merge wrote it, in float32
                 param.data = param.data.float()
     params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in base.parameters())  # packed 4-bit: 2/byte
-    layers = four_bit_layers(base)
-    rounding_floor.exact_four_bit(base, layers)
+    layers = backend.quantized_layers(base) if backend else []
+    rounding_floor.exact_four_bit(base, layers, backend.dequantize if backend else None)
     with library_deprecations():  # peft reads transformers' deprecated `is_gradient_checkpointing`
         trained = PeftModel.from_pretrained(base, adapter_dir).float()
     reference = logits(trained)

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.quant.backends import NONE, registered
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -206,9 +207,15 @@ RECORD_VALUES = {  # what a `qlora_plugin_quantization.json` may hold, key by ke
 def check_record(record: dict, path: str) -> None:
     """Refuse a quantization record merge could not rebuild the base from (hand-edited or written by something
     else), naming the key, before anything is written."""
-    if record.get("load_in_4bit") is False:
+    backend = record.get("quant_backend")
+    if backend is not None and backend not in (*registered(), NONE):
+        raise QLoRAPluginError(
+            f"{path}: `quant_backend` is {backend!r}, which merge cannot rebuild a base from; it must be one of "
+            f"{', '.join([*registered(), NONE])}. Restore the file from the training run."
+        )
+    if record.get("load_in_4bit") is False and backend in (None, NONE):
         return  # a 16-bit base: no setting to rebuild
-    for key, (allowed, what) in RECORD_VALUES.items():
+    for key, (allowed, what) in RECORD_VALUES.items() if record.get("load_in_4bit") is not False else ():
         value = record.get(key)
         if (key not in ("weight_dtype", "device_type") or value is not None) and not any(
                 value is a or (type(value) is type(a) and value == a) for a in allowed):
@@ -216,9 +223,10 @@ def check_record(record: dict, path: str) -> None:
                 f"{path}: `{key}` is {value!r}, which merge cannot rebuild a base from; it must be {what}. Restore "
                 "the file from the training run, or delete it and pass --trained_on with the settings training used."
             )
-    layers = record.get("layers_4bit")
-    if layers is not None and (type(layers) is not int or layers < 0):
-        raise QLoRAPluginError(f"{path}: `layers_4bit` is {layers!r}; it must be a whole number of layers.")
+    for key in ("layers_4bit", "layers_quantized"):
+        layers = record.get(key)
+        if layers is not None and (type(layers) is not int or layers < 0):
+            raise QLoRAPluginError(f"{path}: `{key}` is {layers!r}; it must be a whole number of layers.")
     skip = record.get("llm_int8_skip_modules")
     if skip is not None and not (isinstance(skip, list) and all(isinstance(m, str) for m in skip)):
         raise QLoRAPluginError(f"{path}: `llm_int8_skip_modules` is {skip!r}; it must be a list of module names.")

@@ -29,7 +29,7 @@ from qlora_plugin.files import write_json_atomic
 from qlora_plugin.merge.writer import MARKER_FILE, ShardWriter, check_output, disk_error, staged_folder
 from qlora_plugin.model_config import load_config
 from qlora_plugin.options import StrategyOptions
-from qlora_plugin.quant.layers import four_bit_module_names
+from qlora_plugin.quant.backends import backend_named
 from qlora_plugin.quant.record import RECORD_FILE, read_record
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,10 @@ def quant_settings(adapter: Adapter, quant_type=None, double_quant=None, trained
     record = read_record(adapter.folder)
     if record is not None:
         check_record(record, os.path.join(adapter.folder, RECORD_FILE))
+    backend = backend_named(record.get("quant_backend")) if record else None
+    if backend is not None and backend.name != "bnb_4bit":  # LoRA on another quantized base (lora-int8)
+        return _other_backend_settings(record, adapter, backend, quant_type, double_quant, trained_on)
+    if record is not None:
         if trained_on is not None and (trained_on == "4bit") != record["load_in_4bit"]:
             raise QLoRAPluginError(
                 f"--trained_on {trained_on} contradicts {RECORD_FILE}, which says training held the base in "
@@ -109,6 +113,33 @@ def quant_settings(adapter: Adapter, quant_type=None, double_quant=None, trained
     return record
 
 
+def _other_backend_settings(record: dict, adapter: Adapter, backend, quant_type, double_quant, trained_on) -> dict:
+    """The settings of a base another backend than bitsandbytes 4-bit quantized (int8 for `lora-int8`): the record,
+    with no 4-bit flag to apply to it."""
+    path = os.path.join(adapter.folder, RECORD_FILE)
+    if quant_type is not None or double_quant is not None or trained_on is not None:
+        raise QLoRAPluginError(
+            f"This adapter was trained on {backend.article} {backend.label} base ({path}), so --bnb_4bit_quant_type, "
+            "--use_bnb_nested_quant and --trained_on do not apply; drop them (the record is what training did)."
+        )
+    return dict(record)
+
+
+def _quantization_summary(settings: dict | None) -> dict | None:
+    """The settings the merge rebuilt the base with, as its summary and marker file say them."""
+    if settings is None:
+        return None
+    if _backend(settings).name == "bnb_4bit":
+        return {k: settings.get(k) for k in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "blocksize",
+                                             "weight_dtype")}
+    return {"quant_backend": _backend(settings).name, "weight_dtype": settings.get("weight_dtype")}
+
+
+def _backend(settings: dict | None):
+    """The backend that rebuilds the base training held (records before backends existed: bitsandbytes 4-bit)."""
+    return None if settings is None else backend_named(settings.get("quant_backend") or "bnb_4bit")
+
+
 def model_layout(config, settings: dict | None) -> Layout:
     """Build an empty copy of the model; the 4-bit layers are the ones transformers' bitsandbytes rule picks."""
     import torch
@@ -123,7 +154,8 @@ def model_layout(config, settings: dict | None) -> Layout:
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     quantized = set()
     if settings is not None:
-        quantized = {f"{n}.weight" for n in four_bit_module_names(model, settings.get("llm_int8_skip_modules"))}
+        quantized = {f"{n}.weight" for n in _backend(settings).quantized_module_names(
+            model, settings.get("llm_int8_skip_modules"))}
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     return Layout(params, quantized, conv1d, tied, getattr(model, "base_model_prefix", ""))
 
@@ -180,17 +212,7 @@ def nf4_roundtrip(weight, settings: dict, device=None):
     """dequant(quant(W)) exactly as bitsandbytes computed it when training loaded the base (fp32 result). On
     `device` when given (the fidelity check's: the result stays there), else where training quantized (the
     recorded device; unrecorded: the GPU if there is one), the result on the CPU."""
-    import torch
-    import bitsandbytes.functional as F
-
-    dtype = getattr(torch, settings["weight_dtype"]) if settings.get("weight_dtype") else weight.dtype
-    where = device or ("cuda" if torch.cuda.is_available() and settings.get("device_type", "cuda") == "cuda" else "cpu")
-    packed, state = F.quantize_4bit(
-        weight.to(device=where, dtype=dtype).contiguous(), blocksize=settings.get("blocksize", 64),
-        compress_statistics=settings["bnb_4bit_use_double_quant"], quant_type=settings["bnb_4bit_quant_type"],
-    )
-    result = F.dequantize_4bit(packed, state).float()
-    return result if device is not None else result.cpu()
+    return backend_named("bnb_4bit").roundtrip(weight, settings, device)
 
 
 def _as_loaded(tensor, settings: dict | None):
@@ -214,7 +236,7 @@ def merged_tensor(name: str, tensor, adapter: Adapter, layout: Layout, settings:
         return _as_loaded(tensor, settings)
     transposed = name in layout.conv1d
     weight = tensor.T if transposed else tensor  # (out, in), the orientation bitsandbytes quantizes
-    weight = nf4_roundtrip(weight, settings) if quantized else _as_loaded(weight, settings).float()
+    weight = _backend(settings).roundtrip(weight, settings) if quantized else _as_loaded(weight, settings).float()
     if entry is not None:
         a, b = entry["A"].float(), entry["B"].float()
         delta = (b @ a).T if entry["embedding"] else b @ a
@@ -264,10 +286,10 @@ def _output_dtype(config, asked: str | None):
 
 
 def _check_layer_count(settings: dict | None, layout: Layout) -> None:
-    recorded = (settings or {}).get("layers_4bit")
+    recorded = (settings or {}).get("layers_4bit", (settings or {}).get("layers_quantized"))
     if recorded is not None and recorded != len(layout.quantized):
         raise QLoRAPluginError(
-            f"Training held {recorded} layers in 4-bit, but transformers' quantizer here picks "
+            f"Training held {recorded} layers in {_backend(settings).label}, but transformers' quantizer here picks "
             f"{len(layout.quantized)} for this base, so the merge could not rebuild the model the adapter was "
             "trained against. Check --base, or merge with the transformers version used for training."
         )
@@ -354,8 +376,7 @@ def merge(adapter_dir: str, out: str, base: str | None = None, dtype: str | None
     summary = {
         "out": out, "base": checkpoint.folder, "dtype": str(out_dtype).replace("torch.", ""),
         "adapted_layers": len(adapter.lora), "requantized_layers": len(layout.quantized & written),
-        "quantization": None if settings is None else {k: settings.get(k) for k in (
-            "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "blocksize", "weight_dtype")},
+        "quantization": _quantization_summary(settings),
         "untied": untie,
     }
     try:
@@ -401,8 +422,10 @@ def _reference_base(adapter: Adapter, base_folder: str) -> str:
 def summary_line(summary: dict) -> str:
     """What `qlora-plugin merge` prints once the model is written (docs/merge.md shows it from a recorded run)."""
     q = summary["quantization"]
-    into = (f"the dequantized {q['bnb_4bit_quant_type']}{' + double quant' if q['bnb_4bit_use_double_quant'] else ''}"
-            f" base ({summary['requantized_layers']} layers re-quantized)" if q else "the 16-bit base")
+    kind = q and (q.get("bnb_4bit_quant_type") or "int8") + (" + double quant" if q.get("bnb_4bit_use_double_quant")
+                                                               else "")
+    into = (f"the dequantized {kind} base ({summary['requantized_layers']} layers re-quantized)" if q
+            else "the 16-bit base")
     return (f"merged {summary['adapted_layers']} adapted layers into {into}; wrote {summary['bytes'] / 2**20:.1f} "
             f"MiB of {summary['dtype']} in {summary['shards']} shard(s) to {summary['out']}")
 

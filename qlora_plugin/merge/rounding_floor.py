@@ -33,23 +33,30 @@ def rounding_error(tensor, dtype: str, seed: int):
 
 
 def _exact_forward(self, x):
-    """A 4-bit layer as exact float32 arithmetic on bitsandbytes' own dequantized weight (its CPU kernels round
-    through bf16 on some CPUs; the check is about the merged weights, not about a kernel), plus the floor's
-    rounding error once `add_rounding_error` has set it."""
-    import bitsandbytes.functional as bnbf
+    """A quantized layer as exact float32 arithmetic on bitsandbytes' own dequantized weight (its CPU kernels round
+    through bf16 on some CPUs, int8 matmuls quantize their inputs; the check is about the merged weights, not about
+    a kernel), plus the floor's rounding error once `add_rounding_error` has set it."""
     import torch
 
-    weight = bnbf.dequantize_4bit(self.weight.data, self.weight.quant_state).float()
+    weight = self.exact_weight(self)
     if self.rounding is not None:
         weight = weight + rounding_error(weight, *self.rounding)
     bias = None if self.bias is None else self.bias.float()
     return torch.nn.functional.linear(x.float(), weight, bias).to(x.dtype)
 
 
-def exact_four_bit(model, layers) -> None:
-    """Evaluate the given 4-bit layers of `model` in exact float32 (see `_exact_forward`)."""
+def _dequantize_4bit(layer):
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+
+
+def exact_four_bit(model, layers, dequantize=None) -> None:
+    """Evaluate the given quantized layers of `model` in exact float32 (see `_exact_forward`) on the weight
+    `dequantize(layer)` gives (the backend's, `QuantBackend.dequantize`; default bitsandbytes 4-bit)."""
     for layer in layers:
         layer.rounding = None
+        layer.exact_weight = dequantize or _dequantize_4bit
         layer.forward = types.MethodType(_exact_forward, layer)
 
 

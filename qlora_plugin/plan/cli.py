@@ -73,7 +73,8 @@ def _split_flags(argv: list[str]) -> tuple[dict, list[str]]:
     given, rest = parse_own_flags(argv)
     for flag in ("use_peft", "load_in_8bit"):
         if flag in given:
-            raise QLoRAPluginError(f"`--{flag}` has no meaning for plan; pick a strategy with --strategy.")
+            raise QLoRAPluginError(f"`--{flag}` has no meaning for plan; pick a strategy with --strategy "
+                                   "(lora-int8: an 8-bit base).")
     return given, rest
 
 

@@ -28,6 +28,8 @@ from qlora_plugin.plan.activations import activation_bytes, eval_transient
 from qlora_plugin.plan.skeleton import QuantizedLinearStandIn, skeleton
 from qlora_plugin.plan.start import start_transient_bytes
 from qlora_plugin.plugin.manager import collect_options, collect_strategies, get_plugin_manager
+from qlora_plugin.quant.backends import backend_for
+from qlora_plugin.quant.backends.bnb_4bit import four_bit_bytes  # noqa: F401 - where plan's callers find it
 from qlora_plugin.runtime import Runtime, cpu_has_native_bf16
 from qlora_plugin.strategies.adapters import count_parameters, trainable_dtype
 from qlora_plugin.strategies.builtin import QLORA
@@ -157,21 +159,6 @@ def compute_dtype_name(settings: PlanSettings, options: StrategyOptions) -> str:
     return "bfloat16" if native else "float32"
 
 
-def four_bit_bytes(numel: int, double_quant: bool, storage_itemsize: int = 1) -> dict:
-    """Bytes bitsandbytes allocates for one 4-bit weight of `numel` elements (blocksize 64).
-
-    packed: two codes per byte, padded to the storage dtype; constants: absmax (fp32 per block, or uint8 per block
-    + fp32 per 256 blocks + offset + the 256-entry nested code) + the 16-entry code map.
-    """
-    packed = math.ceil(math.ceil(numel / 2) / storage_itemsize) * storage_itemsize
-    blocks = math.ceil(numel / 64)
-    if double_quant:
-        constants = blocks + 4 * math.ceil(blocks / 256) + 4 + 256 * 4
-    else:
-        constants = 4 * blocks
-    return {"packed": packed, "constants": constants + 16 * 4}
-
-
 def _optimizer_bytes(kind: str, params) -> int:
     total = 0
     for p in params:
@@ -203,10 +190,7 @@ def amp_dtype(compute: str) -> str | None:
 def parameter_costs(model, options: StrategyOptions) -> dict:
     """Bytes of a skeleton's parameters as trained: 4-bit packed codes and constants, everything else frozen at
     its dtype (buffers included), and the list of trainable parameters."""
-    import torch
-
-    storage = options.bnb_4bit_quant_storage
-    itemsize = 1 if storage in ("auto", "uint8") else torch.empty(0, dtype=getattr(torch, storage)).element_size()
+    backend = backend_for(options)
     costs = {"packed": 0, "constants": 0, "other": 0, "layers_4bit": 0, "params_4bit": 0, "largest_4bit": 0,
              "trainable": []}
     seen = set()
@@ -218,7 +202,7 @@ def parameter_costs(model, options: StrategyOptions) -> dict:
             if param.requires_grad:
                 costs["trainable"].append(param)
             elif isinstance(module, QuantizedLinearStandIn) and name == "weight":
-                cost = four_bit_bytes(param.numel(), options.use_bnb_nested_quant, itemsize)
+                cost = backend.weight_bytes(param.numel(), param.shape[0], options)
                 costs["packed"] += cost["packed"]
                 costs["constants"] += cost["constants"]
                 costs["layers_4bit"] += 1

@@ -1,6 +1,6 @@
 """The model as a strategy trains it, built on the meta device from its config: no weights, no memory.
 
-4-bit layers are stand-ins chosen by transformers' own rule (`quant.layers.four_bit_module_names`); the adapter
+Quantized layers are stand-ins chosen by the run's backend (`quant/backends/`: transformers' own rule); the adapter
 is added by the same `qlora_wrap_model` hook a training run calls, so a plugin's own adapter (DoRA, a custom
 init, ...) is what `plan` counts, together with the feature plugins that wrap it (`cpu_fast_dropout`).
 
@@ -19,7 +19,7 @@ import weakref
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.options import StrategyOptions
 from qlora_plugin.plugin.manager import get_plugin_manager
-from qlora_plugin.quant.layers import four_bit_module_names
+from qlora_plugin.quant.backends import backend_for
 from qlora_plugin.runtime import Runtime
 from qlora_plugin.strategies.adapters import cast_trainable, embeddings_kept, trainable_dtype
 
@@ -94,7 +94,8 @@ def _build(config, strategy, options, compute, pm, trust_remote_code, device):
     if strategy is None:
         model.requires_grad_(True)
         return model
-    quantized = four_bit_module_names(model) if options.load_in_4bit else []
+    backend = backend_for(options)
+    quantized = backend.quantized_module_names(model) if backend else []
     if quantized:
         standin = _standin_class()
         with embeddings_kept(model):  # as the strategy's k-bit preparation: embeddings and head stay 16-bit

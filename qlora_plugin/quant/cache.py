@@ -34,22 +34,20 @@ import json
 import logging
 import os
 import shutil
-import weakref
 
 from qlora_plugin.compat import model_from_config
 from qlora_plugin.files import give_normal_permissions, write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
+from qlora_plugin.quant.backends import backend_of_config
+from qlora_plugin.quant.cache_origin import ENTRY_FILE, _loaded_from, cached_entry, quantized_on  # noqa: F401
 from qlora_plugin.quant.cache_contents import contents_problem, read_record, record_contents
 from qlora_plugin.quant.cache_lock import OWNER_FILE, entry_lock, make_staging, remove_stale_staging
 from qlora_plugin.quant.cache_source import local_source, source_identity
 from qlora_plugin.quant.layers import four_bit_layers, four_bit_module_names
 
 logger = logging.getLogger(__name__)
-_loaded_from: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the cache entry it came from
-
 CACHE_DIR_ENV = "QLORA_PLUGIN_CACHE_DIR"
 FORMAT_VERSION = 2  # 2: keyed on the source's identity (not its bytes' digest); entries record their contents
-ENTRY_FILE = "qlora_plugin_cache.json"
 LOCKS = ".locks"  # lock files are kept (removing one while a process waits on it would let two makers in)
 MISSING = "missing"
 ENTRY_HAS = ("quantization_config", "subfolder", "revision", "cache_dir")  # kwargs the entry folder answers itself
@@ -203,7 +201,8 @@ def cached_base(model_id: str, init_kwargs: dict, device: str = "cpu") -> str | 
     loads as usual.
     """
     config = init_kwargs.get("quantization_config")
-    if config is None or not getattr(config, "load_in_4bit", False):
+    backend = backend_of_config(config)
+    if backend is None or not backend.cacheable:  # a 16-bit load, or a backend the cache cannot store (int8)
         return None
     source = local_source(model_id, init_kwargs)
     if source is None:
@@ -288,26 +287,6 @@ def recorded_base(model_id: str, init_kwargs: dict) -> str:
         return model_id
     source = local_source(model_id, init_kwargs)
     return source[0] if source else model_id
-
-def cached_entry(model) -> str | None:
-    """The cache entry a (possibly PEFT-wrapped) model was loaded from; None if it was not loaded from the cache."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _loaded_from.get(base)
-
-
-def quantized_on(model) -> str | None:
-    """The device kind that quantized a (possibly PEFT-wrapped) model loaded from the cache; None otherwise.
-    Entries made before the device was recorded were all quantized on the CPU."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    entry = _loaded_from.get(base)
-    if entry is None:
-        return None
-    try:
-        with open(os.path.join(entry, ENTRY_FILE), encoding="utf-8") as f:
-            return json.load(f)["settings"].get("device", "cpu")
-    except (OSError, ValueError, KeyError):
-        return None
-
 
 @hookimpl
 def qlora_load_model(options, model_id, init_kwargs, runtime):

@@ -1,9 +1,12 @@
-"""Model loading: the `BitsAndBytesConfig` (NF4, double quantization), the compute dtype and the device map."""
+"""Model loading: the `from_pretrained` kwargs of a strategy: the quantization config (the run's backend's,
+`quant/backends/`), the compute dtype (`quant/dtypes.py`) and the device map."""
 
 from __future__ import annotations
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.options import StrategyOptions
+from qlora_plugin.quant.backends import backend_for
+from qlora_plugin.quant.dtypes import _dtype, compute_dtype, quant_storage  # noqa: F401 - also found here
 from qlora_plugin.runtime import Runtime
 
 
@@ -19,48 +22,6 @@ def require_bitsandbytes() -> None:
         ) from None
 
 
-def _dtype(name):
-    import torch
-
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in ("bfloat16", "float16", "float32"):
-        raise QLoRAPluginError(f"`dtype` must be one of auto, bfloat16, float16, float32; got {name!r}.")
-    return getattr(torch, name)
-
-
-def compute_dtype(options: StrategyOptions, runtime: Runtime, load_dtype=None):
-    """bf16 where the device runs it natively, fp16 on CUDA GPUs without it (T4, V100), else fp32; an explicit
-    choice (option or `--dtype`) wins."""
-    if options.bnb_4bit_compute_dtype != "auto":
-        return _dtype(options.bnb_4bit_compute_dtype)
-    if load_dtype is not None and load_dtype != "auto":
-        return _dtype(load_dtype)
-    return _dtype(runtime.half_dtype or "float32")
-
-
-def quant_storage(options: StrategyOptions, runtime: Runtime, load_dtype):
-    """uint8 normally; FSDP / ZeRO-3 need the 4-bit storage dtype to equal the model's dtype."""
-    import torch
-
-    if options.bnb_4bit_quant_storage != "auto":
-        return _dtype(options.bnb_4bit_quant_storage)
-    return load_dtype if runtime.shards_parameters else torch.uint8
-
-
-def bnb_config(options: StrategyOptions, runtime: Runtime, load_dtype):
-    require_bitsandbytes()
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=options.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=options.use_bnb_nested_quant,
-        bnb_4bit_compute_dtype=compute_dtype(options, runtime, load_dtype),
-        bnb_4bit_quant_storage=quant_storage(options, runtime, load_dtype),
-    )
-
-
 def model_init_kwargs(options: StrategyOptions, init_kwargs: dict, runtime: Runtime) -> dict:
     """`from_pretrained` kwargs for the strategy: the user's, plus dtype, quantization config and device map."""
     kwargs = dict(init_kwargs)
@@ -69,8 +30,9 @@ def model_init_kwargs(options: StrategyOptions, init_kwargs: dict, runtime: Runt
         kwargs["dtype"] = compute_dtype(options, runtime, None)
     else:
         kwargs["dtype"] = _dtype(asked)
-    if options.load_in_4bit and "quantization_config" not in kwargs:  # a config the user passed wins
-        kwargs["quantization_config"] = bnb_config(options, runtime, kwargs["dtype"])
+    backend = backend_for(options)
+    if backend is not None and "quantization_config" not in kwargs:  # a config the user passed wins
+        kwargs["quantization_config"] = backend.quantization_config(options, runtime, kwargs["dtype"])
     if runtime.engine == "ddp" and runtime.device_type != "cpu":
         kwargs["device_map"] = {"": runtime.device_index}  # one full copy per rank on its own GPU, never "auto"
     elif runtime.engine in ("fsdp", "deepspeed_zero3", "deepspeed"):

@@ -1,9 +1,9 @@
 """What the base looked like during training, saved beside every adapter: `qlora_plugin_quantization.json`.
 
-NF4 quantization is deterministic given the weight, its dtype, the quant type, double quantization and the
-blocksize, so `qlora-plugin merge` can rebuild exactly the dequantized weights the adapter was trained against,
-provided it knows those settings. Training writes them on every checkpoint save (`checkpoint-N/`) and at the
-end of training (`output_dir`, where the final adapter goes); `merge` reads them back with `read_record`.
+Quantization is deterministic given the weight, its dtype and the backend's settings (NF4: the quant type, double
+quantization and the blocksize; int8: the fp16 cast), so `qlora-plugin merge` can rebuild exactly the dequantized
+weights the adapter was trained against, provided it knows those settings. Training writes them on every
+checkpoint save (`checkpoint-N/`) and at the end of training (`output_dir`, where the final adapter goes); `merge` reads them back with `read_record`.
 """
 
 from __future__ import annotations
@@ -16,34 +16,19 @@ from transformers import TrainerCallback
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.files import write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
-from qlora_plugin.quant.cache import quantized_on
-from qlora_plugin.quant.layers import four_bit_layers, quant_state
+from qlora_plugin.quant.backends import NONE, backend_of_model
 
 RECORD_FILE = "qlora_plugin_quantization.json"
 RECORD_VERSION = 1
 
 
 def quantization_record(model) -> dict:
-    """The quantization facts of a loaded (possibly PEFT-wrapped) model: `load_in_4bit` false for a 16-bit base."""
-    layers = four_bit_layers(model)
-    if not layers:
-        return {"version": RECORD_VERSION, "load_in_4bit": False}
-    state = quant_state(layers[0])  # under FSDP the weight may be a flat view without it
-    config = getattr(getattr(model, "config", None), "quantization_config", None)
-    config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-    return {
-        "version": RECORD_VERSION,
-        "load_in_4bit": True,
-        "bnb_4bit_quant_type": state.quant_type,
-        "bnb_4bit_use_double_quant": bool(getattr(state, "nested", False)),
-        "blocksize": int(state.blocksize),
-        "weight_dtype": str(state.dtype).replace("torch.", ""),  # the weights' dtype when they were quantized
-        # bitsandbytes' CPU and CUDA kernels quantize separately: where the bytes were made (a cached base may
-        # have been quantized on the CPU and loaded onto a GPU), which `merge` quantizes on again
-        "device_type": quantized_on(model) or state.absmax.device.type,
-        "llm_int8_skip_modules": config.get("llm_int8_skip_modules"),
-        "layers_4bit": len(layers),
-    }
+    """The quantization facts of a loaded (possibly PEFT-wrapped) model, as its backend records them
+    (`quant/backends/`): `load_in_4bit` false and `quant_backend` none for a 16-bit base."""
+    backend = backend_of_model(model)
+    if backend is None:
+        return {"version": RECORD_VERSION, "load_in_4bit": False, "quant_backend": NONE}
+    return {"version": RECORD_VERSION, **backend.record(model), "quant_backend": backend.name}
 
 
 def read_record(adapter_dir: str) -> dict | None:

@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.notices import library_deprecations
 from qlora_plugin.options import StrategyOptions
+from qlora_plugin.quant.backends import backend_for
 from qlora_plugin.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ def _input_in_weight_dtype(module, args):
 LOFTQ_INITS = ("loftq", "loftq_calibrated")
 
 
-def lora_init(options: StrategyOptions, four_bit: bool, shards_parameters: bool, deepspeed: bool = False) -> str:
+def lora_init(options: StrategyOptions, four_bit: bool, shards_parameters: bool, deepspeed: bool = False,
+              base: str = "16-bit") -> str:
     """The adapter initialisation this run uses: `init_lora_weights`, with `auto` resolved. auto is
     loftq_calibrated on a 4-bit base, where it measurably closes most of the 4-bit quality gap (docs/benchmarks.md),
     except where no LoftQ start can run: with DoRA (its magnitude is computed from the weight before the adapter
@@ -112,9 +114,12 @@ def lora_init(options: StrategyOptions, four_bit: bool, shards_parameters: bool,
     calibrated start cannot run either: it is computed when training starts, after `deepspeed.initialize` has
     copied the LoRA weights into the engine's flat fp32 masters, so writing the adapter then would be lost; auto
     takes plain loftq there (computed when the adapter is added, before the engine exists). An explicit start
-    that cannot run is refused, never silently replaced."""
+    that cannot run is refused, never silently replaced. `four_bit`: the base's backend has LoftQ starts
+    (`QuantBackend.loftq`); `base` says what the base is otherwise (an 8-bit base has no LoftQ: peft's corrects
+    4-bit error only)."""
     choice = options.init_lora_weights
-    blocker = ("the base is 16-bit, so there is no quantization error to correct" if not four_bit else
+    blocker = ("the base is 16-bit, so there is no quantization error to correct" if not four_bit and base == "16-bit"
+               else f"the base is {base}, and peft's LoftQ corrects 4-bit quantization error only" if not four_bit else
                "DoRA computes its magnitude from the weight before the adapter is set" if options.use_dora else
                "under FSDP / DeepSpeed ZeRO-3 each process holds only a shard of each weight"
                if shards_parameters else None)
@@ -140,10 +145,11 @@ def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
 
     check_target_modules(model, options.lora_target_modules)
     num_params = count_parameters(model)
-    four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
-    init = lora_init(options, options.load_in_4bit, runtime.shards_parameters,  # also on `plan`'s skeleton
-                     deepspeed=runtime.engine == "deepspeed")
-    if four_bit and not runtime.shards_parameters:
+    quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+    backend = backend_for(options)
+    init = lora_init(options, bool(backend and backend.loftq), runtime.shards_parameters,  # also on `plan`'s skeleton
+                     deepspeed=runtime.engine == "deepspeed", base=backend.label if backend else "16-bit")
+    if quantized and not runtime.shards_parameters:
         # Upcasts norms to fp32 for stable training (embeddings and head kept 16-bit); gradient checkpointing is
         # left to the Trainer.
         with embeddings_kept(model):
@@ -151,6 +157,8 @@ def wrap_with_lora(model, options: StrategyOptions, runtime: Runtime):
     with library_deprecations():  # peft reads transformers' deprecated `is_gradient_checkpointing`
         model = get_peft_model(model, lora_config(options, num_params, init_lora_weights=PEFT_INIT.get(init, init)))
     facts = {"method": init}
+    if backend is not None and not backend.loftq and options.init_lora_weights == "auto":
+        facts["note"] = f"auto: no LoftQ start for this {backend.label} base (peft's LoftQ corrects 4-bit error only)"
     if init in LOFTQ_INITS and not any(p.is_meta for p in model.parameters()):
         from qlora_plugin.strategies.calibration import CALIBRATION_EXAMPLES
         from qlora_plugin.strategies.loftq import base_weights, loftq_initialise

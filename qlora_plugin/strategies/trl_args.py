@@ -23,7 +23,7 @@ def model_config_values(options: StrategyOptions) -> dict:
     targets = options.lora_target_modules
     return {
         "use_peft": True,
-        "load_in_8bit": False,
+        "load_in_8bit": options.quant_backend == "bnb_int8",
         "load_in_4bit": options.load_in_4bit,
         "bnb_4bit_quant_type": options.bnb_4bit_quant_type,
         "use_bnb_nested_quant": options.use_bnb_nested_quant,
@@ -76,6 +76,8 @@ def is_strategy_quantization_config(config, options: StrategyOptions) -> bool:
     """Whether `config` is the `BitsAndBytesConfig` `get_quantization_config` builds from the filled-in fields
     (compute dtype aside, which follows `--dtype`; the strategy then builds its own, with the storage dtype the
     distributed engine needs)."""
+    if config is not None and getattr(config, "load_in_8bit", False) and options.quant_backend == "bnb_int8":
+        return True  # `get_quantization_config` under `lora-int8`: the strategy builds its own (same settings)
     if config is None or not getattr(config, "load_in_4bit", False) or not options.load_in_4bit:
         return False
     storage = str(getattr(config, "bnb_4bit_quant_storage", "uint8")).replace("torch.", "")

@@ -24,6 +24,7 @@ import struct
 from transformers import TrainerCallback
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.quant.backends import registered
 from qlora_plugin.quant.record import RECORD_FILE, quantization_record
 
 logger = logging.getLogger(__name__)
@@ -32,10 +33,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
-QUANT_KEYS = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
+QUANT_KEYS = ("quant_backend", "load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
 ADAPTER_KEYS = ("r", "lora_alpha", "use_dora", "use_rslora")
 FLAG = {"r": "--lora_r", "lora_alpha": "--lora_alpha", "use_dora": "--use_dora", "use_rslora": "--use_rslora",
-        "load_in_4bit": "--strategy", "bnb_4bit_quant_type": "--bnb_4bit_quant_type",
+        "load_in_4bit": "--strategy", "quant_backend": "--strategy", "bnb_4bit_quant_type": "--bnb_4bit_quant_type",
         "bnb_4bit_use_double_quant": "--use_bnb_nested_quant"}
 WAY_OUT = ("Resume with the settings the checkpoint was trained with, or start a new run (a fresh --output_dir, "
            "no --resume_from_checkpoint).")
@@ -123,6 +124,11 @@ def _other_weights(folder: str) -> bool:
 def _describe(key: str, value) -> str:
     if key == "load_in_4bit":
         return "a 4-bit base (--strategy qlora)" if value else "a 16-bit base (--strategy lora)"
+    if key == "quant_backend":
+        backend = registered().get(value)
+        if backend is None:
+            return "a 16-bit base (--strategy lora)"
+        return f"{backend.article} {backend.label} base (--strategy {backend.strategy})"
     return f"{FLAG[key]} {value}"
 
 
@@ -131,7 +137,8 @@ def compare(folder: str, saved: dict | None, now: dict, keys) -> None:
     if not saved:
         return  # not written by this plugin (or by an older version): nothing recorded to compare
     if saved.get("load_in_4bit") is False or now.get("load_in_4bit") is False:
-        keys = [k for k in keys if k == "load_in_4bit" or k not in QUANT_KEYS]  # no 4-bit settings to compare
+        # no 4-bit settings to compare
+        keys = [k for k in keys if k in ("quant_backend", "load_in_4bit") or k not in QUANT_KEYS]
     for key in keys:
         if key in saved and key in now and saved[key] != now[key]:
             raise QLoRAPluginError(
@@ -151,7 +158,8 @@ def check_before_load(folder: str | None, options, own_quantization: bool, own_a
         return
     check_files(folder)
     if own_quantization:
-        now = {"load_in_4bit": options.load_in_4bit, "bnb_4bit_quant_type": options.bnb_4bit_quant_type,
+        now = {"quant_backend": options.quant_backend, "load_in_4bit": options.load_in_4bit,
+               "bnb_4bit_quant_type": options.bnb_4bit_quant_type,
                "bnb_4bit_use_double_quant": options.use_bnb_nested_quant}
         compare(folder, _json(folder, RECORD_FILE), now, QUANT_KEYS)
     if own_adapter:

@@ -15,6 +15,8 @@ import os
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.plugin import resolution
+from qlora_plugin.quant.backends import (backend_for, backend_of_model, check_asked_quantization, check_options_apply,
+                                         describe)
 from qlora_plugin.quant.cache import recorded_base
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.runtime import detect_runtime
@@ -54,15 +56,6 @@ class Hooks:
         return lambda **kwargs: caller(**self._common, **kwargs)
 
 
-def refuse_8bit(quantization_config) -> None:
-    """An 8-bit config contradicts every strategy: refused before any weight is read."""
-    if getattr(quantization_config, "load_in_8bit", False):
-        raise QLoRAPluginError(
-            "A `quantization_config` with load_in_8bit contradicts the strategy (4-bit or 16-bit base). "
-            "Remove it (or `--load_in_8bit`), or drop the strategy."
-        )
-
-
 def script_init_kwargs(kwargs: dict, explicit, options) -> dict:
     """The script's loading kwargs as the strategy starts from them: a `dtype` that is only TRL's default and a
     4-bit config derived from the strategy's own values are dropped (the strategy decides those); the user's own
@@ -73,7 +66,7 @@ def script_init_kwargs(kwargs: dict, explicit, options) -> dict:
     if str(kwargs.get("dtype")) in TRL_DEFAULT_DTYPES and "dtype" not in explicit:
         del kwargs["dtype"]
     quantization = kwargs.get("quantization_config")
-    refuse_8bit(quantization)
+    check_asked_quantization(quantization, options)
     if is_strategy_quantization_config(quantization, options):
         del kwargs["quantization_config"]
     elif quantization is not None:
@@ -93,7 +86,7 @@ def load_model(hooks, model_id: str, init_kwargs: dict, options, trust_remote_co
     kwargs.setdefault("trust_remote_code", trust_remote_code)  # the user's choice, never turned on by us
     subfolder = kwargs.get("subfolder")
     checked = os.path.join(model_id, subfolder) if subfolder and os.path.isdir(model_id) else model_id
-    check_model_source(checked, options.load_in_4bit, bool(kwargs["trust_remote_code"]))
+    check_model_source(checked, backend_for(options), bool(kwargs["trust_remote_code"]))
     if _causal_path(kwargs.get("architecture")):
         check_causal_lm(checked)
     try:
@@ -113,8 +106,10 @@ def load_model(hooks, model_id: str, init_kwargs: dict, options, trust_remote_co
 
 def resolve(request: StrategyRequest, pm=None):
     """(plugin manager, strategy, options) for a request: options are dataclass defaults < the strategy's < the
-    user's explicit values. Built once per request (`plugin.resolution`)."""
+    user's explicit values. Built once per request (`plugin.resolution`); the options checked against the
+    strategy's quantization backend."""
     resolved = resolution.resolve(request, pm)
+    check_options_apply(resolved.options, request.options, resolved.strategy.name)
     return resolved.pm, resolved.strategy, resolved.options
 
 
@@ -128,5 +123,5 @@ def load_for_script(request: StrategyRequest, architecture, model_id: str, kwarg
     model = load_model(hooks, model_id, {**init, "architecture": architecture}, options, trust_remote_code)
     setattr(model, SCRIPT_LOADED, strategy.name)
     logger.info("Loaded %s for strategy %s (%s).", model_id, strategy.name,
-                "4-bit" if getattr(model, "is_loaded_in_4bit", False) else "16-bit")
+                describe(backend_of_model(model)))
     return model

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.quant.backends import backend_of_config
 
 FOLDER_HINT = "Pass a folder written by `save_pretrained` (config.json + *.safetensors), or a Hub model id."
 
@@ -33,7 +34,7 @@ def looks_like_path(model_id: str) -> bool:
             or "\\" in model_id)
 
 
-def check_model_source(model_id: str, load_in_4bit: bool, trust_remote_code: bool) -> None:
+def check_model_source(model_id: str, backend, trust_remote_code: bool) -> None:
     """Check a local model folder's config.json; a Hub id is left to transformers (see `load_error`)."""
     path = Path(model_id).expanduser()
     if not path.exists():
@@ -51,10 +52,10 @@ def check_model_source(model_id: str, load_in_4bit: bool, trust_remote_code: boo
         raise QLoRAPluginError(f"{config_file} is not valid JSON ({err}). {FOLDER_HINT}") from None
     if not isinstance(config, dict):
         raise QLoRAPluginError(f"{config_file} must hold a JSON object. {FOLDER_HINT}")
-    check_config(config, model_id, load_in_4bit, trust_remote_code)
+    check_config(config, model_id, backend, trust_remote_code)
 
 
-def check_config(config: dict, model_id: str, load_in_4bit: bool, trust_remote_code: bool) -> None:
+def check_config(config: dict, model_id: str, backend, trust_remote_code: bool) -> None:
     """Custom code, unknown architectures and checkpoints quantized in a way the strategy cannot train."""
     auto_map = config.get("auto_map")
     if auto_map and not trust_remote_code:
@@ -80,12 +81,11 @@ def check_config(config: dict, model_id: str, load_in_4bit: bool, trust_remote_c
     if not quant:
         return
     method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
-    four_bit = method == "bitsandbytes" and isinstance(quant, dict) and (
-        quant.get("load_in_4bit") or quant.get("_load_in_4bit"))
-    if four_bit and load_in_4bit:
-        return  # a pre-quantized bitsandbytes 4-bit checkpoint: transformers loads it as it is
-    kind = "bitsandbytes 4-bit" if four_bit else "bitsandbytes 8-bit" if method == "bitsandbytes" else method
-    wanted = ("quantizes a 16/32-bit checkpoint to NF4 itself" if load_in_4bit
+    theirs = backend_of_config(quant) if isinstance(quant, dict) else None
+    if theirs is not None and theirs is backend:
+        return  # a checkpoint pre-quantized by the run's own backend: transformers loads it as it is
+    kind = f"{theirs.library} {theirs.label}" if theirs else method
+    wanted = (f"quantizes a 16/32-bit checkpoint to {backend.label} itself" if backend
               else "trains a 16-bit base; use `--strategy qlora` for a 4-bit checkpoint")
     raise QLoRAPluginError(
         f"The model {model_id!r} is already quantized ({kind}, see `quantization_config` in config.json); the "

@@ -21,7 +21,7 @@ from qlora_plugin.plan.budget import budget_bytes, choose, memory_in_use, settin
 from qlora_plugin.plan.estimate import predict_for_run
 from qlora_plugin.plan.skeleton import drop_skeletons
 from qlora_plugin.plugin.manager import loaded_plugins
-from qlora_plugin.quant.layers import quantization_facts
+from qlora_plugin.quant.backends import backend_for, backend_of_model, check_asked_quantization, model_facts
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.runtime import detect_runtime
 from qlora_plugin.strategies.adapters import adapter_facts, count_parameters
@@ -31,7 +31,7 @@ from qlora_plugin.strategies.trl_args import is_strategy_peft_config
 from qlora_plugin.training.checkpointing import enable_resume
 from qlora_plugin.training.dataset_checks import check_sft_datasets
 from qlora_plugin.training.loading import (
-    SCRIPT_LOADED, Hooks, load_model, refuse_8bit, resolve, script_init_kwargs,
+    SCRIPT_LOADED, Hooks, load_model, resolve, script_init_kwargs,
 )
 from qlora_plugin.training.model_checks import check_model_argument
 from qlora_plugin.training.trainer_setup import (
@@ -143,13 +143,16 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         args.model_init_kwargs = None  # consumed here; TRL must not warn that they are ignored
     else:
         loaded_by = "strategy, in the script's from_pretrained" if getattr(model, SCRIPT_LOADED, None) else "script"
-        refuse_8bit(user_quant)
-        if options.load_in_4bit and not getattr(model, "is_loaded_in_4bit", False):
+        check_asked_quantization(user_quant, options)
+        backend = backend_for(options)
+        held = backend_of_model(model)
+        if backend is not None and held is not backend:
             raise QLoRAPluginError(
-                f"Strategy {strategy.name!r} trains a 4-bit base, but {kind.class_name} got a 16-bit model object the "
-                "plugin did not load (built in code, loaded before `import trl`, or not the model named by "
-                "--model_name_or_path). Load it after `import trl` with `from_pretrained(<model>)` (the strategy "
-                "then loads it in 4-bit), pass its name or folder as `model`, or use `--strategy lora`."
+                f"Strategy {strategy.name!r} trains a {backend.label} base, but {kind.class_name} got a "
+                f"{held.label if held else '16-bit'} model object the plugin did not load (built in code, loaded "
+                "before `import trl`, or not the model named by --model_name_or_path). Load it after `import trl` "
+                f"with `from_pretrained(<model>)` (the strategy then loads it in {backend.label}), pass its name or "
+                "folder as `model`, or use `--strategy lora`."
             )
     record_local_base(model)
     hooks.qlora_model_loaded(model=model)
@@ -170,7 +173,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     defaults = hooks.qlora_training_defaults(num_params=num_params) or {}
     applied = apply_training_defaults(args, defaults, explicit)
     kept = sorted(name for name in defaults if name not in applied and user_set(args, name, explicit))
-    quantization = quantization_facts(model)
+    quantization = model_facts(model)
     compute = quantization["compute_dtype"] if quantization else str(model.dtype).replace("torch.", "")
     budget = _fit_to_budget(model, strategy, options, args, runtime, explicit, compute, pm) \
         if options.memory_budget else None

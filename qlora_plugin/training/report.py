@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from qlora_plugin.files import write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
+from qlora_plugin.quant.backends import backend_named
 from qlora_plugin.strategies.calibration import describe
 
 REPORT_FILE = "qlora_plugin_report.json"
@@ -72,12 +73,7 @@ def format_summary(facts: dict) -> str:
     if "plugins" in facts:
         lines.append(f"  plugins    : {_plugins(facts['plugins'])}")
     if q:
-        lines.append(
-            f"  4-bit base : {q['layers_4bit']} linear layers in {q['quant_type']}"
-            f"{' + double quant' if q['double_quant'] else ''} ({q['bits_per_param']:.3f} bits per 4-bit weight: "
-            f"codes and block scales), compute {q['compute_dtype']}, storage {q['quant_storage']}, "
-            f"embeddings {q['embeddings_dtype']}"
-        )
+        lines.append("  " + backend_named(q.get("backend", "bnb_4bit")).summary_line(q))
         if q.get("cached_base"):
             lines.append(f"  cached     : 4-bit base loaded from {q['cached_base']}")
     else:
