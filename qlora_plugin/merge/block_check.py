@@ -208,7 +208,7 @@ def logits(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict |
     from safetensors import safe_open
 
     from qlora_plugin.merge import rounding_floor
-    from qlora_plugin.merge.merging import model_layout
+    from qlora_plugin.merge.layout import model_layout
     from qlora_plugin.quant.backends import backend_named
     from qlora_plugin.model_config import load_config
     from qlora_plugin.notices import library_deprecations

@@ -18,11 +18,11 @@ import errno
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.merge import fidelity
-from qlora_plugin.merge.classifier import as_classifier, model_class
+from qlora_plugin.merge.classifier import as_classifier
+from qlora_plugin.merge.layout import Layout, model_layout  # noqa: F401 - Layout: the type merge passes on
 from qlora_plugin.merge.inputs import (TOKENIZER_FILES, Adapter, BaseCheckpoint, check_record, load_adapter,
                                       open_base_file, resolve_base)
 from qlora_plugin.files import write_json_atomic
@@ -36,23 +36,6 @@ logger = logging.getLogger(__name__)
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_MAX_SHARD_SIZE = "2GB"
-
-
-@dataclass
-class Layout:
-    """The model as training built it, in the model's parameter names."""
-
-    params: set  # every parameter name
-    quantized: set  # weights training held in 4-bit
-    conv1d: set  # weights stored (in, out): GPT-2's Conv1D
-    tied: dict  # tied parameter -> the parameter it shares
-    prefix: str  # base_model_prefix (checkpoints may omit it)
-
-    def name(self, key: str) -> str:
-        """A checkpoint key as the model's parameter name."""
-        if key in self.params or not self.prefix or f"{self.prefix}.{key}" not in self.params:
-            return key
-        return f"{self.prefix}.{key}"
 
 
 def quant_settings(adapter: Adapter, quant_type=None, double_quant=None, trained_on=None) -> dict | None:
@@ -138,26 +121,6 @@ def _quantization_summary(settings: dict | None) -> dict | None:
 def _backend(settings: dict | None):
     """The backend that rebuilds the base training held (records before backends existed: bitsandbytes 4-bit)."""
     return None if settings is None else backend_named(settings.get("quant_backend") or "bnb_4bit")
-
-
-def model_layout(config, settings: dict | None) -> Layout:
-    """Build an empty copy of the model; the 4-bit layers are the ones transformers' bitsandbytes rule picks."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    try:
-        with torch.device("meta"):
-            model = model_class(config).from_config(config)  # a causal LM, or a reward model's classifier
-    except (ValueError, KeyError) as err:
-        raise QLoRAPluginError(f"transformers cannot build a causal LM from this config ({err}).") from None
-    conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    quantized = set()
-    if settings is not None:
-        quantized = {f"{n}.weight" for n in _backend(settings).quantized_module_names(
-            model, settings.get("llm_int8_skip_modules"))}
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    return Layout(params, quantized, conv1d, tied, getattr(model, "base_model_prefix", ""))
 
 
 def _math_shape(shape, transposed):
