@@ -107,8 +107,8 @@ def test_calibrated_loftq_is_for_sft_only():
         check_kind_options(StrategyOptions(init_lora_weights="loftq_calibrated"), KINDS["dpo"])
 
 
-def test_memory_budget_is_for_sft_only():
-    with pytest.raises(QLoRAPluginError, match="memory_budget` sizes SFT batches only"):
+def test_memory_budget_refused_for_generating_trainers():
+    with pytest.raises(QLoRAPluginError, match="cannot size GRPOTrainer's batches"):
         check_kind_options(StrategyOptions(memory_budget="8GiB"), KINDS["grpo"])
 
 

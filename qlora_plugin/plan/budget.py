@@ -146,10 +146,17 @@ def _largest(fits, candidates) -> int | None:
 
 def choose(config, name, strategy, options: StrategyOptions, settings: PlanSettings, budget: int,
            samples_per_step: int, eval_cap: int, explicit_batch: int | None = None,
-           explicit_eval: int | None = None, strict: bool = False, pm=None, in_use: int | None = None) -> dict:
+           explicit_eval: int | None = None, strict: bool = False, pm=None, in_use: int | None = None,
+           passes=None) -> dict:
     """The batch sizes for `budget`: `samples_per_step` (per device, per optimizer step) is kept as batch x
-    accumulation. Explicit batch sizes are checked, not changed. Raises when nothing fits, naming the levers."""
-    p = peaks(config, name, strategy, options, settings, pm, in_use)
+    accumulation. Explicit batch sizes are checked, not changed. Raises when nothing fits, naming the levers.
+    `passes`: another TRL trainer's (`trainer_passes.TrainerPasses`; None: SFT)."""
+    if passes is not None and passes.kind != "sft":
+        from qlora_plugin.plan.trainer_passes import trainer_peaks  # it builds on `peaks`
+
+        p, plan = trainer_peaks(config, name, strategy, options, settings, passes, pm, in_use)
+    else:
+        p, plan = peaks(config, name, strategy, options, settings, pm, in_use), plan_strategy
     usable = int(budget * (1 - PLAN_ERROR_MARGIN))
     notes = []
 
@@ -168,7 +175,8 @@ def choose(config, name, strategy, options: StrategyOptions, settings: PlanSetti
         divisors = [b for b in range(1, samples_per_step + 1) if samples_per_step % b == 0]
         batch = _largest(lambda b: p.train(b) <= usable, divisors)
         if batch is None:
-            raise QLoRAPluginError(_nothing_fits(config, name, strategy, options, settings, budget, usable, p, pm))
+            raise QLoRAPluginError(_nothing_fits(config, name, strategy, options, settings, budget, usable, p, pm,
+                                                 plan))
     if explicit_eval is not None:
         eval_batch = explicit_eval
         check_yours("per_device_eval_batch_size", eval_batch, p.eval(eval_batch))
@@ -187,7 +195,8 @@ def choose(config, name, strategy, options: StrategyOptions, settings: PlanSetti
     }
 
 
-def _nothing_fits(config, name, strategy, options, settings, budget, usable, p: Peaks, pm) -> str:
+def _nothing_fits(config, name, strategy, options, settings, budget, usable, p: Peaks, pm,
+                  plan_strategy=plan_strategy) -> str:
     """What to change when batch 1 does not fit: the levers whose predicted peak at batch 1 fits what the budget
     really allows (the budget less the plan's error margin), each with that peak; else the budget that would do."""
     levers = []

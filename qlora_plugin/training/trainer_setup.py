@@ -53,10 +53,12 @@ def check_kind_options(options, kind: TrainerKind) -> None:
             f"`init_lora_weights loftq_calibrated` cannot run under {kind.class_name}: it calibrates on SFT training "
             "batches. Use `--init_lora_weights loftq` (uncalibrated) or leave it at auto (peft's zero start)."
         )
-    if options.memory_budget:
+    if options.memory_budget and kind.generates:
         raise QLoRAPluginError(
-            f"`memory_budget` sizes SFT batches only; `qlora-plugin plan` does not model {kind.class_name}'s "
-            "batches yet. Remove `--memory_budget` and set `--per_device_train_batch_size` yourself."
+            f"`memory_budget` cannot size {kind.class_name}'s batches: its config bounds no prompt length (the "
+            "prompts decide it), and the generation batch grows with it. Remove `--memory_budget`, plan with "
+            f"`qlora-plugin plan MODEL --trainer {kind.name} --seq-len PROMPT_TOKENS`, and set "
+            "`--per_device_train_batch_size` yourself."
         )
     if kind.sequence_classification and options.lora_task_type != "SEQ_CLS":
         raise QLoRAPluginError(
