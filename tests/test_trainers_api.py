@@ -79,3 +79,5 @@ def test_make_trainer_trains_a_reward_model_and_writes_the_report(tiny_models, t
     assert report["trainer_kind"] == "reward" and report["source"] == "api"
     assert report["optimizer"]["class"] == "PagedAdamW32bit"
     assert report["memory"]["predicted_peak_bytes"] > 0  # the plan counts the reward model's rows
+    # the calibrated start, fed by the reward collator's chosen and rejected rows
+    assert report["adapter"]["init"]["method"] == "loftq_calibrated" and report["adapter"]["init"]["tokens"] > 0

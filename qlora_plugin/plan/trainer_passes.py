@@ -119,8 +119,7 @@ def plan_trainer(config, name: str, strategy, options, settings: PlanSettings, p
     if passes.kind == "sft":
         return plan_strategy(config, name, strategy, options, settings, pm)
     passes.check(settings.batch_size)
-    if options.init_lora_weights == "auto":  # as `training.trainer_setup.options_for_kind`: peft's zero start
-        options = dataclasses.replace(options, init_lora_weights="default")
+    options = _start_for(options, passes)
     rows, seq = passes.rows(settings.batch_size), passes.trained_len(settings.seq_len)
     inner = dataclasses.replace(settings, batch_size=rows, eval_batch_size=passes.rows(settings.eval_batch_size),
                                 seq_len=seq)
@@ -163,6 +162,14 @@ def plan_trainer(config, name: str, strategy, options, settings: PlanSettings, p
     details["batch_size"] = settings.batch_size
     details["seq_len"] = seq
     return plan
+
+
+def _start_for(options, passes: TrainerPasses):
+    """The adapter's start under this trainer, as `training.trainer_setup.options_for_kind` picks it: peft's zero
+    start for the trainers with a reference (a reward model is calibrated on its own batches)."""
+    if options.init_lora_weights == "auto" and passes.kind in REFERENCE_DEFAULT_BETA:
+        return dataclasses.replace(options, init_lora_weights="default")
+    return options
 
 
 def _head_saved(details: dict, rows: int) -> int:
@@ -270,8 +277,7 @@ def trainer_peaks(config, name, strategy, options, settings: PlanSettings, passe
     A reward model has no LM head: its step is priced without the head's term."""
     from qlora_plugin.plan.budget import peaks
 
-    if options.init_lora_weights == "auto":
-        options = dataclasses.replace(options, init_lora_weights="default")
+    options = _start_for(options, passes)
     rows_settings = dataclasses.replace(settings, seq_len=passes.trained_len(settings.seq_len))
     base = peaks(config, name, strategy, options, rows_settings, pm, in_use)
     if passes.kind == "reward":  # no LM head: the stack alone, in training and in evaluation
