@@ -81,3 +81,30 @@ def test_make_trainer_trains_a_reward_model_and_writes_the_report(tiny_models, t
     assert report["memory"]["predicted_peak_bytes"] > 0  # the plan counts the reward model's rows
     # the calibrated start, fed by the reward collator's chosen and rejected rows
     assert report["adapter"]["init"]["method"] == "loftq_calibrated" and report["adapter"]["init"]["tokens"] > 0
+
+
+@pytest.mark.slow
+def test_handbook_dpo_script_that_loads_its_own_model(tiny_models, tmp_path):
+    """The alignment handbook's DPO shape with `--strategy qlora` appended: the strategy is applied whole."""
+    from conftest import run_python
+
+    out = tmp_path / "out"
+    proc = run_python([str(REPO / "tests" / "scripts" / "handbook_dpo.py"), "--model_name_or_path",
+                       tiny_models["llama"], "--dataset_name", str(DATA / "preference"), "--output_dir", str(out),
+                       "--max_length", "64", "--max_steps", "2", "--per_device_train_batch_size", "4",
+                       "--report_to", "none", "--use_cpu", "--logging_steps", "1", "--save_strategy", "no",
+                       "--strategy", "qlora", "--qlora_hooks", str(DATA / "probe_hooks.py")],
+                      cwd=tmp_path, env_extra={"PROBE_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "loaded by  : strategy, in the script's from_pretrained" in proc.stdout
+    assert "trainer    : DPOTrainer (trl dpo)" in proc.stdout
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    assert probe["layers_4bit"] == 14 and probe["lora_layers"] == LINEAR
+    assert "PagedAdamW32bit" in probe["optimizer_classes"]
+    assert probe["adapters"] == ["default"] and probe["models_in_memory"] == ["LlamaForCausalLM"]
+    report = json.loads((out / "qlora_plugin_report.json").read_text())
+    assert report["trainer_kind"] == "dpo" and report["quantization"]["quant_type"] == "nf4"
+    assert report["quantization"]["double_quant"] and report["optimizer"]["class"] == "PagedAdamW32bit"
+    assert report["reference"].startswith("the same base with the adapter disabled")
+    assert report["memory"]["predicted_peak_bytes"] > 0  # the plan counts DPO's rows and reference pass
+    assert (out / "adapter_model.safetensors").exists()
