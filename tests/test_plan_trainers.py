@@ -115,6 +115,12 @@ def test_plan_cli_trainer_flags(small_config, capsys):
     assert "trainer dpo: 1 samples -> 2 rows x 512 tokens per forward; reference: a no-grad forward" in out
     assert main(["plan", small_config, "--trainer", "dpo", "--max_completion_length", "64"]) == 2
     assert "`--max_completion_length` applies to --trainer grpo/rloo only" in capsys.readouterr().err
+    assert main(["plan", small_config, "--strategy", "qlora", "--trainer", "dpo", "--device", "cuda",
+                 "--memory_budget", "4GiB", "--json"]) == 0
+    choice = json.loads(capsys.readouterr().out)["memory_budget"]
+    assert choice["per_device_train_batch_size"] * choice["gradient_accumulation_steps"] == 8
+    assert main(["plan", small_config, "--trainer", "grpo", "--memory_budget", "4GiB"]) == 2
+    assert "cannot size --trainer grpo batches" in capsys.readouterr().err
 
 
 def test_memory_budget_sizes_dpo_pairs_by_their_rows(setup):

@@ -225,7 +225,7 @@ def write_plot(plans, path: str, model: str, gpu_memory: int | None, gpu_label: 
         plt.close(fig)
 
 
-def _budget_choice(args, name: str, settings, given: dict, hooks) -> dict:
+def _budget_choice(args, name: str, settings, given: dict, hooks, passes=None) -> dict:
     """What `--memory_budget` would choose for this run (the training pipeline makes the same call)."""
     config = load_config(args.model, args.trust_remote_code)
     pm = get_plugin_manager(hooks)
@@ -235,7 +235,8 @@ def _budget_choice(args, name: str, settings, given: dict, hooks) -> dict:
     explicit = args.batch_size if args.batch_size_given else None
     per_device = args.batch_size if args.batch_size_given else TRL_DEFAULT_BATCH  # as a training run's default
     choice = choose(config, name, strategy, options, settings, budget, per_device * args.gradient_accumulation_steps,
-                    settings.eval_batch_size, explicit, args.eval_batch_size, options.strict_budget, pm)
+                    settings.eval_batch_size, explicit, args.eval_batch_size, options.strict_budget, pm,
+                    passes=passes)
     return {**choice, "how": how}
 
 
@@ -278,8 +279,12 @@ def main(argv: list[str]) -> int:
                             optim=args.optim, gradient_checkpointing=args.gradient_checkpointing, malloc=args.malloc,
                             trust_remote_code=args.trust_remote_code)
     passes = _passes(args)
+    if given.get("memory_budget") and passes is not None and passes.kind in ("grpo", "rloo"):
+        raise QLoRAPluginError(f"`--memory_budget` cannot size --trainer {passes.kind} batches: a training run's config "
+                               "bounds no prompt length. Drop it and read the peak per --batch-size here.")
     plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks, passes=passes)
-    choice = _budget_choice(args, strategy or "qlora", settings, given, hooks) if given.get("memory_budget") else None
+    choice = _budget_choice(args, strategy or "qlora", settings, given, hooks, passes) \
+        if given.get("memory_budget") else None
     if args.json:
         objects = [{**p.as_dict(), **({"fits": max(p.total_bytes, p.eval_bytes) <= gpu_memory} if gpu_memory else {})}
                    for p in plans]

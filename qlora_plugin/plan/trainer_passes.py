@@ -159,8 +159,8 @@ def plan_trainer(config, name: str, strategy, options, settings: PlanSettings, p
                                        - components["reference"], 0)
     if details["allocator_bytes"] is not None:  # cuda: what the caching allocator holds includes the passes
         details["allocator_bytes"] += components["reference"] + components["generation"]
-    details["batch_size"] = settings.batch_size
-    details["seq_len"] = seq
+    details.update(batch_size=settings.batch_size, eval_batch_size=settings.eval_batch_size,
+                   eval_rows=inner.eval_batch_size, seq_len=seq)
     return plan
 
 
