@@ -15,7 +15,7 @@ from qlora_plugin.plan.activations import eval_transient
 from qlora_plugin.plan.budget import choose
 from qlora_plugin.plan.estimate import PlanSettings, plan_strategy
 from qlora_plugin.plan.skeleton import skeleton
-from qlora_plugin.plan.trainer_passes import TrainerPasses, plan_trainer
+from qlora_plugin.plan.trainer_passes import TrainerPasses, peaks_for, plan_trainer
 from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy
 from qlora_plugin.trainer_kinds import KINDS
 from qlora_plugin.training.trainer_setup import check_kind_options, options_for_kind
@@ -128,7 +128,8 @@ def test_memory_budget_sizes_dpo_pairs_by_their_rows(setup):
     settings = PlanSettings(batch_size=1, seq_len=1024, device="cuda")
     budget = 1600 * 2**20
     sft = choose(config, "qlora", strategy, options, settings, budget, 8, 8, pm=pm)
-    dpo = choose(config, "qlora", strategy, options, settings, budget, 8, 8, pm=pm, passes=TrainerPasses("dpo"))
+    dpo_peaks = peaks_for(TrainerPasses("dpo"))
+    dpo = choose(config, "qlora", strategy, options, settings, budget, 8, 8, pm=pm, trainer_peaks=dpo_peaks)
     assert dpo["per_device_train_batch_size"] < sft["per_device_train_batch_size"]
     dpo_plan = plan_trainer(config, "qlora", strategy, options,
                             dataclasses.replace(settings, batch_size=dpo["per_device_train_batch_size"],
@@ -136,7 +137,7 @@ def test_memory_budget_sizes_dpo_pairs_by_their_rows(setup):
                             TrainerPasses("dpo"), pm)
     assert abs(dpo["predicted_peak_bytes"] - dpo_plan.total_bytes) < 0.02 * dpo_plan.total_bytes
     with pytest.raises(QLoRAPluginError, match="Nothing fits"):
-        choose(config, "qlora", strategy, options, settings, 800 * 2**20, 8, 8, pm=pm, passes=TrainerPasses("dpo"))
+        choose(config, "qlora", strategy, options, settings, 800 * 2**20, 8, 8, pm=pm, trainer_peaks=dpo_peaks)
 
 
 def test_memory_budget_refused_only_where_the_plan_cannot_size_the_batch():

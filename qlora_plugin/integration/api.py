@@ -65,7 +65,8 @@ def _prepare(trainer_kwargs, strategy, options, hook_files, plugin_manager, kind
     if not isinstance(options or {}, dict):
         raise QLoRAPluginError(f"`options` must be a dict of strategy options, e.g. {{'lora_r': 16}}; got {options!r}.")
     if not isinstance(trainer_kwargs, dict):
-        raise QLoRAPluginError(f"`trainer_kwargs` must be a dict of {kind.class_name} arguments; got {trainer_kwargs!r}.")
+        raise QLoRAPluginError(f"`trainer_kwargs` must be a dict of {kind.class_name} arguments; "
+                               f"got {trainer_kwargs!r}.")
     refuse_hub_kernels()
     check_at_activation()  # supported releases (compat)
     request = StrategyRequest(strategy, dict(options or {}), frozenset(), _hook_file_list(hook_files), "api")

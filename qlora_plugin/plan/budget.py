@@ -147,14 +147,12 @@ def _largest(fits, candidates) -> int | None:
 def choose(config, name, strategy, options: StrategyOptions, settings: PlanSettings, budget: int,
            samples_per_step: int, eval_cap: int, explicit_batch: int | None = None,
            explicit_eval: int | None = None, strict: bool = False, pm=None, in_use: int | None = None,
-           passes=None) -> dict:
+           trainer_peaks=None) -> dict:
     """The batch sizes for `budget`: `samples_per_step` (per device, per optimizer step) is kept as batch x
     accumulation. Explicit batch sizes are checked, not changed. Raises when nothing fits, naming the levers.
-    `passes`: another TRL trainer's (`trainer_passes.TrainerPasses`; None: SFT)."""
-    if passes is not None and passes.kind != "sft":
-        from qlora_plugin.plan.trainer_passes import trainer_peaks  # it builds on `peaks`
-
-        p, plan = trainer_peaks(config, name, strategy, options, settings, passes, pm, in_use)
+    `trainer_peaks`: another TRL trainer's peaks and plan function (`trainer_passes.peaks_for`; None: SFT's)."""
+    if trainer_peaks is not None:
+        p, plan = trainer_peaks(config, name, strategy, options, settings, pm, in_use)
     else:
         p, plan = peaks(config, name, strategy, options, settings, pm, in_use), plan_strategy
     usable = int(budget * (1 - PLAN_ERROR_MARGIN))

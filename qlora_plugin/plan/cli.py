@@ -19,7 +19,9 @@ from qlora_plugin.model_config import load_config
 from qlora_plugin.options import build_options
 from qlora_plugin.plan.budget import budget_bytes, choose
 from qlora_plugin.plan.estimate import COMPONENTS, PlanSettings, make_plans
-from qlora_plugin.plan.trainer_passes import TRAINERS, TRL_MAX_COMPLETION, TrainerPasses, passes_line
+from qlora_plugin.plan.trainer_passes import (
+    TRAINERS, TRL_MAX_COMPLETION, TrainerPasses, passes_line, peaks_for, planner,
+)
 from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy, hook_files_from_env
 from qlora_plugin.sizes import parse_memory
 
@@ -236,7 +238,7 @@ def _budget_choice(args, name: str, settings, given: dict, hooks, passes=None) -
     per_device = args.batch_size if args.batch_size_given else TRL_DEFAULT_BATCH  # as a training run's default
     choice = choose(config, name, strategy, options, settings, budget, per_device * args.gradient_accumulation_steps,
                     settings.eval_batch_size, explicit, args.eval_batch_size, options.strict_budget, pm,
-                    passes=passes)
+                    trainer_peaks=peaks_for(passes))
     return {**choice, "how": how}
 
 
@@ -282,7 +284,7 @@ def main(argv: list[str]) -> int:
     if given.get("memory_budget") and passes is not None and passes.kind in ("grpo", "rloo"):
         raise QLoRAPluginError(f"`--memory_budget` cannot size --trainer {passes.kind} batches: a training run's config "
                                "bounds no prompt length. Drop it and read the peak per --batch-size here.")
-    plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks, passes=passes)
+    plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks, plan=planner(passes))
     choice = _budget_choice(args, strategy or "qlora", settings, given, hooks, passes) \
         if given.get("memory_budget") else None
     if args.json:

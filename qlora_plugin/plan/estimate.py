@@ -350,9 +350,10 @@ def _for_16bit(explicit_options: dict) -> dict:
 
 
 def make_plans(model: str, strategies: list[str] | None, settings: PlanSettings, explicit_options: dict,
-               hook_files=(), pm=None, passes=None) -> list[Plan]:
+               hook_files=(), pm=None, plan=None) -> list[Plan]:
     """Plans for `strategies` (default: qlora, lora, full) of the model whose config is at `model`, with the
-    plugins of `pm` (default: a manager with `hook_files`); `passes` a `trainer_passes.TrainerPasses` (default SFT)."""
+    plugins of `pm` (default: a manager with `hook_files`); `plan` makes each (default `plan_strategy`, SFT's;
+    another trainer's: `trainer_passes.planner`)."""
     pm = pm or get_plugin_manager(list(hook_files))
     available = collect_strategies(pm)
     resolved = []
@@ -368,16 +369,12 @@ def make_plans(model: str, strategies: list[str] | None, settings: PlanSettings,
         else:
             raise unknown_strategy_error(name, [*available, FULL])
     config = load_config(model, settings.trust_remote_code)
-    if passes is not None:
-        from qlora_plugin.plan.trainer_passes import plan_trainer  # it builds on this module
-
-        return [plan_trainer(config, name, strategy, options, settings, passes, pm)
-                for name, strategy, options in resolved]
-    return [plan_strategy(config, name, strategy, options, settings, pm) for name, strategy, options in resolved]
+    plan = plan or plan_strategy
+    return [plan(config, name, strategy, options, settings, pm) for name, strategy, options in resolved]
 
 
 def predict_for_run(model_config, strategy, options: StrategyOptions, training_args, device: str,
-                    compute: str, pm=None, passes=None) -> dict:
+                    compute: str, pm=None, plan=None) -> dict:
     """The plan for a training run's actual settings, for `qlora_plugin_report.json` (next to the measured peak).
 
     A plan that cannot be made (an optimizer plan does not model, an exotic architecture) is reported, not raised:
@@ -396,13 +393,8 @@ def predict_for_run(model_config, strategy, options: StrategyOptions, training_a
                                                 training_args.gradient_checkpointing)),
             malloc=running_malloc_mode(),
         )
-        if passes is None:
-            plan = plan_strategy(config, strategy.name, strategy, options, settings, pm)
-        else:  # another TRL trainer: its rows, reference and generation passes (`trainer_passes`)
-            from qlora_plugin.plan.trainer_passes import plan_trainer, run_settings
-
-            plan = plan_trainer(config, strategy.name, strategy, options, run_settings(settings, training_args,
-                                                                                       passes), passes, pm)
+        # `plan`: another TRL trainer's (`trainer_passes.planner`: its rows, reference and generation passes)
+        plan = (plan or plan_strategy)(config, strategy.name, strategy, options, settings, pm)
     except Exception as err:  # noqa: BLE001 - see docstring
         return {"predicted_peak_bytes": None, "prediction_failed": f"{type(err).__name__}: {err}"}
     return {"predicted_peak_bytes": plan.total_bytes, "predicted_eval_peak_bytes": plan.eval_bytes,

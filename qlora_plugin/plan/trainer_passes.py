@@ -34,6 +34,7 @@ import dataclasses
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.plan.activations import eval_transient
+from qlora_plugin.plan.budget import peaks
 from qlora_plugin.plan.estimate import Plan, PlanSettings, plan_strategy
 from qlora_plugin.plan.skeleton import skeleton
 
@@ -61,7 +62,8 @@ class TrainerPasses:
 
     def __post_init__(self):
         if self.kind not in TRAINERS:
-            raise QLoRAPluginError(f"`--trainer {self.kind}` is not modelled by plan. Use one of {', '.join(TRAINERS)}.")
+            raise QLoRAPluginError(f"`--trainer {self.kind}` is not modelled by plan. Use one of "
+                                   f"{', '.join(TRAINERS)}.")
         for name in ("max_completion_length", "num_generations", "steps_per_generation"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -99,6 +101,31 @@ def passes_for_args(kind: str, args) -> TrainerPasses:
         return TrainerPasses(kind, getattr(args, "beta", None), bool(getattr(args, "precompute_ref_log_probs", False)))
     return TrainerPasses(kind, args.beta, False, args.max_completion_length, args.num_generations,
                          args.steps_per_generation or args.gradient_accumulation_steps)
+
+
+def planner(passes: TrainerPasses | None, args=None):
+    """The plan function for `estimate.make_plans` / `predict_for_run` under `passes` (None: SFT's). With a
+    training run's `args`, its settings go through `run_settings` first."""
+    if passes is None or passes.kind == "sft":
+        return None
+
+    def plan(config, name, strategy, options, settings, pm=None):
+        if args is not None:
+            settings = run_settings(settings, args, passes)
+        return plan_trainer(config, name, strategy, options, settings, passes, pm)
+
+    return plan
+
+
+def peaks_for(passes: TrainerPasses | None):
+    """The `trainer_peaks` argument of `budget.choose` under `passes` (None: SFT's)."""
+    if passes is None or passes.kind == "sft":
+        return None
+
+    def trainer_peaks_of(config, name, strategy, options, settings, pm=None, in_use=None):
+        return trainer_peaks(config, name, strategy, options, settings, passes, pm, in_use)
+
+    return trainer_peaks_of
 
 
 def run_settings(settings: PlanSettings, args, passes: TrainerPasses) -> PlanSettings:
@@ -275,8 +302,6 @@ def trainer_peaks(config, name, strategy, options, settings: PlanSettings, passe
                   in_use: int | None = None):
     """(`TrainerPeaks`, the plan function `budget` names its levers with) for `--memory_budget` under `passes`.
     A reward model has no LM head: its step is priced without the head's term."""
-    from qlora_plugin.plan.budget import peaks
-
     options = _start_for(options, passes)
     rows_settings = dataclasses.replace(settings, seq_len=passes.trained_len(settings.seq_len))
     base = peaks(config, name, strategy, options, rows_settings, pm, in_use)
@@ -287,8 +312,4 @@ def trainer_peaks(config, name, strategy, options, settings: PlanSettings, passe
                              dataclasses.replace(settings, batch_size=b, eval_batch_size=b), passes, pm)
                 for b in (1, 2))
     extra = [plan.components["reference"] + plan.components["generation"] for plan in (one, two)]
-
-    def plan(config, name, strategy, options, settings, pm=None):
-        return plan_trainer(config, name, strategy, options, settings, passes, pm)
-
-    return TrainerPeaks(base, passes, *extra), plan
+    return TrainerPeaks(base, passes, *extra), planner(passes)

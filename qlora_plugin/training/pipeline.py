@@ -19,7 +19,7 @@ from qlora_plugin import hub_code
 from qlora_plugin.notices import library_deprecations
 from qlora_plugin.plan.budget import budget_bytes, choose, memory_in_use, settings_for_run
 from qlora_plugin.plan.estimate import predict_for_run
-from qlora_plugin.plan.trainer_passes import passes_for_args
+from qlora_plugin.plan.trainer_passes import passes_for_args, peaks_for, planner
 from qlora_plugin.plugin.manager import loaded_plugins
 from qlora_plugin.quant.layers import quantization_facts
 from qlora_plugin.request import StrategyRequest
@@ -75,7 +75,7 @@ def _fit_to_budget(model, strategy, options, args, runtime, explicit, compute: s
                                                                                optim_name(args)),
                     budget, samples, args.per_device_eval_batch_size, chosen_by_user.get("per_device_train_batch_size"),
                     chosen_by_user.get("per_device_eval_batch_size"), options.strict_budget, pm,
-                    memory_in_use(runtime.device_type), passes_for_args(kind.name, args))
+                    memory_in_use(runtime.device_type), peaks_for(passes_for_args(kind.name, args)))
     batch_is_yours = "per_device_train_batch_size" in chosen_by_user
     for name in names:
         accumulation = name == "gradient_accumulation_steps"
@@ -213,7 +213,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     # other trainers: their rows, reference and generation passes (`plan.trainer_passes`); GRPO/RLOO's prompt
     # length is unbounded, so their report says why it has no prediction
     facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type, compute, pm,
-                                      None if kind.name == "sft" else passes_for_args(kind.name, args))
+                                      planner(passes_for_args(kind.name, args), args))
     callbacks = [*(kwargs.get("callbacks") or []), resume_guard]
     for extra in hooks.qlora_trainer_callbacks(training_args=args, facts=facts):
         callbacks.extend(extra or [])

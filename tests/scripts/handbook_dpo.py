@@ -1,7 +1,7 @@
 """A DPO script in the alignment handbook's shape (`scripts/run_dpo.py` / `scripts/dpo.py`): parse with TrlParser,
 load the policy itself with `AutoModelForCausalLM.from_pretrained(**model_kwargs)` (dtype, `use_cache` off under
-gradient checkpointing, TRL's `get_quantization_config` and the handbook's `get_kbit_device_map`), no reference model when
-training PEFT (`ref_model = None if model_args.use_peft`), then DPOTrainer with `get_peft_config`. Under
+gradient checkpointing, TRL's `get_quantization_config` and the handbook's `get_kbit_device_map`), no reference
+model when training PEFT (`ref_model = None if model_args.use_peft`), then DPOTrainer with `get_peft_config`. Under
 `--strategy qlora` it must train the paper's 4-bit setup whole."""
 
 import torch
