@@ -1,11 +1,11 @@
 """How accurate is `qlora-plugin plan --trainer`? Train a small-but-not-toy model with TRL's DPO and GRPO scripts
 and compare the measured peak with the plan's prediction for the same shapes.
 
-    python examples/trainer_memory.py [OUT_FOLDER]     # about 10 minutes on a 2-core CPU, offline
+    python examples/trainer_memory.py [OUT_FOLDER] [dpo|grpo ...]   # each 10-30 minutes on a busy 2-core CPU
 
 The model: Llama-shaped, hidden 768, 6 layers, intermediate 2048, 12 heads (4 KV heads), a BPE vocabulary of the
 words below, random weights. DPO: 2 pairs per batch (4 rows) of 256 tokens; GRPO: 4 completions per batch of 128
-prompt + 128 completion tokens (`min_new_tokens` keeps every completion full length). Both start with
+prompt + 64 completion tokens (`min_new_tokens` keeps every completion full length). Both start with
 `qlora-plugin run` (glibc's malloc tuned, as docs/getting-started.md tells CPU users). The figures in docs/plan.md
 ("Other trainers") come from this script.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WORDS = sorted({w for line in (HERE / "data" / "skills" / "train.jsonl").read_text().splitlines()
                 for w in json.loads(line)["prompt"].split()})
-SEQ, BATCH, PROMPT, COMPLETION = 256, 2, 128, 128
+SEQ, BATCH, PROMPT, COMPLETION = 256, 2, 96, 64
 
 
 def words(rng, n: int) -> str:
@@ -51,7 +51,7 @@ def make_data(folder: Path, tokenizer) -> int:
 def run(kind: str, model: str, data: Path, out: Path, extra: list) -> dict:
     command = [str(Path(sys.executable).with_name("qlora-plugin")), "run", "--",
                sys.executable, "-m", f"trl.scripts.{kind}", "--model_name_or_path", model, "--dataset_name", str(data),
-               "--strategy", "qlora", "--output_dir", str(out), "--max_steps", "3", "--report_to", "none",
+               "--strategy", "qlora", "--output_dir", str(out), "--max_steps", "3" if kind == "dpo" else "2", "--report_to", "none",
                "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true", "--use_cpu",
                "--per_device_train_batch_size", str(BATCH if kind == "dpo" else 2 * BATCH), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -89,14 +89,16 @@ def main() -> int:
         build_tiny_model(model, "llama", [str(HERE / "data" / "skills" / "train.jsonl")], hidden_size=768, layers=6,
                          intermediate_size=2048, heads=12, vocab_size=4096)
     prompt = make_data(root, AutoTokenizer.from_pretrained(model))
-    rows = []
-    dpo = run("dpo", model, root / "pref", root / "out-dpo", ["--max_length", str(SEQ)])
-    rows.append(("dpo", dpo, predict(model, "dpo", dpo["quantization"]["compute_dtype"])))
-    grpo = run("grpo", model, root / "prompts", root / "out-grpo",
-               ["--reward_funcs", "reward_len.reward", "--num_generations", "4", "--max_completion_length",
-                str(COMPLETION), "--generation_kwargs", json.dumps({"min_new_tokens": COMPLETION})])
-    rows.append(("grpo", grpo, predict(model, "grpo", grpo["quantization"]["compute_dtype"], prompt=prompt,
-                                       max_completion_length=COMPLETION, num_generations=4)))
+    rows, kinds = [], sys.argv[2:] or ["dpo", "grpo"]
+    if "dpo" in kinds:
+        dpo = run("dpo", model, root / "pref", root / "out-dpo", ["--max_length", str(SEQ)])
+        rows.append(("dpo", dpo, predict(model, "dpo", dpo["quantization"]["compute_dtype"])))
+    if "grpo" in kinds:
+        grpo = run("grpo", model, root / "prompts", root / "out-grpo",
+                   ["--reward_funcs", "reward_len.reward", "--num_generations", "4", "--max_completion_length",
+                    str(COMPLETION), "--generation_kwargs", json.dumps({"min_new_tokens": COMPLETION})])
+        rows.append(("grpo", grpo, predict(model, "grpo", grpo["quantization"]["compute_dtype"], prompt=prompt,
+                                           max_completion_length=COMPLETION, num_generations=4)))
     for kind, report, plan in rows:
         measured = report["measured"]["peak_memory_bytes"]
         predicted = plan.total_bytes - plan.components["start"]

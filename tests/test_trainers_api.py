@@ -108,3 +108,23 @@ def test_handbook_dpo_script_that_loads_its_own_model(tiny_models, tmp_path):
     assert report["reference"].startswith("the same base with the adapter disabled")
     assert report["memory"]["predicted_peak_bytes"] > 0  # the plan counts DPO's rows and reference pass
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_memory_budget_sizes_a_dpo_run(tiny_models, tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    from qlora_plugin import make_trainer
+    from qlora_plugin.training.report import StrategyReportCallback
+
+    args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_length=64, max_steps=1)
+    trainer = make_trainer("qlora", trainer=DPOTrainer, options={"memory_budget": "64GiB"}, model=tiny_models["llama"],
+                           args=args, train_dataset=load_dataset(str(DATA / "preference"))["train"])
+    facts = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StrategyReportCallback)).facts
+    budget = facts["memory_budget"]
+    assert budget["per_device_train_batch_size"] * budget["gradient_accumulation_steps"] == 8  # TRL's default kept
+    assert trainer.args.per_device_train_batch_size == budget["per_device_train_batch_size"]
+    assert facts["memory"]["predicted_for"]["batch_size"] == budget["per_device_train_batch_size"]
+    with pytest.raises(QLoRAPluginError, match="Nothing fits the memory budget of 1.00 MiB"):
+        make_trainer("qlora", trainer=DPOTrainer, options={"memory_budget": "1MiB"}, model=tiny_models["llama"],
+                     args=DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_length=64),
+                     train_dataset=load_dataset(str(DATA / "preference"))["train"])
