@@ -3,9 +3,9 @@ and compare the measured peak with the plan's prediction for the same shapes.
 
     python examples/trainer_memory.py [OUT_FOLDER] [dpo|grpo ...]   # each 10-30 minutes on a busy 2-core CPU
 
-The model: Llama-shaped, hidden 768, 6 layers, intermediate 2048, 12 heads (4 KV heads), a BPE vocabulary of the
-words below, random weights. DPO: 2 pairs per batch (4 rows) of 256 tokens; GRPO: 4 completions per batch of 128
-prompt + 64 completion tokens (`min_new_tokens` keeps every completion full length). Both start with
+The model: Llama-shaped, hidden 768, 6 layers, intermediate 2048, 12 heads (12 KV heads), a BPE vocabulary of the
+words below, random weights. DPO: 2 pairs per batch (4 rows) of 256 tokens, 3 steps; GRPO: 4 completions per batch of 96
+prompt + 64 completion tokens, 2 steps (`min_new_tokens` keeps every completion full length). Both start with
 `qlora-plugin run` (glibc's malloc tuned, as docs/getting-started.md tells CPU users). The figures in docs/plan.md
 ("Other trainers") come from this script.
 """
