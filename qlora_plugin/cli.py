@@ -13,16 +13,15 @@ from qlora_plugin.errors import QLoRAPluginError  # noqa: E402 (after the flag a
 from qlora_plugin.flags import parse_bool  # noqa: E402
 from qlora_plugin.hub_code import refuse_hub_kernels  # noqa: E402
 from qlora_plugin.notices import leave_out_for_a_command  # noqa: E402
-from qlora_plugin.options import FOUR_BIT_OPTIONS, StrategyOptions, options_reference_markdown  # noqa: E402
+from qlora_plugin.options import FOUR_BIT_OPTIONS, option_defaults, options_reference_markdown  # noqa: E402
 from qlora_plugin.plugin.manager import (  # noqa: E402
-    collect_strategies, get_plugin_manager, hook_files_from_env, packaged_hooks,
+    collect_options, collect_strategies, get_plugin_manager, hook_files_from_env, packaged_hooks,
 )
 
 
 def _strategies(args) -> int:
     pm = get_plugin_manager([*hook_files_from_env(), *(args.hooks or [])])
-    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(StrategyOptions)}
+    defaults = option_defaults(collect_options(pm))  # the built-in options, then the plugins'
     for strategy in sorted(collect_strategies(pm).values(), key=lambda s: s.name):
         print(f"{strategy.name}  [{strategy.plugin}]")
         print(f"    {strategy.description}")
@@ -40,7 +39,8 @@ def _strategies(args) -> int:
 
 
 def _options(args) -> int:
-    print(options_reference_markdown(), end="")
+    pm = get_plugin_manager(hook_files_from_env())
+    print(options_reference_markdown(collect_options(pm)), end="")
     return 0
 
 

@@ -117,6 +117,7 @@ INTERNALS = (
      "which layers are 4-bit"),
     ("transformers", "transformers.quantizers.quantizers_utils", "should_convert_module", "which layers are 4-bit"),
     ("trl", "trl.trainer.sft_trainer", "SFTTrainer", "the strategy's trainer arguments"),
+    ("trl", "trl.trainer.base_trainer", "_BaseTrainer", "refusing the trainers a strategy does not apply to"),
     ("trl", "trl.scripts.utils", "TrlParser.set_defaults_with_config", "the plugin's YAML keys"),
     ("trl", "trl.trainer.utils", "create_model_from_path", "TRL's own model loading"),
     ("peft", "peft.tuners.lora", "Linear4bit", "LoRA on 4-bit layers"),  # peft defines it only with bitsandbytes
@@ -170,6 +171,12 @@ FROM_AUTO_KWARG = "_from_auto"
 def loaded_through_auto(kwargs: dict) -> bool:
     """Whether a concrete class's `from_pretrained` was called by `AutoModelForCausalLM.from_pretrained`."""
     return bool(kwargs.get(FROM_AUTO_KWARG))
+
+
+# `Trainer._save_checkpoint(model, trial)`: where a scheduled checkpoint is written (transformers 5.17-5.25; TRL's
+# trainers override it and call it; checked at activation). The one Trainer method the plugin wraps (on the
+# strategy's trainer instance, `training.checkpointing`) through a private name.
+SAVE_CHECKPOINT_METHOD = "_save_checkpoint"
 
 
 def trainer_output_dir(trainer, trial=None) -> str:
@@ -226,6 +233,11 @@ def config_source(config) -> tuple[str, str | None]:
 TRL_VENDORED_PARSER_MODULE = "trl.scripts._hf_argparser"
 
 
+# `trl.trainer.base_trainer._BaseTrainer`: the base class of every TRL trainer (TRL 1.8-1.16; checked at
+# activation), whose `__new__` refuses the trainers a strategy cannot apply to whole (`integration.trl_patches`).
+TRL_BASE_TRAINER = "_BaseTrainer"
+
+
 # --- bitsandbytes ----------------------------------------------------------------------------------------------
 
 def fsdp_wrapped_quant_state_key(optimizer) -> str | None:
@@ -240,6 +252,21 @@ def fix_4bit_quant_state(layer) -> None:
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     fix_4bit_weight_quant_state_from_module(layer)
+
+
+def prepare_4bit_call(layer, x):
+    """What bitsandbytes' `Linear4bit.forward` does before its matmul (bitsandbytes 0.49-0.50, nn/modules.py): the
+    weight's quant state put back (`fix_4bit_quant_state`), the compute dtype set from the first input
+    (`compute_type_is_set`, `set_compute_type`). Returns (quant state, compute dtype), or None for a weight
+    repacked for bitsandbytes' CPU kernel (`packing_format_for_cpu`), which only its own forward runs."""
+    fix_4bit_quant_state(layer)
+    quant_state = layer.weight.quant_state
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        return None
+    if not layer.compute_type_is_set:
+        layer.set_compute_type(x)
+        layer.compute_type_is_set = True
+    return quant_state, layer.compute_dtype or x.dtype
 
 
 def undo_cpu_weight_packing(layer) -> None:

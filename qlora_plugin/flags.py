@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from qlora_plugin.options import StrategyOptions
+from qlora_plugin.options import StrategyOptions, options_class
 
 
 @dataclasses.dataclass
@@ -17,10 +17,10 @@ class _ActivationFlags:
     load_in_8bit: bool = False
 
 
-def _flag_parser() -> argparse.ArgumentParser:
+def _flag_parser(options=StrategyOptions) -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((_ActivationFlags, StrategyOptions), prog="qlora-plugin", add_help=False)
+    parser = HfArgumentParser((_ActivationFlags, options), prog="qlora-plugin", add_help=False)
     parser.allow_abbrev = False
     parser.usage = "--strategy NAME [strategy options] (`qlora-plugin strategies` lists them)"
     for action in parser._actions:
@@ -29,9 +29,10 @@ def _flag_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_own_flags(argv: list[str]) -> tuple[dict, list[str]]:
-    """Split argv into the plugin's flags (only those given) and everything else, in order."""
-    parser = _flag_parser()
+def parse_own_flags(argv: list[str], plugin_options: tuple = ()) -> tuple[dict, list[str]]:
+    """Split argv into the plugin's flags (only those given; with `plugin_options`, those of the plugins too) and
+    everything else, in order."""
+    parser = _flag_parser(options_class(plugin_options))
     namespace, rest = parser.parse_known_args(argv)
     return vars(namespace), rest
 

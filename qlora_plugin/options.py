@@ -4,6 +4,11 @@ Field names are TRL's own `ModelConfig` names wherever TRL has one (`lora_r`, `u
 user's existing flags keep their meaning. Defaults are the QLoRA paper's recipe; `None` means "decided at load
 time from the model and the device" (see `resolve`). A strategy may change these defaults (e.g. `lora` turns
 quantization off); anything the user sets explicitly always wins.
+
+Plugins add options of their own through the `qlora_register_options` hook (`PluginOption`): a run's options are
+then an instance of `options_class(extra)`, a subclass of `StrategyOptions` with one more field per plugin option,
+validated the same way (type, choices) and reaching the same places (flags, YAML, `QLORA_PLUGIN_OPTIONS`, the
+Python API's `options`, `qlora-plugin options` and `strategies`, `options.NAME` in every hook).
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class StrategyOptions:
             "(glibc malloc_trim; the process otherwise keeps it for the whole run)."
         },
     )
+    # read at `import trl`, before any plugin loads (the re-execution comes first): so a built-in option
     cpu_malloc_tunables: bool = field(
         default=False,
         metadata={
@@ -79,24 +85,6 @@ class StrategyOptions:
             "then runs again from its start, so whatever it does before importing trl happens twice: "
             "`qlora-plugin run -- COMMAND` starts the command with the settings instead, once. Your own "
             "GLIBC_TUNABLES malloc settings win."
-        },
-    )
-    cpu_fast_dropout: bool = field(
-        default=True,
-        metadata={
-            "help": "On CPU, draw LoRA dropout masks with numpy's SFC64 generator, seeded from torch's (one 32-bit "
-            "draw per element), instead of torch's bernoulli_: the same drop rate (to within 2^-32) and 1/(1-p) "
-            "scaling, a bool mask kept for the backward (measured in docs/benchmarks.md). Same seed, "
-            "same masks, but not torch's masks: false keeps torch's dropout, as stock peft draws it."
-        },
-    )
-    cpu_dequant_buffer: bool = field(
-        default=False,
-        metadata={
-            "help": "On CPU, dequantize 4-bit weights of 32 MiB and more into one reused buffer instead of fresh "
-            "memory at every matmul (bit-identical; faster dequantization, but whole steps were not measurably "
-            "faster in docs/benchmarks.md). Costs one buffer the size "
-            "of the largest weight, freed before each optimizer step."
         },
     )
     reuse_dequantized_weights: bool = field(
@@ -158,6 +146,8 @@ class StrategyOptions:
                           "over (Adam moments lost, warmup repeated); the adapter, step and data position are kept."},
     )
 
+    plugin_options = {}  # class attribute, not a field: {name: PluginOption} on a class with plugin options
+
     def __post_init__(self):
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
@@ -189,11 +179,11 @@ class StrategyOptions:
             )
 
 
-OPTION_NAMES = tuple(f.name for f in dataclasses.fields(StrategyOptions))
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(StrategyOptions))  # the built-in options
 # Options that act on 4-bit layers only: meaningless for a strategy that loads a 16-bit base (`load_in_4bit` off).
 # `bnb_4bit_compute_dtype` is not one of them: it also picks the 16-bit load dtype.
 FOUR_BIT_OPTIONS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage", "quantized_cache",
-                    "cpu_dequant_buffer", "reuse_dequantized_weights")
+                    "cpu_dequant_buffer", "reuse_dequantized_weights")  # cpu_dequant_buffer: perf/dequant_buffer.py
 HOOKS_KEY = "qlora_hooks"  # hook files or packaged hook names, on the command line and in YAML
 # TRL ModelConfig flags a strategy answers for: `use_peft` is implied, `load_in_8bit` contradicts every strategy.
 TRL_ANSWERED_FLAGS = ("use_peft", "load_in_8bit")
@@ -237,30 +227,114 @@ def _check_types(options: StrategyOptions) -> None:
             raise QLoRAPluginError(f"`{name}` must be {_kind(annotation)}; got {value!r} ({type(value).__name__}).")
 
 
-def build_options(strategy_defaults: dict, explicit: dict) -> StrategyOptions:
-    """Options for one run: dataclass defaults, then the strategy's defaults, then what the user set."""
-    unknown = sorted(map(str, set(explicit) - set(OPTION_NAMES)))
+@dataclass(frozen=True)
+class PluginOption:
+    """One option a plugin adds (`qlora_register_options`): a `--name` flag, a YAML key and `options.name`."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    choices: tuple = ()
+    plugin: str = ""
+
+
+OPTION_TYPES = (bool, int, float, str)
+
+
+def check_plugin_option(option: PluginOption, taken) -> None:
+    """A plugin's option is refused, naming the plugin, unless it is a new lowercase identifier (not a built-in
+    option, a flag of the plugin's own, or another plugin's), of a type in OPTION_TYPES, with a default of that type
+    (or None) among its choices, and a help text."""
+    where = f"Plugin {option.plugin} registers option {option.name!r}"
+    if not (isinstance(option.name, str) and option.name.isidentifier() and option.name == option.name.lower()):
+        raise QLoRAPluginError(f"{where}: an option name must be a lowercase identifier such as `my_feature`.")
+    if option.name in OWN_KEYS:
+        raise QLoRAPluginError(f"{where}, which qlora-plugin already defines. Give the option a name of its own.")
+    if option.name in taken:
+        raise QLoRAPluginError(f"Plugins {taken[option.name]} and {option.plugin} both register option "
+                               f"{option.name!r}. Uninstall one, or rename its option.")
+    if option.type not in OPTION_TYPES:
+        raise QLoRAPluginError(f"{where} of type {option.type!r}; allowed: bool, int, float, str.")
+    if not isinstance(option.help, str) or not option.help.strip():
+        raise QLoRAPluginError(f"{where} without a help text; say what it does and when (docs/options.md).")
+    if option.default is not None and not _accepts(option.type, option.default):
+        raise QLoRAPluginError(f"{where} with default {option.default!r}, not {_kind(option.type)}.")
+    if option.choices and option.default not in option.choices:
+        raise QLoRAPluginError(f"{where} with default {option.default!r}, not one of its choices {option.choices}.")
+
+
+_CLASSES: dict = {}
+
+
+def options_class(extra: tuple = ()) -> type:
+    """`StrategyOptions`, or a subclass with one field per plugin option in `extra` (one class per set of options,
+    so options of one run compare and `dataclasses.replace` as the built-in ones do)."""
+    if not extra:
+        return StrategyOptions
+    key = tuple(extra)
+    if key not in _CLASSES:
+        # metadata as the built-in fields hold it (HfArgumentParser passes it to argparse); the plugins on the class
+        fields = [(o.name, o.type if o.default is not None else o.type | None,
+                   field(default=o.default, metadata={"help": o.help, **({"choices": list(o.choices)}
+                                                                         if o.choices else {})}))
+                  for o in extra]
+        _CLASSES[key] = dataclasses.make_dataclass("StrategyOptions", fields, bases=(StrategyOptions,), namespace={
+            "__module__": __name__, "plugin_options": {o.name: o for o in extra}})
+    return _CLASSES[key]
+
+
+def option_names(extra: tuple = ()) -> tuple:
+    """Every option a run with these plugin options understands."""
+    return (*OPTION_NAMES, *(o.name for o in extra))
+
+
+def _check_choices(options: StrategyOptions) -> None:
+    """Plugin options with choices hold one of them (the built-in ones are checked in `__post_init__`)."""
+    for name, option in type(options).plugin_options.items():
+        if option.choices and getattr(options, name) not in option.choices:
+            raise QLoRAPluginError(f"`{name}` must be one of {', '.join(map(str, option.choices))}; got "
+                                   f"{getattr(options, name)!r}.")
+
+
+def build_options(strategy_defaults: dict, explicit: dict, extra: tuple = ()) -> StrategyOptions:
+    """Options for one run: dataclass defaults, then the strategy's defaults, then what the user set. `extra`: the
+    plugin options the run's manager registered (`plugin.manager.collect_options`)."""
+    names = option_names(extra)
+    unknown = sorted(map(str, set(explicit) - set(names)))
     if unknown:
         import difflib
 
-        close = [m for name in unknown for m in difflib.get_close_matches(name, OPTION_NAMES, n=1, cutoff=0.75)]
+        close = [m for name in unknown for m in difflib.get_close_matches(name, names, n=1, cutoff=0.75)]
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise QLoRAPluginError(
-            f"Unknown strategy option(s): {', '.join(unknown)}.{hint} Allowed: {', '.join(OPTION_NAMES)}."
+            f"Unknown strategy option(s): {', '.join(unknown)}.{hint} Allowed: {', '.join(names)}."
         )
     values = {**strategy_defaults, **explicit}
     try:
-        return StrategyOptions(**values)
+        options = options_class(extra)(**values)
     except TypeError as err:  # a value of the wrong type from YAML or Python
         raise QLoRAPluginError(f"Invalid strategy option: {err}") from None
+    _check_choices(options)
+    return options
 
 
-def options_reference_markdown() -> str:
-    """The options table in docs/options.md, generated from the dataclass (a test keeps the docs in step)."""
+def option_defaults(extra: tuple = ()) -> dict:
+    """{name: default} of every option, built-in then plugin options."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(options_class(extra))}
+
+
+def options_reference_markdown(extra: tuple = ()) -> str:
+    """The options table in docs/options.md, generated from the dataclass and the plugin options `extra` (a test
+    keeps the docs in step)."""
     rows = ["| option (flag / YAML key) | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(StrategyOptions):
+    cls = options_class(extra)
+    for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = f.metadata.get("choices")
-        meaning = f.metadata["help"] + (f" Choices: {', '.join(choices)}." if choices else "")
+        plugin = cls.plugin_options[f.name].plugin if f.name in cls.plugin_options else None
+        meaning = f.metadata["help"] + (f" Choices: {', '.join(choices)}." if choices else "") + \
+            (f" (plugin `{plugin}`)" if plugin else "")
         rows.append(f"| `{f.name}` | `{default}` | {meaning} |")
     return "\n".join(rows) + "\n"

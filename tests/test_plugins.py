@@ -40,6 +40,29 @@ def test_each_manager_is_fresh():
         first.unregister(extra)
 
 
+def test_each_strategy_names_the_plugin_that_registered_it():
+    """Owners come from the `register` bound per plugin: two instances of one plugin class (one code object) each
+    get their own name, and a registration made through a helper names the plugin whose hook called it."""
+    class Family:
+        def __init__(self, name):
+            self.name = name
+
+        @hookimpl
+        def qlora_register_strategies(self, register):
+            _register_through_a_helper(register, Strategy(self.name, "test", {}))
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(Family("first"), name="plugin-a")
+    pm.register(Family("second"), name="plugin-b")
+    strategies = collect_strategies(pm)
+    assert (strategies["first"].plugin, strategies["second"].plugin) == ("plugin-a", "plugin-b")
+    assert strategies["qlora"].plugin == "qlora_plugin.strategies.builtin"
+
+
+def _register_through_a_helper(register, strategy):
+    register(strategy)
+
+
 def test_a_plugin_overrides_a_builtin_hook():
     """Built-in implementations are trylast: a plugin's answer to a firstresult hook comes first."""
     sentinel = object()
@@ -306,9 +329,8 @@ def test_packaged_hooks_load_by_name(tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_architecture_examples_work_as_written(tiny_models, tmp_path):
-    """docs/architecture.md's strategy and feature plugin, copied from the page, as hook files of a real run."""
-    import os
-
+    """docs/architecture.md's strategy and feature plugin, copied from the page, as hook files of a real run: the
+    feature's own option turns it on, and its summary line is printed and kept in the report."""
     from trl import SFTConfig
 
     from qlora_plugin import make_trainer
@@ -317,15 +339,11 @@ def test_architecture_examples_work_as_written(tiny_models, tmp_path):
     blocks = [block.split("```")[0] for block in page.split("```python\n")[1:]]
     strategy, feature = (tmp_path / "strategy.py"), (tmp_path / "feature.py")
     strategy.write_text(next(b for b in blocks if "qlora_register_strategies" in b))
-    feature.write_text(next(b for b in blocks if "TRAIN_FINAL_NORM" in b))
-    os.environ["TRAIN_FINAL_NORM"] = "1"
-    try:
-        trainer = make_trainer("qlora-r16", hook_files=[str(strategy), str(feature)], model=tiny_models["llama"],
-                               train_dataset=_skills(),
-                               args=SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none",
-                                              use_cpu=True, save_strategy="no", max_length=32))
-    finally:
-        del os.environ["TRAIN_FINAL_NORM"]
+    feature.write_text(next(b for b in blocks if "qlora_register_options" in b))
+    trainer = make_trainer("qlora-r16", hook_files=[str(strategy), str(feature)], options={"train_final_norm": True},
+                           model=tiny_models["llama"], train_dataset=_skills(),
+                           args=SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none",
+                                          use_cpu=True, save_strategy="no", max_length=32))
     config = trainer.model.peft_config["default"]
     assert config.r == 16 and set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_" not in n}
@@ -333,6 +351,7 @@ def test_architecture_examples_work_as_written(tiny_models, tmp_path):
     trainer.train()
     report = json.loads((tmp_path / "out" / "qlora_plugin_report.json").read_text())
     assert report["adapter"]["final_norm_trained"] is True and report["strategy"] == "qlora-r16"
+    assert ["final norm", "trained beside the adapter (train_final_norm)"] in report["summary_lines"]
 
 
 @pytest.mark.parametrize("typed", ["QLoRA", "Qlora", "QLORA", "qlora"])

@@ -44,8 +44,15 @@ def named_tests() -> list[tuple[str, str, list[str]]]:
     return named
 
 
-def test_the_table_has_enough_rows():
-    assert len(table_rows()) >= 60
+def test_every_row_quotes_what_the_user_sees_once():
+    """Each row quotes the message it documents (what the named test asserts), and no bad input is listed twice:
+    the table is a list of distinct messages, not a count to reach."""
+    rows = table_rows()
+    unquoted = [bad for _, bad, message, _ in rows if not re.findall(r'"([^"]+)"', message)
+                and "not bad input" not in bad and "is not bad input" not in bad]
+    assert unquoted == [], "quote the message excerpt in double quotes"
+    seen = [(where, bad) for where, bad, _, _ in rows]
+    assert sorted(k for k in set(seen) if seen.count(k) > 1) == []
 
 
 def test_every_named_test_exists_and_asserts_the_message():

@@ -24,9 +24,11 @@ from qlora_plugin.integration.excepthook import install_excepthook
 from qlora_plugin.integration.state import EXPLICIT_ENV, OPTIONS_ENV, SOURCE_ENV, STRATEGY_ENV
 from qlora_plugin.integration.yaml_config import read as read_yaml_config
 from qlora_plugin.notices import leave_out_for_a_strategy_run
-from qlora_plugin.options import HOOKS_KEY, OPTION_NAMES, OWN_KEYS, build_options
+from qlora_plugin.options import HOOKS_KEY, OPTION_NAMES, OWN_KEYS
 from qlora_plugin.perf import malloc_tunables
-from qlora_plugin.plugin.manager import HOOKS_ENV, LOAD_ENV, get_plugin_manager, get_strategy, hook_files_from_env
+from qlora_plugin.plugin.manager import HOOKS_ENV, LOAD_ENV, hook_files_from_env
+from qlora_plugin.plugin.manager import collect_options
+from qlora_plugin.plugin.resolution import forget, manager, resolve
 from qlora_plugin.quant.cache import CACHE_DIR_ENV
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.trainer_kinds import KINDS
@@ -145,11 +147,25 @@ def _check_contradictions(given: dict) -> None:
         )
 
 
+def take_plugin_options(request: StrategyRequest, argv: list[str]) -> list[str]:
+    """The options plugins add (`qlora_register_options`), from the command line and the YAML config, into the
+    request; returns argv without their flags. Runs after the built-in options are read (and after an opted-in
+    re-execution, `cpu_malloc_tunables`): it loads the plugins, through the request's one manager."""
+    extra = collect_options(manager(request))
+    if not extra:
+        return argv
+    names = {option.name for option in extra}
+    config = read_yaml_config(argv)[0]
+    flags, rest = parse_own_flags(argv, extra)
+    request.options.update({k: v for k, v in config.items() if k in names})
+    request.options.update({k: v for k, v in flags.items() if k in names})
+    return rest
+
+
 def validate(request: StrategyRequest) -> None:
-    """Fail early, before the script does any work: the strategy exists, options and hook files are valid."""
-    pm = get_plugin_manager(request.hook_files)
-    strategy = get_strategy(pm, request.strategy)
-    build_options(dict(strategy.option_defaults), request.options)
+    """Fail early, before the script does any work: the strategy exists, options and hook files are valid. The
+    manager and options built here are the run's (`resolve`: once per request)."""
+    strategy = resolve(request).strategy
     if not strategy.option_defaults.get("load_in_4bit", True) and request.options.get("load_in_4bit") is True:
         raise QLoRAPluginError(
             f"`--load_in_4bit` contradicts `--strategy {strategy.name}` (16-bit). Use `--strategy qlora` for a 4-bit "
@@ -172,7 +188,8 @@ def activate(request: StrategyRequest) -> None:
 
 
 def deactivate() -> None:
-    """Forget the active request (patched TRL methods then pass straight through)."""
+    """Forget the active request and its resolution (patched TRL methods then pass straight through)."""
+    forget(state.active_request())
     state.set_active(None)
 
 
@@ -204,6 +221,7 @@ def activate_from_process() -> None:
         leave_out_for_a_strategy_run("gradient_checkpointing" in request.explicit_training_args)  # before imports
         refuse_hub_kernels()
         check_at_activation()  # supported releases, before any patch (compat)
+        argv = take_plugin_options(request, argv)
         validate(request)
         trl_patches.check_trl_command(sys.argv, request.strategy)
     except QLoRAPluginError as err:

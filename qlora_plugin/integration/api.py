@@ -19,6 +19,7 @@ from qlora_plugin.hub_code import refuse_hub_kernels
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.integration.trl_patches import unsupported_trainer_message
 from qlora_plugin.trainer_kinds import KINDS, TrainerKind, kind_of_class
+from qlora_plugin.training.checkpointing import patch_trainer_class
 from qlora_plugin.training.pipeline import prepare_trainer_kwargs
 
 
@@ -48,7 +49,10 @@ def apply_strategy(trainer_kwargs: dict, strategy: str = "qlora", options: dict 
     recipe defaults for the `SFTConfig` fields you left at their defaults, paged AdamW).
 
     `options` are strategy options by name (see `qlora-plugin strategies`); `hook_files` are hook modules to load.
-    Raises `QLoRAPluginError` (a `ValueError`) for bad input. `trainer` other than SFTTrainer: use `make_trainer`.
+    Raises `QLoRAPluginError` (a `ValueError`) for bad input. The trainer you build from these is not the plugin's
+    to reach, so resume and atomic saves come from wrappers on `transformers.Trainer` that pass straight through
+    for trainers without a strategy; `make_trainer` wraps its one trainer instead. `trainer` other than
+    SFTTrainer: use `make_trainer`.
     """
     kind = _trainer_kind(trainer, strategy if isinstance(strategy, str) else "?")
     if kind.name != "sft":
@@ -56,7 +60,9 @@ def apply_strategy(trainer_kwargs: dict, strategy: str = "qlora", options: dict 
             f"apply_strategy returns SFTTrainer arguments only: under {kind.class_name} the strategy is finished after "
             f"the trainer's __init__ (its reference adapter, its optimizer). Use make_trainer({strategy!r}, "
             f"trainer={kind.class_name}, ...) instead.")
-    return _prepare(trainer_kwargs, strategy, options, hook_files, plugin_manager, kind)
+    kwargs = _prepare(trainer_kwargs, strategy, options, hook_files, plugin_manager, kind)
+    patch_trainer_class()
+    return kwargs
 
 
 def _prepare(trainer_kwargs, strategy, options, hook_files, plugin_manager, kind: TrainerKind) -> dict:
@@ -87,5 +93,5 @@ def make_trainer(strategy: str = "qlora", options: dict | None = None, hook_file
     prepared = _prepare(trainer_kwargs, strategy, options, hook_files, plugin_manager, kind)
     prepared, after_init = split_unaccepted(prepared, inspect.signature(trainer.__init__))
     built = trainer(**prepared)
-    finish_trainer(built, kind, after_init)
+    finish_trainer(built, kind, after_init)  # resume and atomic saves on this trainer only, and the reference
     return built

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 
+from qlora_plugin.compat import TRL_BASE_TRAINER
 from qlora_plugin.errors import QLoRAPluginError, report_and_exit
 from qlora_plugin.integration import state
 from qlora_plugin.integration.known_errors import check_unused_yaml_keys
@@ -59,7 +60,7 @@ def _patch_init(cls, kind: TrainerKind) -> None:
 def patch_base_trainer(module) -> None:
     """Refuse, while a strategy is active, every TRL trainer it is not applied to in full: in `__new__`, before the
     trainer's `__init__` can load or read a weight."""
-    cls = module._BaseTrainer
+    cls = getattr(module, TRL_BASE_TRAINER)
     if getattr(cls.__new__, "_qlora_plugin", False):
         return
 
@@ -98,7 +99,8 @@ def patch_trl_parser(module) -> None:
         request = state.active_request()
         if request is None:
             return original(self, **kwargs)
-        remaining = original(self, **{k: v for k, v in kwargs.items() if k not in OWN_KEYS})
+        remaining = original(self, **{k: v for k, v in kwargs.items()
+                                      if k not in OWN_KEYS and k not in request.options})  # plugins' options too
         check_unused_yaml_keys(remaining[::2])  # `lora_rank: 8` would otherwise be dropped silently
         state.publish(request)  # TRL has just applied the YAML's `env:` block; child processes get the request
         return remaining

@@ -99,11 +99,32 @@ def installed(model) -> int:
     return sum(1 for module in model.modules() if isinstance(module, CpuLoraDropout))
 
 
+OPTION = "cpu_fast_dropout"
+DEFAULT = True  # also for options built without the plugins' options (a bare `StrategyOptions()`)
+
+
+@hookimpl
+def qlora_register_options(register):
+    register(OPTION, bool, DEFAULT,
+             "On CPU, draw LoRA dropout masks with numpy's SFC64 generator, seeded from torch's (one 32-bit draw per "
+             "element), instead of torch's bernoulli_: the same drop rate (to within 2^-32) and 1/(1-p) scaling, a "
+             "bool mask kept for the backward (measured in docs/benchmarks.md). Same seed, same masks, but not "
+             "torch's masks: false keeps torch's dropout, as stock peft draws it.")
+
+
+@hookimpl
+def qlora_summary_lines(facts):
+    count = facts["adapter"].get("fast_dropout_layers")
+    if count:
+        return [("dropout", f"masks for {count} LoRA layers drawn with one 32-bit draw per element ({OPTION})")]
+    return None
+
+
 @hookimpl(wrapper=True)
 def qlora_wrap_model(options, runtime):
     """After whichever plugin wrapped the model: on CPU runs, give its LoRA dropouts the cheaper mask."""
     model = yield
-    if model is not None and getattr(options, "cpu_fast_dropout", False) and runtime.device_type == "cpu":
+    if model is not None and options is not None and getattr(options, OPTION, DEFAULT) and runtime.device_type == "cpu":
         install(model)
     return model
 

@@ -162,16 +162,34 @@ class ReleaseDequantBuffer(TrainerCallback):
             buffer.release()
 
 
+OPTION = "cpu_dequant_buffer"
+
+
+@hookimpl
+def qlora_register_options(register):
+    register(OPTION, bool, False,
+             "On CPU, dequantize 4-bit weights of 32 MiB and more into one reused buffer instead of fresh memory at "
+             "every matmul (bit-identical; faster dequantization, but whole steps were not measurably faster in "
+             "docs/benchmarks.md). Costs one buffer the size of the largest weight, freed before each optimizer "
+             "step.")
+
+
+@hookimpl
+def qlora_summary_lines(facts):
+    layers = (facts.get("quantization") or {}).get("dequant_buffer_layers")
+    return [("dequantize", f"{layers} large 4-bit layers into one reused buffer ({OPTION})")] if layers else None
+
+
 @hookimpl
 def qlora_trainer_callbacks(options):
-    return [ReleaseDequantBuffer()] if getattr(options, "cpu_dequant_buffer", False) else []
+    return [ReleaseDequantBuffer()] if getattr(options, OPTION, False) else []
 
 
 @hookimpl(wrapper=True)
 def qlora_wrap_model(options):
     """After whichever plugin wrapped the model: give its CPU 4-bit layers the buffer unless the option is off."""
     model = yield
-    if model is not None and getattr(options, "cpu_dequant_buffer", False):
+    if model is not None and getattr(options, OPTION, False):
         install(model)
     return model
 

@@ -15,7 +15,7 @@ import types
 
 import torch
 
-from qlora_plugin.compat import fix_4bit_quant_state
+from qlora_plugin.compat import prepare_4bit_call
 
 
 def route(layer, path, priority: int) -> None:
@@ -39,14 +39,10 @@ def routed(layer) -> bool:
 def _forward(self, x: torch.Tensor):
     if not self.training or x.numel() == 0:
         return type(self).forward(self, x)
-    fix_4bit_quant_state(self)
-    quant_state = self.weight.quant_state
-    if getattr(quant_state, "packing_format_for_cpu", False):
+    prepared = prepare_4bit_call(self, x)
+    if prepared is None:
         return type(self).forward(self, x)
-    if not self.compute_type_is_set:
-        self.set_compute_type(x)
-        self.compute_type_is_set = True
-    compute_dtype = self.compute_dtype or x.dtype
+    quant_state, compute_dtype = prepared
     matmul = _pick(self, x, compute_dtype)
     if matmul is None:
         return type(self).forward(self, x)

@@ -22,7 +22,7 @@ from qlora_plugin.plan.estimate import COMPONENTS, PlanSettings, make_plans
 from qlora_plugin.plan.trainer_passes import (
     TRAINERS, TRL_MAX_COMPLETION, TrainerPasses, passes_line, peaks_for, planner,
 )
-from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy, hook_files_from_env
+from qlora_plugin.plugin.manager import collect_options, get_plugin_manager, get_strategy, hook_files_from_env
 from qlora_plugin.sizes import parse_memory
 
 GIB = 2**30
@@ -227,12 +227,11 @@ def write_plot(plans, path: str, model: str, gpu_memory: int | None, gpu_label: 
         plt.close(fig)
 
 
-def _budget_choice(args, name: str, settings, given: dict, hooks, passes=None) -> dict:
+def _budget_choice(args, name: str, settings, given: dict, pm, passes=None) -> dict:
     """What `--memory_budget` would choose for this run (the training pipeline makes the same call)."""
     config = load_config(args.model, args.trust_remote_code)
-    pm = get_plugin_manager(hooks)
     strategy = get_strategy(pm, name)
-    options = build_options(dict(strategy.option_defaults), given)
+    options = build_options(dict(strategy.option_defaults), given, collect_options(pm))
     budget, how = budget_bytes(options.memory_budget, settings.device)
     explicit = args.batch_size if args.batch_size_given else None
     per_device = args.batch_size if args.batch_size_given else TRL_DEFAULT_BATCH  # as a training run's default
@@ -259,12 +258,17 @@ def _passes(args) -> TrainerPasses | None:
 
 def main(argv: list[str]) -> int:
     given, rest = _split_flags(argv)
+    hooks = [*hook_files_from_env(), *(given.pop("qlora_hooks", None) or [])]
+    pm = get_plugin_manager(hooks)  # the command's one manager: its plugins' options, the plans, the budget choice
+    extra = collect_options(pm)
+    if extra:  # the options plugins add (`qlora_register_options`)
+        plugin_given, rest = parse_own_flags(rest, extra)
+        given.update({o.name: plugin_given[o.name] for o in extra if o.name in plugin_given})
     args = make_parser().parse_args(rest)
     args.batch_size_given = args.batch_size is not None
     if args.batch_size is None:
         args.batch_size = 1
     strategy = given.pop("strategy", None)
-    hooks = [*hook_files_from_env(), *(given.pop("qlora_hooks", None) or [])]
     gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
     if args.plot:
         _check_plot_path(args.plot)
@@ -284,8 +288,8 @@ def main(argv: list[str]) -> int:
     if given.get("memory_budget") and passes is not None and passes.kind in ("grpo", "rloo"):
         raise QLoRAPluginError(f"`--memory_budget` cannot size --trainer {passes.kind} batches: a training run's config "
                                "bounds no prompt length. Drop it and read the peak per --batch-size here.")
-    plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks, plan=planner(passes))
-    choice = _budget_choice(args, strategy or "qlora", settings, given, hooks, passes) \
+    plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks, pm, plan=planner(passes))
+    choice = _budget_choice(args, strategy or "qlora", settings, given, pm, passes) \
         if given.get("memory_budget") else None
     if args.json:
         objects = [{**p.as_dict(), **({"fits": max(p.total_bytes, p.eval_bytes) <= gpu_memory} if gpu_memory else {})}

@@ -27,7 +27,7 @@ from qlora_plugin.options import StrategyOptions, build_options
 from qlora_plugin.plan.activations import activation_bytes, eval_transient
 from qlora_plugin.plan.skeleton import QuantizedLinearStandIn, skeleton
 from qlora_plugin.plan.start import start_transient_bytes
-from qlora_plugin.plugin.manager import collect_strategies, get_plugin_manager
+from qlora_plugin.plugin.manager import collect_options, collect_strategies, get_plugin_manager
 from qlora_plugin.runtime import Runtime, cpu_has_native_bf16
 from qlora_plugin.strategies.adapters import count_parameters, trainable_dtype
 from qlora_plugin.strategies.builtin import QLORA
@@ -355,16 +355,16 @@ def make_plans(model: str, strategies: list[str] | None, settings: PlanSettings,
     plugins of `pm` (default: a manager with `hook_files`); `plan` makes each (default `plan_strategy`, SFT's;
     another trainer's: `trainer_passes.planner`)."""
     pm = pm or get_plugin_manager(list(hook_files))
-    available = collect_strategies(pm)
+    available, extra = collect_strategies(pm), collect_options(pm)
     resolved = []
     for name in strategies or ["qlora", "lora", FULL]:
         if name == FULL:
-            resolved.append((name, None, build_options({"load_in_4bit": False}, _for_16bit(explicit_options))))
+            resolved.append((name, None, build_options({"load_in_4bit": False}, _for_16bit(explicit_options), extra)))
         elif name in available:
             strategy = available[name]
-            options = build_options(dict(strategy.option_defaults), explicit_options)
+            options = build_options(dict(strategy.option_defaults), explicit_options, extra)
             if not options.load_in_4bit and not strategies:  # a 16-bit plan shown beside the 4-bit one
-                options = build_options(dict(strategy.option_defaults), _for_16bit(explicit_options))
+                options = build_options(dict(strategy.option_defaults), _for_16bit(explicit_options), extra)
             resolved.append((name, strategy, options))
         else:
             raise unknown_strategy_error(name, [*available, FULL])

@@ -3,11 +3,18 @@
 4-bit layers are stand-ins chosen by transformers' own rule (`quant.layers.four_bit_module_names`); the adapter
 is added by the same `qlora_wrap_model` hook a training run calls, so a plugin's own adapter (DoRA, a custom
 init, ...) is what `plan` counts, together with the feature plugins that wrap it (`cpu_fast_dropout`).
+
+Skeletons made with a plugin manager are kept for that manager (one request: a training run's budget choice and
+its prediction, one `plan` command), one per config, strategy, options, dtype and device, since the plans at
+batch 1, batch 2 and the run's batch differ only in the batch; `drop_skeletons(pm)` ends that, and so does the
+manager's end.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import weakref
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.options import StrategyOptions
@@ -45,13 +52,33 @@ def _standin_class():
     return Linear4bitStandIn
 
 
+_kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plugin manager -> {key: skeleton}
+
+
+def drop_skeletons(pm) -> None:
+    """Forget the skeletons kept for `pm` (the request that built them is done with planning)."""
+    _kept.pop(pm, None)
+
+
 def skeleton(config, strategy, options: StrategyOptions, compute: str, pm=None, trust_remote_code: bool = False,
              device: str = "cpu"):
     """The model as `strategy` trains it on `device`, built on the meta device: 4-bit stand-ins, dtypes, trainable
     flags, and the adapter from the `qlora_wrap_model` hook (with the feature plugins that wrap it).
 
     `strategy` None means 16-bit full fine-tuning (everything trainable, no adapter). `pm` defaults to a manager
-    with the built-in and installed plugins."""
+    with the built-in and installed plugins; with a given `pm`, the same arguments give the same skeleton (module
+    docstring). Callers only read it and run meta-device forwards through it."""
+    if pm is None:
+        return _build(config, strategy, options, compute, get_plugin_manager(), trust_remote_code, device)
+    key = (config.to_json_string(use_diff=False), getattr(strategy, "name", None),
+           repr(sorted(dataclasses.asdict(options).items())), compute, trust_remote_code, device)
+    kept = _kept.setdefault(pm, {})
+    if key not in kept:
+        kept[key] = _build(config, strategy, options, compute, pm, trust_remote_code, device)
+    return kept[key]
+
+
+def _build(config, strategy, options, compute, pm, trust_remote_code, device):
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -81,7 +108,6 @@ def skeleton(config, strategy, options: StrategyOptions, compute: str, pm=None, 
                 new.bias = torch.nn.Parameter(old.bias.detach(), requires_grad=False)  # fp32, as peft upcasts it
             model.set_submodule(name, new)
     model.requires_grad_(False)
-    pm = pm or get_plugin_manager()
     runtime = Runtime(device, compute == "bfloat16", "none")
     with init_empty_weights():
         model = pm.hook.qlora_wrap_model(strategy=strategy, options=options, model=model, runtime=runtime,

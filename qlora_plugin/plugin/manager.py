@@ -19,6 +19,7 @@ from pathlib import Path
 import pluggy
 
 from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.options import PluginOption, check_plugin_option
 from qlora_plugin.plugin import specs
 from qlora_plugin.strategy import Strategy, resolve_name, unknown_strategy_error
 
@@ -185,35 +186,56 @@ def collect_strategies(pm: pluggy.PluginManager) -> dict[str, Strategy]:
     """Every strategy registered through the `qlora_register_strategies` hook, by name. Two with one name (its
     case and `-`/`_` aside) is an error.
 
-    The hook is called through pluggy (so ordering, wrappers and tracing apply); which plugin registered a
-    strategy is read from the implementation on the call stack when it calls `register`.
-    """
-    owners = {impl.function.__code__: impl.plugin_name for impl in pm.hook.qlora_register_strategies.get_hookimpls()}
+    Each plugin's implementation is called through pluggy (`per_plugin`) with a `register` bound to that plugin,
+    so a strategy names the plugin that registered it."""
     found: dict[str, Strategy] = {}
 
-    def register(strategy: Strategy) -> None:
-        plugin = _calling_plugin(owners)
-        if not isinstance(strategy, Strategy):
-            raise QLoRAPluginError(f"Plugin {plugin} registered {strategy!r}, not a Strategy.")
-        same = resolve_name(strategy.name, found)  # names match regardless of case and `-`/`_`
-        if same in found:
-            raise QLoRAPluginError(
-                f"Strategy {strategy.name!r} is registered twice ({found[same].plugin} and {plugin}"
-                f"{'' if same == strategy.name else f', as {same!r}'}). Uninstall or rename one."
-            )
-        found[strategy.name] = dataclasses.replace(strategy, plugin=plugin)
+    def register_for(plugin: str):
+        def register(strategy: Strategy) -> None:
+            if not isinstance(strategy, Strategy):
+                raise QLoRAPluginError(f"Plugin {plugin} registered {strategy!r}, not a Strategy.")
+            same = resolve_name(strategy.name, found)  # names match regardless of case and `-`/`_`
+            if same in found:
+                raise QLoRAPluginError(
+                    f"Strategy {strategy.name!r} is registered twice ({found[same].plugin} and {plugin}"
+                    f"{'' if same == strategy.name else f', as {same!r}'}). Uninstall or rename one."
+                )
+            found[strategy.name] = dataclasses.replace(strategy, plugin=plugin)
 
-    pm.hook.qlora_register_strategies(register=register)
+        return register
+
+    for plugin, call in per_plugin(pm, "qlora_register_strategies"):
+        call(register=register_for(plugin))
     return found
 
 
-def _calling_plugin(owners: dict) -> str:
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code in owners:
-            return owners[frame.f_code]
-        frame = frame.f_back
-    return "unknown"
+def collect_options(pm: pluggy.PluginManager) -> tuple[PluginOption, ...]:
+    """The options plugins add through `qlora_register_options`, each checked (`options.check_plugin_option`) and
+    naming the plugin that registered it, in the order pluggy calls the plugins."""
+    found: dict[str, PluginOption] = {}
+
+    def register_for(plugin: str):
+        def register(name, type, default, help, choices=()):  # noqa: A002 - the hook's documented parameter names
+            option = PluginOption(name, type, default, help, tuple(choices), plugin)
+            check_plugin_option(option, {n: o.plugin for n, o in found.items()})
+            found[name] = option
+
+        return register
+
+    for plugin, call in per_plugin(pm, "qlora_register_options"):
+        call(register=register_for(plugin))
+    return tuple(found.values())
+
+
+def per_plugin(pm: pluggy.PluginManager, hook: str):
+    """(plugin name, a caller of that plugin's implementation alone) for each implementation of `hook`, in the order
+    pluggy calls them (later registrations first, `tryfirst`/`trylast` honoured), each through pluggy
+    (`subset_hook_caller`: its argument handling and tracing): for registration hooks whose callback must know
+    which plugin calls it."""
+    impls = [impl for impl in getattr(pm.hook, hook).get_hookimpls() if not (impl.wrapper or impl.hookwrapper)]
+    for impl in reversed(impls):
+        others = [i.plugin for i in impls if i is not impl]
+        yield impl.plugin_name, pm.subset_hook_caller(hook, remove_plugins=others)
 
 
 def get_strategy(pm: pluggy.PluginManager, name: str) -> Strategy:

@@ -24,6 +24,21 @@ def qlora_register_strategies(register):
     add. Two plugins registering one name is an error."""
 
 
+@hookspec
+def qlora_register_options(register):
+    """Called when a plugin manager's options are gathered (once per run, `qlora-plugin options` and
+    `qlora-plugin strategies`): call `register(name, type, default, help, choices=())` for each option your plugin
+    adds. Return values are ignored.
+
+    `name` is a new lowercase identifier (not a built-in option or another plugin's: an error names both plugins),
+    `type` one of bool, int, float, str, `default` of that type or None, `help` what it does and when (it becomes
+    the row in `qlora-plugin options`), `choices` the allowed values, if any. The option is then a `--name` flag, a
+    YAML key, a key of `QLORA_PLUGIN_OPTIONS` and of the Python API's `options`, validated like a built-in option
+    (a wrong type or value is a one-line error), and `options.name` in every hook of the run. A strategy's
+    `option_defaults` name built-in options only.
+    """
+
+
 @hookspec(firstresult=True)
 def qlora_model_init_kwargs(strategy, options, model_id, init_kwargs, runtime, trainer_kind):
     """Called before the base model is loaded: return the `from_pretrained` kwargs to load `model_id` with.
@@ -91,6 +106,19 @@ def qlora_run_facts(strategy, options, explicit_options, model, training_args, r
     Nested dicts are merged into the run's sections (`quantization`, `adapter`, `runtime`, ...); the list under
     `fallbacks` holds one-line notes on options this run cannot honour, shown as "fell back". `explicit_options`
     are the options the user set explicitly (a note is for what they asked, not for a default).
+    """
+
+
+@hookspec
+def qlora_summary_lines(facts):
+    """Called once the run's facts are complete (every `qlora_run_facts` merged, the plan's prediction added),
+    before the trainer is built: return a list of `(label, text)` pairs for the summary printed when the trainer is
+    ready, or None.
+
+    Each pair becomes one line `  label      : text` after the adapter's lines, in registration order (the built-in
+    features first); keep `label` to ten characters and `text` to one line saying what this run does differently
+    and which option controls it. Read what you need from `facts` (your own `qlora_run_facts` sections included);
+    do not change it. The lines are kept in the report too (`summary_lines`).
     """
 
 

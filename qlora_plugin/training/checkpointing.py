@@ -1,7 +1,11 @@
 """Resume and checkpoint safety for a trainer a strategy was applied to.
 
-Called from `trainer.prepare_trainer_kwargs` (every path: scripts, YAML, Python API). It wraps three
-`transformers.Trainer` methods once per process; each passes straight through for a trainer without a strategy.
+`enable_resume` is called from `training.pipeline.prepare_trainer_kwargs` (every path: scripts, YAML, Python API),
+before the model loads; `install` then wraps three methods of the one trainer the strategy was applied to, as
+attributes of that instance over its class's own (`Trainer.train`, `_save_checkpoint`, `save_model`, with TRL's
+overrides inside), so every other trainer in the process is TRL's, untouched. Where the plugin never sees the trainer
+it built (`SFTTrainer(**apply_strategy(...))` written by the user), `patch_trainer_class` is the fallback: the same
+wrappers on `transformers.Trainer`, passing straight through for a trainer without a strategy.
 
 - `train`: `args.resume_from_checkpoint` is used when `train()` gets none (TRL's scripts and many user scripts
   drop it); `true`/`latest` means the newest complete `checkpoint-N` in `output_dir`; a missing or incomplete
@@ -25,8 +29,9 @@ import functools
 import logging
 import os
 import shutil
+import types
 
-from qlora_plugin.compat import redirect_output_dir, restore_output_dir, trainer_output_dir
+from qlora_plugin.compat import SAVE_CHECKPOINT_METHOD, redirect_output_dir, restore_output_dir, trainer_output_dir
 from qlora_plugin.files import give_normal_permissions
 from qlora_plugin.training.checkpoint_checks import ResumeGuard, check_before_load
 from qlora_plugin.training.checkpoints import resolve_checkpoint
@@ -44,12 +49,11 @@ def enable_resume(args, options, own_quantization: bool = True, own_adapter: boo
                   loading: bool = True) -> ResumeGuard:
     """Check `args.resume_from_checkpoint` before the model is loaded (the folder, its files, and what the strategy
     options decide: `own_*` when the strategy, not the user's config, quantizes / builds the adapter; `loading`
-    when the model is still to be loaded), and install the Trainer wrappers. Returns the callback that carries the
-    run's resume settings to `train()`."""
+    when the model is still to be loaded). Returns the callback that carries the run's resume settings to `train()`;
+    the wrappers are installed on the trainer once it exists (`install`)."""
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if loading:
         check_before_load(checkpoint, options, own_quantization, own_adapter)
-    patch_trainer()
     return ResumeGuard(accept_missing_optimizer=options.resume_without_optimizer)
 
 
@@ -58,22 +62,39 @@ def _applies(trainer) -> bool:
     return handler is not None and any(isinstance(cb, StrategyReportCallback) for cb in handler.callbacks)
 
 
-def _wrap(cls, name, make):
-    original = getattr(cls, name)
-    if getattr(original, "_qlora_plugin", False):
-        return
+def _wrappers():
+    return (("train", _make_train), (SAVE_CHECKPOINT_METHOD, _make_save_checkpoint), ("save_model", _make_save_model))
+
+
+def _wrapped(original, make):
     wrapper = functools.wraps(original)(make(original))
     wrapper._qlora_plugin = True
-    setattr(cls, name, wrapper)
+    return wrapper
 
 
-def patch_trainer() -> None:
-    """Wrap `Trainer.train`, `_save_checkpoint` and `save_model` (once; pass-through without a strategy)."""
+def install(trainer) -> None:
+    """Wrap `train`, `_save_checkpoint` and `save_model` of this trainer only: bound methods set on the instance over
+    its class's (TRL's overrides included), once. Called right after the trainer's own `__init__`. Not when this
+    process already has the class fallback (`patch_trainer_class`): its wrappers act for this trainer, and a second
+    layer would stage every save twice."""
     from transformers import Trainer
 
-    _wrap(Trainer, "train", _make_train)
-    _wrap(Trainer, "_save_checkpoint", _make_save_checkpoint)
-    _wrap(Trainer, "save_model", _make_save_model)
+    if getattr(vars(Trainer)["train"], "_qlora_plugin", False):
+        return
+    for name, make in _wrappers():
+        if name not in vars(trainer):
+            setattr(trainer, name, types.MethodType(_wrapped(getattr(type(trainer), name), make), trainer))
+
+
+def patch_trainer_class() -> None:
+    """The fallback for a trainer the plugin never sees (`SFTTrainer(**apply_strategy(...))`): the same wrappers on
+    `transformers.Trainer` (once; each passes straight through for a trainer without a strategy)."""
+    from transformers import Trainer
+
+    for name, make in _wrappers():
+        original = getattr(Trainer, name)
+        if not getattr(original, "_qlora_plugin", False):
+            setattr(Trainer, name, _wrapped(original, make))
 
 
 def _make_train(original):

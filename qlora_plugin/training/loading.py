@@ -14,8 +14,7 @@ import logging
 import os
 
 from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.options import build_options
-from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy
+from qlora_plugin.plugin import resolution
 from qlora_plugin.quant.cache import recorded_base
 from qlora_plugin.request import StrategyRequest
 from qlora_plugin.runtime import detect_runtime
@@ -108,16 +107,15 @@ def load_model(hooks, model_id: str, init_kwargs: dict, options, trust_remote_co
             raise
         raise friendly from None
     if kwargs.get("subfolder"):  # transformers names the root; the weights (LoftQ's, the adapter's base) are below
-        model.config._name_or_path = model.name_or_path = recorded_base(model_id, kwargs)
+        model.config.name_or_path = model.name_or_path = recorded_base(model_id, kwargs)
     return model
 
 
 def resolve(request: StrategyRequest, pm=None):
     """(plugin manager, strategy, options) for a request: options are dataclass defaults < the strategy's < the
-    user's explicit values."""
-    pm = pm or get_plugin_manager(request.hook_files)
-    strategy = get_strategy(pm, request.strategy)
-    return pm, strategy, build_options(dict(strategy.option_defaults), request.options)
+    user's explicit values. Built once per request (`plugin.resolution`)."""
+    resolved = resolution.resolve(request, pm)
+    return resolved.pm, resolved.strategy, resolved.options
 
 
 def load_for_script(request: StrategyRequest, architecture, model_id: str, kwargs: dict):

@@ -19,6 +19,7 @@ from qlora_plugin import hub_code
 from qlora_plugin.notices import library_deprecations
 from qlora_plugin.plan.budget import budget_bytes, choose, memory_in_use, settings_for_run
 from qlora_plugin.plan.estimate import predict_for_run
+from qlora_plugin.plan.skeleton import drop_skeletons
 from qlora_plugin.plan.trainer_passes import passes_for_args, peaks_for, planner
 from qlora_plugin.plugin.manager import loaded_plugins
 from qlora_plugin.quant.layers import quantization_facts
@@ -214,6 +215,9 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     # length is unbounded, so their report says why it has no prediction
     facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type, compute, pm,
                                       planner(passes_for_args(kind.name, args), args))
+    drop_skeletons(pm)  # the budget choice and the prediction shared them; planning for this run is done
+    facts["summary_lines"] = [list(line) for lines in reversed(hooks.qlora_summary_lines(facts=facts))
+                              for line in lines or ()]  # in registration order, as the facts
     callbacks = [*(kwargs.get("callbacks") or []), resume_guard]
     for extra in hooks.qlora_trainer_callbacks(training_args=args, facts=facts):
         callbacks.extend(extra or [])

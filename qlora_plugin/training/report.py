@@ -78,9 +78,6 @@ def format_summary(facts: dict) -> str:
             f"codes and block scales), compute {q['compute_dtype']}, storage {q['quant_storage']}, "
             f"embeddings {q['embeddings_dtype']}"
         )
-        if q.get("dequant_buffer_layers"):
-            lines.append(f"  dequantize : {q['dequant_buffer_layers']} large 4-bit layers into one reused buffer "
-                         "(cpu_dequant_buffer)")
         if q.get("cached_base"):
             lines.append(f"  cached     : 4-bit base loaded from {q['cached_base']}")
     else:
@@ -99,16 +96,8 @@ def format_summary(facts: dict) -> str:
         lines.append("  " + describe(init).replace("LoRA init:", "LoRA init  :"))
     elif init.get("method"):
         lines.append(f"  LoRA init  : {init['method']} (init_lora_weights)" + (f"; {init['note']}" if init.get("note") else ""))
-    if a.get("fast_dropout_layers"):
-        lines.append(f"  dropout    : masks for {a['fast_dropout_layers']} LoRA layers drawn with one 32-bit draw per "
-                     "element (cpu_fast_dropout)")
-    malloc = facts.get("runtime", {}).get("malloc_tunables", "")
-    if malloc.startswith("applied"):
-        lines.append("  host malloc: glibc small-block caches off, 512 MiB kept at the heap top (GLIBC_TUNABLES at "
-                     "start)")
-    elif malloc.startswith("not applied: glibc's defaults"):
-        lines.append("  host malloc: glibc's defaults; about a third lower peak memory on CPU when started with "
-                     "`qlora-plugin run -- <this command>` (docs/troubleshooting.md, problem 11)")
+    for label, text in facts.get("summary_lines", ()):  # the plugins' own lines (`qlora_summary_lines`)
+        lines.append(f"  {label:<11}: {text}")
     budget = facts.get("memory_budget")
     if budget:
         lines.append(f"  memory     : budget {budget['budget_bytes'] / 2**20:,.0f} MiB ({budget['how']}): per-device batch "

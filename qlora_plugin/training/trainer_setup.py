@@ -15,6 +15,7 @@ Before the hooks run (`options_for_kind`, `check_kind_options`, `load_kwargs_for
     summary's LoRA init line says why (`note_zero_start`).
 
 After `__init__` (`finish_trainer`):
+- the resume and atomic-save wrappers on this trainer instance (`checkpointing.install`);
 - TRL's DPO, KTO, GRPO and RLOO trainers, handed a PEFT model, add a frozen `ref` adapter copied from the starting
   adapter and score against it. From a zero start that copy adds nothing the disabled adapter does not give (and
   costs a second adapter's memory and compute), so it is removed: TRL then scores the reference with the adapter
@@ -30,6 +31,7 @@ import logging
 
 from qlora_plugin.errors import QLoRAPluginError
 from qlora_plugin.trainer_kinds import TrainerKind
+from qlora_plugin.training.checkpointing import install as install_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +117,9 @@ def split_unaccepted(kwargs: dict, signature) -> tuple[dict, dict]:
 
 
 def finish_trainer(trainer, kind: TrainerKind, later: dict) -> None:
-    """After the trainer's own `__init__`: the deferred arguments, and the reference adapter (module docstring)."""
+    """After the trainer's own `__init__`: checkpointing, the deferred arguments, and the reference adapter (module
+    docstring)."""
+    install_checkpointing(trainer)
     for name, value in later.items():
         setattr(trainer, name, value)
     model = trainer.model
