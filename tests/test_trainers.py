@@ -89,7 +89,7 @@ def test_a_recipe_per_trainer_and_explicit_settings_win():
 def test_options_each_trainer_needs():
     options = StrategyOptions()
     reward = options_for_kind(options, KINDS["reward"], {})
-    assert reward.lora_task_type == "SEQ_CLS" and reward.init_lora_weights == "default"
+    assert reward.lora_task_type == "SEQ_CLS" and reward.init_lora_weights == "auto"  # calibrated on its batches
     assert options_for_kind(options, KINDS["sft"], {}) is options  # the SFT path unchanged
     assert options_for_kind(options, KINDS["dpo"], {}).init_lora_weights == "default"
     for kind in KINDS.values():
@@ -102,13 +102,16 @@ def test_reward_model_needs_a_classification_adapter():
                            KINDS["reward"])
 
 
-def test_calibrated_loftq_is_for_sft_only():
-    with pytest.raises(QLoRAPluginError, match="loftq_calibrated` cannot run under DPOTrainer"):
-        check_kind_options(StrategyOptions(init_lora_weights="loftq_calibrated"), KINDS["dpo"])
+def test_calibrated_loftq_is_refused_where_the_start_is_the_reference():
+    for kind in ("dpo", "kto", "grpo", "rloo"):
+        with pytest.raises(QLoRAPluginError, match=f"loftq_calibrated` cannot run under {KINDS[kind].class_name}"):
+            check_kind_options(StrategyOptions(init_lora_weights="loftq_calibrated"), KINDS[kind])
+    check_kind_options(StrategyOptions(init_lora_weights="loftq_calibrated", lora_task_type="SEQ_CLS"),
+                       KINDS["reward"])
 
 
-def test_memory_budget_is_for_sft_only():
-    with pytest.raises(QLoRAPluginError, match="memory_budget` sizes SFT batches only"):
+def test_memory_budget_refused_for_generating_trainers():
+    with pytest.raises(QLoRAPluginError, match="cannot size GRPOTrainer's batches"):
         check_kind_options(StrategyOptions(memory_budget="8GiB"), KINDS["grpo"])
 
 

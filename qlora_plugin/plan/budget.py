@@ -146,10 +146,15 @@ def _largest(fits, candidates) -> int | None:
 
 def choose(config, name, strategy, options: StrategyOptions, settings: PlanSettings, budget: int,
            samples_per_step: int, eval_cap: int, explicit_batch: int | None = None,
-           explicit_eval: int | None = None, strict: bool = False, pm=None, in_use: int | None = None) -> dict:
+           explicit_eval: int | None = None, strict: bool = False, pm=None, in_use: int | None = None,
+           trainer_peaks=None) -> dict:
     """The batch sizes for `budget`: `samples_per_step` (per device, per optimizer step) is kept as batch x
-    accumulation. Explicit batch sizes are checked, not changed. Raises when nothing fits, naming the levers."""
-    p = peaks(config, name, strategy, options, settings, pm, in_use)
+    accumulation. Explicit batch sizes are checked, not changed. Raises when nothing fits, naming the levers.
+    `trainer_peaks`: another TRL trainer's peaks and plan function (`trainer_passes.peaks_for`; None: SFT's)."""
+    if trainer_peaks is not None:
+        p, plan = trainer_peaks(config, name, strategy, options, settings, pm, in_use)
+    else:
+        p, plan = peaks(config, name, strategy, options, settings, pm, in_use), plan_strategy
     usable = int(budget * (1 - PLAN_ERROR_MARGIN))
     notes = []
 
@@ -168,7 +173,8 @@ def choose(config, name, strategy, options: StrategyOptions, settings: PlanSetti
         divisors = [b for b in range(1, samples_per_step + 1) if samples_per_step % b == 0]
         batch = _largest(lambda b: p.train(b) <= usable, divisors)
         if batch is None:
-            raise QLoRAPluginError(_nothing_fits(config, name, strategy, options, settings, budget, usable, p, pm))
+            raise QLoRAPluginError(_nothing_fits(config, name, strategy, options, settings, budget, usable, p, pm,
+                                                 plan))
     if explicit_eval is not None:
         eval_batch = explicit_eval
         check_yours("per_device_eval_batch_size", eval_batch, p.eval(eval_batch))
@@ -187,7 +193,8 @@ def choose(config, name, strategy, options: StrategyOptions, settings: PlanSetti
     }
 
 
-def _nothing_fits(config, name, strategy, options, settings, budget, usable, p: Peaks, pm) -> str:
+def _nothing_fits(config, name, strategy, options, settings, budget, usable, p: Peaks, pm,
+                  plan_strategy=plan_strategy) -> str:
     """What to change when batch 1 does not fit: the levers whose predicted peak at batch 1 fits what the budget
     really allows (the budget less the plan's error margin), each with that peak; else the budget that would do."""
     levers = []

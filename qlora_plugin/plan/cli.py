@@ -19,6 +19,9 @@ from qlora_plugin.model_config import load_config
 from qlora_plugin.options import build_options
 from qlora_plugin.plan.budget import budget_bytes, choose
 from qlora_plugin.plan.estimate import COMPONENTS, PlanSettings, make_plans
+from qlora_plugin.plan.trainer_passes import (
+    TRAINERS, TRL_MAX_COMPLETION, TrainerPasses, passes_line, peaks_for, planner,
+)
 from qlora_plugin.plugin.manager import collect_options, get_plugin_manager, get_strategy, hook_files_from_env
 from qlora_plugin.sizes import parse_memory
 
@@ -61,6 +64,19 @@ def make_parser() -> argparse.ArgumentParser:
                         help="--device cpu: glibc's malloc as `qlora-plugin run` starts it (tuned, default) or with "
                              "its defaults (glibc; the allocator then holds about twice as much, docs/plan.md).")
     parser.add_argument("--gpu-memory", default=None, help="Say whether the peak fits: 48GB, 80GiB, a100-80gb, ...")
+    parser.add_argument("--trainer", default="sft", choices=TRAINERS,
+                        help="The TRL trainer (default sft): dpo/reward train chosen+rejected as 2 x batch rows; "
+                             "dpo/kto/rloo (and grpo with --beta) add a reference pass; grpo/rloo a generation batch, "
+                             "where --seq-len is the prompt's tokens (docs/plan.md, \"Other trainers\").")
+    parser.add_argument("--beta", type=float, default=None, help="--trainer grpo/rloo: KL weight (TRL's default).")
+    parser.add_argument("--precompute_ref_log_probs", type=parse_bool, default=False, metavar="true|false",
+                        help="--trainer dpo/kto: reference log-probs computed before training.")
+    parser.add_argument("--max_completion_length", type=int, default=None,
+                        help=f"--trainer grpo/rloo: generated tokens (default TRL's {TRL_MAX_COMPLETION}).")
+    parser.add_argument("--num_generations", type=int, default=None,
+                        help="--trainer grpo/rloo: completions per prompt (TRL's default).")
+    parser.add_argument("--steps_per_generation", type=int, default=None,
+                        help="--trainer grpo/rloo: the generation batch is batch x this (default: the accumulation).")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="Also draw stacked bars per strategy.")
     parser.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code",
@@ -120,9 +136,9 @@ def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "",
     width = 16
     lines.append("component".ljust(16) + "".join(p.strategy.rjust(width) for p in plans))
     for name in COMPONENTS:
-        if name == "runtime" and not any(p.components[name] for p in plans):
+        if name in ("runtime", "reference", "generation") and not any(p.components.get(name) for p in plans):
             continue
-        lines.append(name.ljust(16) + "".join(_size(p.components[name]).rjust(width) for p in plans))
+        lines.append(name.ljust(16) + "".join(_size(p.components.get(name, 0)).rjust(width) for p in plans))
     lines.append("peak".ljust(16) + "".join(_size(p.total_bytes).rjust(width) for p in plans))
     lines.append(f"eval peak (x{first['eval_batch_size']})".ljust(16)
                  + "".join(_size(p.eval_bytes).rjust(width) for p in plans))
@@ -140,6 +156,8 @@ def format_table(plans, model: str, gpu_memory: int | None, gpu_label: str = "",
                      f"{'LoRA init ' + d['lora_init'] + ', ' if d.get('lora_init') else ''}trainable "
                      f"{d['trainable_params']:,} params{bits}; activations without/with checkpointing "
                      f"{_size(d['activations_without_checkpointing'])} / {_size(d['activations_with_checkpointing'])}")
+        if passes_line(d):
+            lines.append(passes_line(d))
         lines.append(f"  loss: {d['loss_path']}; allocator: {d['allocator_how']}"
                      + (f"; the {d['lora_init']} start holds {_size(d['start_transient_bytes'])} before the first step"
                         if d.get("start_transient_bytes") else ""))
@@ -184,7 +202,7 @@ def draw_plot(plans, model: str, gpu_memory: int | None, gpu_label: str = ""):
     bottoms = [0.0] * len(plans)
     names = [f"{p.strategy}\npeak {_size(p.total_bytes)}" for p in plans]
     for component in COMPONENTS:
-        values = [p.components[component] / scale for p in plans]
+        values = [p.components.get(component, 0) / scale for p in plans]
         if any(values):
             ax.bar(names, values, bottom=bottoms, label=component)
             bottoms = [b + v for b, v in zip(bottoms, values)]
@@ -210,7 +228,7 @@ def write_plot(plans, path: str, model: str, gpu_memory: int | None, gpu_label: 
         plt.close(fig)
 
 
-def _budget_choice(args, name: str, settings, given: dict, pm) -> dict:
+def _budget_choice(args, name: str, settings, given: dict, pm, passes=None) -> dict:
     """What `--memory_budget` would choose for this run (the training pipeline makes the same call)."""
     config = load_config(args.model, args.trust_remote_code)
     strategy = get_strategy(pm, name)
@@ -219,8 +237,24 @@ def _budget_choice(args, name: str, settings, given: dict, pm) -> dict:
     explicit = args.batch_size if args.batch_size_given else None
     per_device = args.batch_size if args.batch_size_given else TRL_DEFAULT_BATCH  # as a training run's default
     choice = choose(config, name, strategy, options, settings, budget, per_device * args.gradient_accumulation_steps,
-                    settings.eval_batch_size, explicit, args.eval_batch_size, options.strict_budget, pm)
+                    settings.eval_batch_size, explicit, args.eval_batch_size, options.strict_budget, pm,
+                    trainer_peaks=peaks_for(passes))
     return {**choice, "how": how}
+
+
+def _passes(args) -> TrainerPasses | None:
+    """The trainer's passes from the flags (None: SFT); a trainer's flag given for another trainer is an error."""
+    own = {"beta": ("dpo", "kto", "grpo", "rloo"), "precompute_ref_log_probs": ("dpo", "kto"),
+           "max_completion_length": ("grpo", "rloo"), "num_generations": ("grpo", "rloo"),
+           "steps_per_generation": ("grpo", "rloo")}
+    for flag, kinds in own.items():
+        if getattr(args, flag) not in (None, False) and args.trainer not in kinds:
+            raise QLoRAPluginError(f"`--{flag}` applies to --trainer {'/'.join(kinds)} only; got --trainer "
+                                   f"{args.trainer}. Remove it or pick one of those trainers.")
+    if args.trainer == "sft":
+        return None
+    return TrainerPasses(args.trainer, args.beta, args.precompute_ref_log_probs, args.max_completion_length,
+                         args.num_generations, args.steps_per_generation or args.gradient_accumulation_steps)
 
 
 def main(argv: list[str]) -> int:
@@ -251,8 +285,13 @@ def main(argv: list[str]) -> int:
                             device=args.device, dtype=dtype,
                             optim=args.optim, gradient_checkpointing=args.gradient_checkpointing, malloc=args.malloc,
                             trust_remote_code=args.trust_remote_code)
-    plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks, pm)
-    choice = _budget_choice(args, strategy or "qlora", settings, given, pm) if given.get("memory_budget") else None
+    passes = _passes(args)
+    if given.get("memory_budget") and passes is not None and passes.kind in ("grpo", "rloo"):
+        raise QLoRAPluginError(f"`--memory_budget` cannot size --trainer {passes.kind} batches: a training run's config "
+                               "bounds no prompt length. Drop it and read the peak per --batch-size here.")
+    plans = make_plans(args.model, [strategy] if strategy else None, settings, given, hooks, pm, plan=planner(passes))
+    choice = _budget_choice(args, strategy or "qlora", settings, given, pm, passes) \
+        if given.get("memory_budget") else None
     if args.json:
         objects = [{**p.as_dict(), **({"fits": max(p.total_bytes, p.eval_bytes) <= gpu_memory} if gpu_memory else {})}
                    for p in plans]

@@ -38,11 +38,12 @@ from qlora_plugin.strategies.recipe import training_defaults
 from qlora_plugin.strategy import unknown_strategy_error
 
 FULL = "full"  # 16-bit full fine-tuning: a plan-only comparison, not a strategy
-COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "loss", "allocator", "start", "runtime")
+COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "loss", "reference", "generation",
+              "allocator", "start", "runtime")  # reference, generation: other trainers' passes (`trainer_passes`)
 DEVICES = ("cuda", "cpu")
 # what exists only while training steps run: freed (gradients: `zero_grad(set_to_none=True)`) or replaced by the
 # evaluation forward's own transient (`eval_activations`) while evaluating
-TRAINING_ONLY = ("gradients", "activations", "loss", "allocator", "start")
+TRAINING_ONLY = ("gradients", "activations", "loss", "allocator", "start", "reference", "generation")
 # Process RSS of python + torch + transformers + trl + peft + bitsandbytes + datasets imported and a trainer's
 # data pipeline running, on the CPU development machine: a 1-layer, 64-wide model trained at 1 x 16 tokens peaks
 # at 511-543 MiB with under 2 MiB of model terms (`examples/plan_accuracy.py` prints it; docs/plan.md). The CUDA
@@ -333,9 +334,10 @@ def _for_16bit(explicit_options: dict) -> dict:
 
 
 def make_plans(model: str, strategies: list[str] | None, settings: PlanSettings, explicit_options: dict,
-               hook_files=(), pm=None) -> list[Plan]:
+               hook_files=(), pm=None, plan=None) -> list[Plan]:
     """Plans for `strategies` (default: qlora, lora, full) of the model whose config is at `model`, with the
-    plugins of `pm` (default: a manager with `hook_files`)."""
+    plugins of `pm` (default: a manager with `hook_files`); `plan` makes each (default `plan_strategy`, SFT's;
+    another trainer's: `trainer_passes.planner`)."""
     pm = pm or get_plugin_manager(list(hook_files))
     available, extra = collect_strategies(pm), collect_options(pm)
     resolved = []
@@ -351,11 +353,12 @@ def make_plans(model: str, strategies: list[str] | None, settings: PlanSettings,
         else:
             raise unknown_strategy_error(name, [*available, FULL])
     config = load_config(model, settings.trust_remote_code)
-    return [plan_strategy(config, name, strategy, options, settings, pm) for name, strategy, options in resolved]
+    plan = plan or plan_strategy
+    return [plan(config, name, strategy, options, settings, pm) for name, strategy, options in resolved]
 
 
 def predict_for_run(model_config, strategy, options: StrategyOptions, training_args, device: str,
-                    compute: str, pm=None) -> dict:
+                    compute: str, pm=None, plan=None) -> dict:
     """The plan for a training run's actual settings, for `qlora_plugin_report.json` (next to the measured peak).
 
     A plan that cannot be made (an optimizer plan does not model, an exotic architecture) is reported, not raised:
@@ -366,14 +369,16 @@ def predict_for_run(model_config, strategy, options: StrategyOptions, training_a
         del config.quantization_config
     try:
         settings = PlanSettings(
-            batch_size=training_args.per_device_train_batch_size, seq_len=training_args.max_length or 1024,
+            batch_size=training_args.per_device_train_batch_size,
+            seq_len=getattr(training_args, "max_length", None) or 1024,
             eval_batch_size=training_args.per_device_eval_batch_size,
             device="cuda" if device == "cuda" else "cpu", dtype=compute, optim=optim_name(training_args),
             gradient_checkpointing=bool(getattr(training_args, "activation_checkpointing",
                                                 training_args.gradient_checkpointing)),
             malloc=running_malloc_mode(),
         )
-        plan = plan_strategy(config, strategy.name, strategy, options, settings, pm)
+        # `plan`: another TRL trainer's (`trainer_passes.planner`: its rows, reference and generation passes)
+        plan = (plan or plan_strategy)(config, strategy.name, strategy, options, settings, pm)
     except Exception as err:  # noqa: BLE001 - see docstring
         return {"predicted_peak_bytes": None, "prediction_failed": f"{type(err).__name__}: {err}"}
     return {"predicted_peak_bytes": plan.total_bytes, "predicted_eval_peak_bytes": plan.eval_bytes,

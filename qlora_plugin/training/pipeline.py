@@ -20,6 +20,7 @@ from qlora_plugin.notices import library_deprecations
 from qlora_plugin.plan.budget import budget_bytes, choose, memory_in_use, settings_for_run
 from qlora_plugin.plan.estimate import predict_for_run
 from qlora_plugin.plan.skeleton import drop_skeletons
+from qlora_plugin.plan.trainer_passes import passes_for_args, peaks_for, planner
 from qlora_plugin.plugin.manager import loaded_plugins
 from qlora_plugin.quant.backends import backend_for, backend_of_model, check_asked_quantization, model_facts
 from qlora_plugin.request import StrategyRequest
@@ -60,7 +61,7 @@ def record_local_base(model) -> None:
         model.name_or_path = model.config.name_or_path = os.path.realpath(os.path.expanduser(name))
 
 
-def _fit_to_budget(model, strategy, options, args, runtime, explicit, compute: str, pm) -> dict:
+def _fit_to_budget(model, strategy, options, args, runtime, explicit, compute: str, pm, kind: TrainerKind) -> dict:
     """`memory_budget`: set the batch sizes the plan predicts to fit (yours are checked, not changed)."""
     names = ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size")
     chosen_by_user = {name: getattr(args, name) for name in names if user_set(args, name, explicit)}
@@ -75,7 +76,7 @@ def _fit_to_budget(model, strategy, options, args, runtime, explicit, compute: s
                                                                                optim_name(args)),
                     budget, samples, args.per_device_eval_batch_size, chosen_by_user.get("per_device_train_batch_size"),
                     chosen_by_user.get("per_device_eval_batch_size"), options.strict_budget, pm,
-                    memory_in_use(runtime.device_type))
+                    memory_in_use(runtime.device_type), peaks_for(passes_for_args(kind.name, args)))
     batch_is_yours = "per_device_train_batch_size" in chosen_by_user
     for name in names:
         accumulation = name == "gradient_accumulation_steps"
@@ -175,7 +176,7 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     kept = sorted(name for name in defaults if name not in applied and user_set(args, name, explicit))
     quantization = model_facts(model)
     compute = quantization["compute_dtype"] if quantization else str(model.dtype).replace("torch.", "")
-    budget = _fit_to_budget(model, strategy, options, args, runtime, explicit, compute, pm) \
+    budget = _fit_to_budget(model, strategy, options, args, runtime, explicit, compute, pm, kind) \
         if options.memory_budget else None
 
     optimizer_class = None
@@ -213,9 +214,10 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     for extra in reversed(hooks.qlora_run_facts(explicit_options=dict(request.options), model=model,
                                                 training_args=args)):
         _merge_facts(facts, extra)  # in registration order: the built-in notes first
-    # the plan models SFT's batches; for the other trainers no prediction is shown rather than a wrong one
-    facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type, compute, pm) \
-        if kind.name == "sft" else None
+    # other trainers: their rows, reference and generation passes (`plan.trainer_passes`); GRPO/RLOO's prompt
+    # length is unbounded, so their report says why it has no prediction
+    facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type, compute, pm,
+                                      planner(passes_for_args(kind.name, args), args))
     drop_skeletons(pm)  # the budget choice and the prediction shared them; planning for this run is done
     facts["summary_lines"] = [list(line) for lines in reversed(hooks.qlora_summary_lines(facts=facts))
                               for line in lines or ()]  # in registration order, as the facts

@@ -3,9 +3,16 @@
 Before the hooks run (`options_for_kind`, `check_kind_options`, `load_kwargs_for_kind`):
 - a reward model is a one-output sequence-classification head on the base: loaded so, its adapter `SEQ_CLS` (peft
   then trains the `score` head in full and saves it with the adapter);
-- `init_lora_weights auto` starts every trainer but SFT from peft's zero adapter. DPO, KTO, GRPO and RLOO score
-  against the base with the adapter disabled, which is the starting policy only when the adapter starts at zero;
-  `loftq_calibrated` calibrates on SFT batches, which the other trainers do not make.
+- `init_lora_weights auto` (the calibrated LoftQ start on a 4-bit base) per trainer, by whether its first
+  training batches can feed the calibration and whether the start must be the reference:
+  - reward: calibrated, on its own first batches: TRL's `DataCollatorForPreference` gives `input_ids` and
+    `attention_mask` (the chosen and the rejected sequences as rows), what `calibration.first_batches` reads;
+  - DPO, KTO, GRPO, RLOO: peft's zero start. They score against the base with the adapter disabled, which is the
+    starting policy only when the adapter starts at zero; a LoftQ start would need TRL's `ref` adapter copy of it
+    (a second adapter's memory and compute; plain `--init_lora_weights loftq` does that, made at `__init__`), and a
+    calibrated start is computed after `__init__`, when that copy already holds peft's placeholder, so it is
+    refused. GRPO/RLOO batches are raw prompts besides (the completions do not exist before the first step). The
+    summary's LoRA init line says why (`note_zero_start`).
 
 After `__init__` (`finish_trainer`):
 - the resume and atomic-save wrappers on this trainer instance (`checkpointing.install`);
@@ -30,10 +37,7 @@ logger = logging.getLogger(__name__)
 
 REFERENCE = "ref"  # the adapter name TRL gives the reference copy
 ZERO_START_NOTE = "auto starts {name} from peft's zero adapter: {why}"
-WHY_ZERO_START = {
-    True: "its reference is the base with the adapter disabled, the starting policy only from a zero start",
-    False: "the calibrated LoftQ start calibrates on SFT batches",
-}
+WHY_ZERO_START = "its reference is the base with the adapter disabled, the starting policy only from a zero start"
 
 
 def options_for_kind(options, kind: TrainerKind, explicit_options: dict):
@@ -41,7 +45,7 @@ def options_for_kind(options, kind: TrainerKind, explicit_options: dict):
     changes = {}
     if kind.sequence_classification and "lora_task_type" not in explicit_options:
         changes["lora_task_type"] = "SEQ_CLS"
-    if kind.name != "sft" and options.init_lora_weights == "auto":
+    if kind.reference and options.init_lora_weights == "auto":
         changes["init_lora_weights"] = "default"
     return dataclasses.replace(options, **changes) if changes else options
 
@@ -50,15 +54,18 @@ def check_kind_options(options, kind: TrainerKind) -> None:
     """Options that cannot apply to this trainer: refused, never ignored."""
     if kind.name == "sft":
         return
-    if options.init_lora_weights == "loftq_calibrated":
+    if options.init_lora_weights == "loftq_calibrated" and kind.reference:
         raise QLoRAPluginError(
-            f"`init_lora_weights loftq_calibrated` cannot run under {kind.class_name}: it calibrates on SFT training "
-            "batches. Use `--init_lora_weights loftq` (uncalibrated) or leave it at auto (peft's zero start)."
+            f"`init_lora_weights loftq_calibrated` cannot run under {kind.class_name}: it is computed when training "
+            "starts, after TRL has copied the starting adapter as the reference. Use `--init_lora_weights loftq` "
+            "(uncalibrated; TRL keeps it as the reference) or leave it at auto (peft's zero start)."
         )
-    if options.memory_budget:
+    if options.memory_budget and kind.generates:
         raise QLoRAPluginError(
-            f"`memory_budget` sizes SFT batches only; `qlora-plugin plan` does not model {kind.class_name}'s "
-            "batches yet. Remove `--memory_budget` and set `--per_device_train_batch_size` yourself."
+            f"`memory_budget` cannot size {kind.class_name}'s batches: its config bounds no prompt length (the "
+            "prompts decide it), and the generation batch grows with it. Remove `--memory_budget`, plan with "
+            f"`qlora-plugin plan MODEL --trainer {kind.name} --seq-len PROMPT_TOKENS`, and set "
+            "`--per_device_train_batch_size` yourself."
         )
     if kind.sequence_classification and options.lora_task_type != "SEQ_CLS":
         raise QLoRAPluginError(
@@ -85,8 +92,8 @@ def init_method(model) -> str:
 def note_zero_start(model, kind: TrainerKind, auto_init: bool) -> None:
     """The summary's LoRA init line says why `auto` gave peft's zero start here."""
     facts = getattr(model, "qlora_lora_init", None)
-    if auto_init and kind.name != "sft" and isinstance(facts, dict) and "note" not in facts:
-        facts["note"] = ZERO_START_NOTE.format(name=kind.class_name, why=WHY_ZERO_START[kind.reference])
+    if auto_init and kind.reference and isinstance(facts, dict) and "note" not in facts:
+        facts["note"] = ZERO_START_NOTE.format(name=kind.class_name, why=WHY_ZERO_START)
 
 
 def reference_fact(kind: TrainerKind, ref_model, init_method: str, args) -> str | None:
