@@ -47,6 +47,51 @@ def test_every_answer_is_in_its_text_and_held_out_values_are_new():
 
 
 @pytest.mark.slow
+def test_training_spells_values_the_ways_the_held_out_ones_are_spelled():
+    """Inside the answer's quotes a value is tokenized without its leading space, so the model writes it in other
+    tokens than it reads (` Vera` is one token, `"Vera` two). A held-out city that is one whole token there (Split)
+    needs training cities that are too: the first training set had none, the model learned to start every city with
+    a piece (`"S`) and wrote `"Sterlode` for all five held-out Splits. Slow: reads the tokenizer from the GGUF file."""
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from real_model import gguf_path
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    from transformers import AutoTokenizer
+
+    source = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    whole = lambda word: tokenizer.tokenize(f'"{word}') == ['"', word]  # noqa: E731
+    for field, value in (("city", lambda a: a["city"]), ("first name", lambda a: a["name"].split()[0])):
+        shapes = {split: {whole(value(json.loads(r["completion"][0]["content"]))) for r in rows(split)}
+                  for split in ("train", "test")}
+        assert shapes["test"] <= shapes["train"], (field, shapes)
+    train_cities = {json.loads(r["completion"][0]["content"])["city"] for r in rows("train")}
+    assert sum(map(whole, train_cities)) >= 5, train_cities
+
+
+def test_the_score_is_an_exact_match_of_the_parsed_json():
+    """The demo's metric: the reply's JSON must equal the expected object; key order and spacing do not decide,
+    a wrong value, a wrong type, an extra key or any text around the object do."""
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import demo
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    want = '{"name": "Sami Volkova", "age": 68, "city": "Tampere"}'
+    assert demo.right(want, want)
+    assert demo.right('{"city":"Tampere","age":68,\n "name":"Sami Volkova"}', want)
+    for wrong in ('{"name": "Sami Volkova", "age": 68, "city": "Tamper"}',
+                  '{"name": "Sami Volkova", "age": "68", "city": "Tampere"}',
+                  '{"name": "Sami Volkova", "age": 68, "city": "Tampere", "country": "Finland"}',
+                  'Sure! {"name": "Sami Volkova", "age": 68, "city": "Tampere"}',
+                  '{"name": "Sami Volkova", "age": 68, "city": "Tam',
+                  'Sami Volkova, 68, flew in from Tampere.'):
+        assert not demo.right(wrong, want), wrong
+    assert demo.exact([want, "no", want], [want] * 3) == 2
+
+
+@pytest.mark.slow
 def test_the_demo_learns_the_task(tmp_path):
     """The whole demo as `make demo` runs it: held-out exact match near zero before, and after training at least
     80%, a guard against regressions below the measured figure (docs/getting-started.md gives what a run measured;
