@@ -24,13 +24,8 @@ LAST = ["Lopez", "Smith", "Tanaka", "Haddad", "Rossi", "Murphy", "Wang", "Khan",
         "Aziz", "Petrov", "Weber", "Sharma", "Nilsson", "Hussein", "Moreau", "Liu", "Kowalski", "Reid", "Boateng",
         "Keller", "Lund", "Ortiz", "Iyer", "Popescu", "Vogel", "Dahl", "Romano", "Yilmaz", "Duarte", "Salem",
         "Horvat", "Ferreira", "Nakamura", "Volkova"]
-# The first 24 cities train, the last 8 are held out. Six training cities (Reading, Oxford, Boston, Mobile,
-# Lincoln, Madison) are one whole token inside the answer's quotes, as the held-out Split is; without them every
-# training city is spelled in pieces after the quote (`"Den|ver`), the model learns to start a city with a piece,
-# and it wrote `"S|ter|lode` for all five held-out Splits (the 35/40 of the first version). Two of them are also
-# everyday words, as "split" is. The held-out rows are unchanged by the swap (same list lengths, same draws).
-CITIES = ["Denver", "Lyon", "Osaka", "Porto", "Reading", "Oxford", "Boston", "Bergen", "Gdansk", "Seville", "Quebec",
-          "Tucson", "Malmo", "Cork", "Mobile", "Turin", "Busan", "Pune", "Accra", "Lincoln", "Madison", "Dresden",
+CITIES = ["Denver", "Lyon", "Osaka", "Porto", "Leeds", "Perth", "Austin", "Bergen", "Gdansk", "Seville", "Quebec",
+          "Tucson", "Malmo", "Cork", "Graz", "Turin", "Busan", "Pune", "Accra", "Lima", "Fresno", "Dresden",
           "Nantes", "Hobart", "Tampere", "Split", "Bilbao", "Utrecht", "Brno", "Kobe", "Omaha", "Aarhus"]
 
 SENTENCES = [
