@@ -41,8 +41,8 @@ STEPS = 30
 BATCH = 20  # questions generated together
 MAX_NEW_TOKENS = 32  # the longest right answer is 26 tokens
 SHOWN = (0, 1, 2)  # held-out examples printed in full
+MISSES_SHOWN = 5  # wrong answers after training printed beside the expected ones
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-os.environ.update(ENV)  # this process asks the model questions offline too
 
 
 def answers(model_dir: Path, chats: list[list[dict]], label: str) -> list[str]:
@@ -68,9 +68,23 @@ def answers(model_dir: Path, chats: list[list[dict]], label: str) -> list[str]:
     return replies
 
 
+def parsed(text: str):
+    """The reply read as JSON, or None when it is not JSON (an echo of the sentence, a cut-off object)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def right(reply: str, want: str) -> bool:
+    """Exact match of the parsed JSON: the same keys with the same values and types (an age of "68" is not 68), so
+    neither key order nor spacing decides, only what was extracted. Nothing else counts: no extra keys, no prose."""
+    return parsed(reply) == json.loads(want)
+
+
 def exact(replies: list[str], expected: list[str]) -> int:
-    """How many replies are exactly the expected line (surrounding whitespace aside)."""
-    return sum(reply.strip() == want for reply, want in zip(replies, expected))
+    """How many replies are exactly right (`right`)."""
+    return sum(right(reply, want) for reply, want in zip(replies, expected))
 
 
 def run(command: list[str]) -> tuple[int, str]:
@@ -91,6 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS)
     args = parser.parse_args(argv)
     began = time.monotonic()
+    os.environ.update(ENV)  # this process asks the model questions offline too
 
     model = ensure_model()
     rows = [json.loads(line) for line in (DATA / "test.jsonl").read_text().splitlines()]
@@ -130,7 +145,13 @@ def main(argv=None) -> int:
         print(f"expected      : {expected[i]}")
     print()
     print(f"exact match   : {exact(before, expected)}/{n} held-out before -> {exact(after, expected)}/{n} after "
-          f"{measured['steps']} steps (names and cities training never saw)")
+          f"{measured['steps']} steps (names and cities training never saw; the parsed JSON must equal the expected "
+          "object, key order and spacing aside)")
+    misses = [i for i in range(n) if not right(after[i], expected[i])]
+    for i in misses[:MISSES_SHOWN]:
+        print(f"  missed      : {after[i]}  (expected {expected[i]})")
+    if len(misses) > MISSES_SHOWN:
+        print(f"  ... and {len(misses) - MISSES_SHOWN} more")
     if len(losses) >= 2:
         print(f"held-out loss : {losses[0]:.3f} before -> {losses[-1]:.3f} after")
     print(f"4-bit base    : {report['quantization']['layers_4bit']} layers at "

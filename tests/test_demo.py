@@ -46,6 +46,27 @@ def test_every_answer_is_in_its_text_and_held_out_values_are_new():
     assert not first[0] & first[1] and not last[0] & last[1]
 
 
+def test_the_score_is_an_exact_match_of_the_parsed_json():
+    """The demo's metric: the reply's JSON must equal the expected object; key order and spacing do not decide,
+    a wrong value, a wrong type, an extra key or any text around the object do."""
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import demo
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    want = '{"name": "Sami Volkova", "age": 68, "city": "Tampere"}'
+    assert demo.right(want, want)
+    assert demo.right('{"city":"Tampere","age":68,\n "name":"Sami Volkova"}', want)
+    for wrong in ('{"name": "Sami Volkova", "age": 68, "city": "Tamper"}',
+                  '{"name": "Sami Volkova", "age": "68", "city": "Tampere"}',
+                  '{"name": "Sami Volkova", "age": 68, "city": "Tampere", "country": "Finland"}',
+                  'Sure! {"name": "Sami Volkova", "age": 68, "city": "Tampere"}',
+                  '{"name": "Sami Volkova", "age": 68, "city": "Tam',
+                  'Sami Volkova, 68, flew in from Tampere.'):
+        assert not demo.right(wrong, want), wrong
+    assert demo.exact([want, "no", want], [want] * 3) == 2
+
+
 @pytest.mark.slow
 def test_the_demo_learns_the_task(tmp_path):
     """The whole demo as `make demo` runs it: held-out exact match near zero before, and after training at least
