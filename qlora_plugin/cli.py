@@ -8,12 +8,12 @@ import sys
 
 sys._qlora_plugin_own_cli = True  # our own flags (e.g. --strategy) are never taken as an activation
 
-from qlora_plugin.errors import QLoRAPluginError  # noqa: E402 (after the flag above, which must come first)
-from qlora_plugin.flags import parse_bool  # noqa: E402
-from qlora_plugin.hub_code import refuse_hub_kernels  # noqa: E402
-from qlora_plugin.notices import leave_out_for_a_command  # noqa: E402
-from qlora_plugin.options import FOUR_BIT_OPTIONS, option_defaults, options_reference_markdown  # noqa: E402
-from qlora_plugin.strategy import BASE_WORDS  # noqa: E402
+from qlora_plugin.core.errors import QLoRAPluginError  # noqa: E402 (after the flag above, which must come first)
+from qlora_plugin.core.flags import parse_bool  # noqa: E402
+from qlora_plugin.ecosystem.hub_code import refuse_hub_kernels  # noqa: E402
+from qlora_plugin.ecosystem.notices import leave_out_for_a_command  # noqa: E402
+from qlora_plugin.core.options import FOUR_BIT_OPTIONS, option_defaults, options_reference_markdown  # noqa: E402
+from qlora_plugin.core.strategy import BASE_WORDS  # noqa: E402
 from qlora_plugin.plugin.manager import (  # noqa: E402
     collect_options, collect_strategies, get_plugin_manager, hook_files_from_env, packaged_hooks,
 )
@@ -48,7 +48,7 @@ def _options(args) -> int:
 def _doctor(args) -> int:
     """The installed releases against the supported range (compat), then the internals the patches use: 0 when
     a strategy run would start, 1 when activation would refuse it (the line it would print)."""
-    from qlora_plugin import compat  # each command loads only its own stack
+    from qlora_plugin.ecosystem import compat  # each command loads only its own stack
 
     rows = compat.version_report()
     print(f"{'library':<14}{'installed':<16}{'supported':<12}")
@@ -68,7 +68,7 @@ def _doctor(args) -> int:
 
 
 def _tiny_model(args) -> int:
-    from qlora_plugin.tiny_model import build_tiny_model  # each command loads only its own stack
+    from qlora_plugin.models.tiny_model import build_tiny_model  # each command loads only its own stack
 
     path = build_tiny_model(args.out, args.arch, args.data, args.hidden_size, args.layers, args.intermediate_size)
     print(f"tiny {args.arch} model and tokenizer written to {path} (the tokenizer has a chat template: `messages` "
@@ -91,7 +91,7 @@ def _merge(args) -> int:
 
 
 def _run(args) -> int:
-    from qlora_plugin.perf.malloc_tunables import launch  # each command loads only its own stack
+    from qlora_plugin.cpu.malloc_tunables import launch  # each command loads only its own stack
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from qlora_plugin.perf import malloc_tunables
+from qlora_plugin.cpu import malloc_tunables
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "examples" / "data" / "skills"
+DATA = REPO / "tests" / "data" / "skills"
 PLUGIN_ENV = ("QLORA_PLUGIN_STRATEGY", "QLORA_PLUGIN_OPTIONS", "QLORA_PLUGIN_EXPLICIT_ARGS", "QLORA_PLUGIN_SOURCE",
               "QLORA_PLUGIN_HOOKS", "QLORA_PLUGIN_DISABLE", "QLORA_PLUGIN_LOAD")
 
@@ -35,7 +35,7 @@ ARCHS = {
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    from qlora_plugin.tiny_model import build_tiny_model
+    from qlora_plugin.models.tiny_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     return {

@@ -1,4 +1,4 @@
-"""The benchmark harness's arithmetic and report (examples/benchmark.py, benchmark_report.py), on made-up runs:
+"""The benchmark harness's arithmetic and report (examples/bench/benchmark.py, benchmark_report.py), on made-up runs:
 the figures in docs/benchmarks.md are only as right as these."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from conftest import REPO
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -111,7 +111,7 @@ def test_gpu_run_report_has_the_gpu_column_and_the_published_figures(tmp_path):
     text = report.published_beside(size, {"batch": 2, "seq_len": 1024})
     assert "torchtune" in text and "litgpt" in text
     assert "(a) `--strategy qlora`: 8.00 GiB peak" in text and "205 tokens/s at batch 2 x 1024" in text  # 2048 / 10 s
-    everything = {"machine": "test", "command": "python examples/benchmark.py --device cuda",
+    everything = {"machine": "test", "command": "python examples/bench/benchmark.py --device cuda",
                   "settings": {"rounds": 1, "batch": 2, "seq_len": 1024, "steps": 6}, "sizes": {"8b": size}}
     report.write_report(everything, tmp_path)
     written = (tmp_path / "benchmarks.md").read_text()
@@ -185,11 +185,11 @@ def test_cuda_peak_runs_the_module_and_writes_the_peaks_however_it_ends(tmp_path
     source = tmp_path / "in.json"
     source.write_text('{"a": 1}')
     peak = tmp_path / "peak.json"
-    result = run_python([str(REPO / "examples" / "cuda_peak.py"), "json.tool", str(source)], tmp_path,
+    result = run_python([str(REPO / "examples" / "bench" / "cuda_peak.py"), "json.tool", str(source)], tmp_path,
                         env_extra={"QLORA_BENCH_PEAK_FILE": str(peak)})
     assert result.returncode == 0 and json.loads(result.stdout) == {"a": 1}  # ran as `python -m json.tool`
     assert json.loads(peak.read_text()) == {"max_memory_reserved": None, "max_memory_allocated": None}  # no CUDA
     peak.unlink()
-    failed = run_python([str(REPO / "examples" / "cuda_peak.py"), "json.tool", str(tmp_path / "nope.json")],
+    failed = run_python([str(REPO / "examples" / "bench" / "cuda_peak.py"), "json.tool", str(tmp_path / "nope.json")],
                         tmp_path, env_extra={"QLORA_BENCH_PEAK_FILE": str(peak)})
     assert failed.returncode != 0 and peak.exists()

@@ -57,9 +57,9 @@ def _cache_warnings(caplog) -> list[str]:
 def test_damaged_entry_is_rebuilt_with_a_notice_naming_the_cache(model_copy, cache_dir, caplog, damage):
     from transformers import AutoModelForCausalLM
 
-    from qlora_plugin.options import StrategyOptions
+    from qlora_plugin.core.options import StrategyOptions
     from qlora_plugin.quant import cache as quantized_cache
-    from qlora_plugin.runtime import Runtime
+    from qlora_plugin.ecosystem.runtime import Runtime
 
     entry = Path(quantized_cache.cached_base(str(model_copy), _kwargs()))
     good = _bytes(entry)
@@ -200,9 +200,9 @@ def _hub_cache(root: Path, repo: str, model: str, commit: str) -> Path:
 def test_hub_id_uses_the_cache_from_its_local_snapshot(tiny_models, tmp_path, cache_dir, monkeypatch):
     import huggingface_hub.constants
 
-    from qlora_plugin.options import StrategyOptions
+    from qlora_plugin.core.options import StrategyOptions
     from qlora_plugin.quant import cache as quantized_cache
-    from qlora_plugin.runtime import Runtime
+    from qlora_plugin.ecosystem.runtime import Runtime
 
     hub = tmp_path / "hub"
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -325,7 +325,7 @@ def test_run_with_a_nan_adapter_stops_at_the_first_logged_step(tiny_models, tmp_
     from trl import SFTConfig
 
     from qlora_plugin import make_trainer
-    from qlora_plugin.errors import QLoRAPluginError
+    from qlora_plugin.core.errors import QLoRAPluginError
 
     out = tmp_path / "out"
     args = SFTConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, report_to="none", use_cpu=True,
@@ -493,7 +493,7 @@ def test_fp16_overflow_alone_does_not_stop_the_run_but_a_lasting_one_does():
     only `FP16_OVERFLOW_LOGS` in a row stop it. In bf16 or fp32 the first one does."""
     from types import SimpleNamespace
 
-    from qlora_plugin.errors import QLoRAPluginError
+    from qlora_plugin.core.errors import QLoRAPluginError
     from qlora_plugin.training.finite_guard import FP16_OVERFLOW_LOGS, StopOnNonFinite
 
     state = SimpleNamespace(global_step=1)

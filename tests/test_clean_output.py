@@ -1,6 +1,6 @@
 """A clean run prints the summary, progress and the result, nothing a user has to wonder about (issue 16, item 7):
 gradient checkpointing set through the fields the Trainer reads (no deprecated names of ours), and the library
-messages in `qlora_plugin/notices.py` left out, each matched exactly and nothing else."""
+messages in `qlora_plugin/ecosystem/notices.py` left out, each matched exactly and nothing else."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from datasets import load_dataset
 
 from conftest import DATA, TRAIN_FLAGS, run_command
-from qlora_plugin.runtime import Runtime
+from qlora_plugin.ecosystem.runtime import Runtime
 
 NOISE = ("FutureWarning", "DeprecationWarning", "kernels-community", "were not passed to `accelerate launch`",
          "Traceback", "Retrying in")
@@ -117,7 +117,7 @@ def emitted(logger_name, *messages) -> list[str]:
 
 
 def test_only_the_exact_library_messages_are_left_out():
-    from qlora_plugin import notices
+    from qlora_plugin.ecosystem import notices
 
     notices.leave_out_for_a_strategy_run(user_named_gradient_checkpointing=True)
     kernel = ("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make "
@@ -144,7 +144,7 @@ def test_only_the_exact_library_messages_are_left_out():
 def test_trls_checkpointing_default_is_quiet_unless_the_user_named_it(tmp_path, user_named_it):
     from trl import SFTConfig
 
-    from qlora_plugin import notices
+    from qlora_plugin.ecosystem import notices
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

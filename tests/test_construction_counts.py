@@ -9,7 +9,7 @@ from datasets import load_dataset
 
 from conftest import DATA
 from qlora_plugin.integration import activation
-from qlora_plugin.options import StrategyOptions
+from qlora_plugin.core.options import StrategyOptions
 from qlora_plugin.plan import skeleton
 
 

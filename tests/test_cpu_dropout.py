@@ -15,7 +15,7 @@ from datasets import load_dataset
 from torch import nn
 
 from conftest import DATA
-from qlora_plugin.perf.cpu_dropout import CpuLoraDropout, inactive_note, install, installed, keep_mask
+from qlora_plugin.cpu.cpu_dropout import CpuLoraDropout, inactive_note, install, installed, keep_mask
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])

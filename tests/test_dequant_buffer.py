@@ -37,7 +37,7 @@ def _op_calls(fn, op: str) -> int:
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 @pytest.mark.slow
 def test_training_is_bit_identical_to_bitsandbytes_path(tiny_models, tmp_path, monkeypatch, arch):
-    from qlora_plugin.perf import dequant_buffer
+    from qlora_plugin.cpu import dequant_buffer
 
     monkeypatch.setattr(dequant_buffer, "MIN_BYTES", 0)
     variants = {
@@ -68,7 +68,7 @@ def test_training_is_bit_identical_to_bitsandbytes_path(tiny_models, tmp_path, m
 def test_row_blocks_reassemble_bitsandbytes_dequantization(monkeypatch, shape, quant_type, nested, storage, dtype):
     import bitsandbytes.functional as bnbf
 
-    from qlora_plugin.perf import dequant_buffer
+    from qlora_plugin.cpu import dequant_buffer
 
     monkeypatch.setattr(dequant_buffer, "_BLOCK_BYTES", 1024)  # many row blocks, and a ragged last one
     torch.manual_seed(0)
@@ -90,7 +90,7 @@ def test_row_blocks_reassemble_bitsandbytes_dequantization(monkeypatch, shape, q
 
 @pytest.mark.slow
 def test_buffer_holds_one_weight_and_only_large_layers_use_it(tiny_models, tmp_path, monkeypatch):
-    from qlora_plugin.perf import dequant_buffer
+    from qlora_plugin.cpu import dequant_buffer
     from qlora_plugin.quant.layers import four_bit_layers
 
     trainer = _trainer(tiny_models["llama"], tmp_path / "default", {"cpu_dequant_buffer": True}, steps=1)
@@ -133,7 +133,7 @@ def test_off_by_default_leaving_bitsandbytes_forward(tiny_models, tmp_path):
 def test_a_forward_replaced_by_someone_else_is_kept_and_not_counted(tiny_models, monkeypatch):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_plugin.perf import dequant_buffer
+    from qlora_plugin.cpu import dequant_buffer
     from qlora_plugin.quant.layers import four_bit_layers
 
     monkeypatch.setattr(dequant_buffer, "MIN_BYTES", 0)
@@ -151,8 +151,8 @@ def test_an_option_this_run_cannot_use_is_reported_not_ignored(tiny_models, tmp_
     from trl import SFTConfig
 
     from qlora_plugin import make_trainer
-    from qlora_plugin.options import StrategyOptions
-    from qlora_plugin.perf import dequant_buffer, dequant_reuse
+    from qlora_plugin.core.options import StrategyOptions
+    from qlora_plugin.cpu import dequant_buffer, dequant_reuse
 
     asked = {"cpu_dequant_buffer": True}
     assert dequant_buffer.inactive_note(asked, "cpu") is None

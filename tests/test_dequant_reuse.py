@@ -10,7 +10,7 @@ import torch
 from datasets import load_dataset
 
 from conftest import DATA
-from qlora_plugin.options import StrategyOptions
+from qlora_plugin.core.options import StrategyOptions
 
 
 def _trainer(model_path, out, options: dict, gradient_checkpointing: bool = True):
@@ -113,12 +113,12 @@ def test_reuse_is_cpu_only_and_says_so_elsewhere(tiny_models):
     faked CUDA runtime (the model stays on the CPU): nothing is installed, and the summary says why."""
     from trl.trainer.utils import create_model_from_path
 
-    from qlora_plugin.perf import dequant_reuse
-    from qlora_plugin.perf.linear4bit_forward import routed
+    from qlora_plugin.cpu import dequant_reuse
+    from qlora_plugin.cpu.linear4bit_forward import routed
     from qlora_plugin.plugin.manager import get_plugin_manager
     from qlora_plugin.quant.config import model_init_kwargs
     from qlora_plugin.quant.layers import four_bit_layers
-    from qlora_plugin.runtime import Runtime
+    from qlora_plugin.ecosystem.runtime import Runtime
     from qlora_plugin.strategies.builtin import QLORA
 
     pm = get_plugin_manager()

@@ -13,8 +13,8 @@ import torch
 
 from conftest import REPO, TRAIN_FLAGS, run_command
 
-from qlora_plugin.options import StrategyOptions
-from qlora_plugin.runtime import Runtime
+from qlora_plugin.core.options import StrategyOptions
+from qlora_plugin.ecosystem.runtime import Runtime
 
 RANK_PROBE = '''
 import hashlib, json, os
@@ -246,7 +246,7 @@ def test_runtime_detection_reads_accelerate_state(monkeypatch):
     import accelerate
     from accelerate.utils import DistributedType
 
-    from qlora_plugin import runtime as runtime_module
+    from qlora_plugin.ecosystem import runtime as runtime_module
 
     class FakeState:
         device = torch.device("cpu")

@@ -68,7 +68,7 @@ def test_training_outputs_merge_and_cache_are_readable_like_plain_writes(tiny_mo
 @pytest.mark.slow
 def test_tiny_model_and_plan_plot(tmp_path, umask_027):
     from qlora_plugin.plan.cli import main as plan
-    from qlora_plugin.tiny_model import build_tiny_model
+    from qlora_plugin.models.tiny_model import build_tiny_model
 
     model = tmp_path / "tiny"
     build_tiny_model(str(model), hidden_size=32, layers=1)

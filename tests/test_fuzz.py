@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qlora_plugin.integration import activation
-from qlora_plugin.options import OPTION_NAMES
+from qlora_plugin.core.options import OPTION_NAMES
 
 FLAGS = ["--strategy", "--qlora_hooks", "--config", "--use_peft", "--load_in_8bit", "--load_in_4bit",
          *(f"--{name}" for name in OPTION_NAMES)]

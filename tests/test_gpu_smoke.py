@@ -1,4 +1,4 @@
-"""examples/gpu_smoke.py without a GPU: its figures, table, JSON and bookkeeping on made-up measurements, so the
+"""examples/bench/gpu_smoke.py without a GPU: its figures, table, JSON and bookkeeping on made-up measurements, so the
 one GPU run it is prepared for does not fail on its own code."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "examples" / "bench"))
 
 import gpu_smoke  # noqa: E402
 
@@ -122,7 +123,7 @@ def test_the_merge_check_reads_the_merge_report(tmp_path, monkeypatch):
     assert gpu_smoke.check_merge(smoke) == {"passed": True, "mean_kl": 0.003, "status": "ok"}
 
 
-# --- the wheelhouse the GPU machine installs from (examples/gpu_wheelhouse.py) ---------------------------------
+# --- the wheelhouse the GPU machine installs from (examples/bench/gpu_wheelhouse.py) ---------------------------------
 
 import gpu_wheelhouse  # noqa: E402
 

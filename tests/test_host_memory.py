@@ -10,7 +10,7 @@ from datasets import load_dataset
 
 from conftest import DATA
 
-from qlora_plugin.perf import host_memory
+from qlora_plugin.cpu import host_memory
 
 needs_glibc = pytest.mark.skipif(host_memory._glibc() is None, reason="malloc_trim is glibc's (Linux)")
 

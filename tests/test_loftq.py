@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.options import StrategyOptions
-from qlora_plugin.runtime import Runtime
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.options import StrategyOptions
+from qlora_plugin.ecosystem.runtime import Runtime
 from qlora_plugin.strategies.adapters import lora_init, wrap_with_lora
 from qlora_plugin.strategies.loftq import PEFT_PREFIX, SafetensorsWeights
 

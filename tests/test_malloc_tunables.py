@@ -1,4 +1,4 @@
-"""glibc's malloc settings for CPU training (qlora_plugin/perf/malloc_tunables.py): never a hidden restart. A
+"""glibc's malloc settings for CPU training (qlora_plugin/cpu/malloc_tunables.py): never a hidden restart. A
 script runs once; `qlora-plugin run -- COMMAND` starts it with the settings; `--cpu_malloc_tunables true` (opt-in)
 re-executes it once at activation, never when it cannot or should not; the user's own settings win."""
 
@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TRAIN_FLAGS, run_command, run_python, start_command
 from qlora_plugin.integration import activation
-from qlora_plugin.perf import malloc_tunables as mt
+from qlora_plugin.cpu import malloc_tunables as mt
 
 OURS = ("glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0:glibc.malloc.trim_threshold=536870912:"
         "glibc.malloc.mmap_threshold=33554432")
@@ -102,7 +102,7 @@ def _probe(tmp_path):
         "with open(os.environ['PROBE_LOG'], 'a') as f:\n"
         "    f.write(json.dumps([os.getpid(), os.environ.get('GLIBC_TUNABLES')]) + '\\n')\n"
         "import trl\n"
-        "from qlora_plugin.perf import malloc_tunables\n"
+        "from qlora_plugin.cpu import malloc_tunables\n"
         "print('FACT', malloc_tunables.summary_fact())\n"
         "print('ARGV', sys.argv[1:])\n"
     )

@@ -125,7 +125,7 @@ def test_requantizing_the_base_reproduces_the_4bit_weights_bit_for_bit(arch, tin
     from transformers import AutoModelForCausalLM
 
     from qlora_plugin.merge.merging import model_layout, nf4_roundtrip
-    from qlora_plugin.model_config import load_config
+    from qlora_plugin.models.model_config import load_config
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], quantization_config=bnb_config(),
                                                  dtype=torch.float32)

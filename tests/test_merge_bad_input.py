@@ -13,7 +13,7 @@ import pytest
 from conftest import _env, run_command
 
 from qlora_plugin import cli
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.merge.writer import MARKER_FILE
 from qlora_plugin.quant.record import RECORD_FILE
 

@@ -167,7 +167,7 @@ def test_a_gpu_too_small_for_the_check_leaves_it_to_the_host(monkeypatch):
     CPU (block by block); with a host too small as well, refused with both sizes and --no_check."""
     import torch
 
-    from qlora_plugin.errors import QLoRAPluginError
+    from qlora_plugin.core.errors import QLoRAPluginError
 
     config, shapes, _, adapter = _llama_70b()
     memory = {"cuda": 24e9, "cpu": 80e9}

@@ -1,6 +1,6 @@
 """docs/merge.md's worked example is a recorded run, not hand-typed figures: the block is regenerated here from
 docs/runs/merge_example.json with the command's own formatting, and the recorded run has the shape today's merge
-returns, so a change to the output or a hand edit fails until `python examples/merge_example.py ...` is run again."""
+returns, so a change to the output or a hand edit fails until `python examples/bench/merge_example.py ...` is run again."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from conftest import REPO
 from qlora_plugin import cli
 
 sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "examples" / "bench"))
 import merge_example  # noqa: E402
 
 

@@ -13,10 +13,11 @@ import pytest
 from conftest import REPO, run_command
 
 sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "examples" / "bench"))
 from real_model import ensure_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
-DATA = REPO / "examples" / "data" / "city_json"
+DATA = REPO / "tests" / "data" / "city_json"
 
 
 @pytest.fixture(scope="module")

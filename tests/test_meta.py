@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 
 from qlora_plugin.plugin import specs as hookspecs
-from qlora_plugin.options import options_reference_markdown
+from qlora_plugin.core.options import options_reference_markdown
 from qlora_plugin.plugin.manager import collect_options, get_plugin_manager
 
 HOOKS = sorted(name for name, obj in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("qlora_"))
@@ -156,7 +156,7 @@ def test_boolean_flags_take_the_words_trl_takes():
     import pytest
     from transformers.hf_argparser import string_to_bool
 
-    from qlora_plugin.flags import parse_bool
+    from qlora_plugin.core.flags import parse_bool
 
     for word in ("yes", "True", "T", "y", "1", "no", "FALSE", "f", "N", "0", " true ", "maybe", "", "2", "on"):
         try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_plugin.options import StrategyOptions
-from qlora_plugin.runtime import Runtime
+from qlora_plugin.core.options import StrategyOptions
+from qlora_plugin.ecosystem.runtime import Runtime
 
 CPU = Runtime("cpu", bf16_native=False, engine="none")
 EXPECTED_LINEARS = {
@@ -92,7 +92,7 @@ def test_the_device_comes_from_accelerates_process_state(monkeypatch, visible_gp
     from accelerate.utils import DistributedType
 
     from qlora_plugin.quant.cache import quantizing_device
-    from qlora_plugin.runtime import detect_runtime
+    from qlora_plugin.ecosystem.runtime import detect_runtime
 
     monkeypatch.setattr(accelerate, "PartialState", lambda: _FakeState(DistributedType.MULTI_GPU, visible_gpus))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
@@ -107,7 +107,7 @@ def test_zero3_is_seen_from_the_launchers_environment(monkeypatch):
     import accelerate
     from accelerate.utils import DistributedType
 
-    from qlora_plugin.runtime import ZERO_STAGE_ENV, detect_runtime
+    from qlora_plugin.ecosystem.runtime import ZERO_STAGE_ENV, detect_runtime
 
     monkeypatch.setattr(accelerate, "PartialState", lambda: _FakeState(DistributedType.DEEPSPEED, 4))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
@@ -188,7 +188,7 @@ def test_embeddings_and_head_stay_in_the_16bit_compute_dtype(tiny_models, arch):
     from peft import prepare_model_for_kbit_training
     from trl.trainer.utils import create_model_from_path
 
-    from qlora_plugin.model_config import load_config
+    from qlora_plugin.models.model_config import load_config
     from qlora_plugin.plan.estimate import parameter_costs
     from qlora_plugin.plan.skeleton import skeleton
     from qlora_plugin.quant.config import model_init_kwargs

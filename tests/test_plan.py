@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, run_command
 
 sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "examples" / "bench"))
 
 CONFIGS = REPO / "examples" / "configs"
 
@@ -91,8 +92,8 @@ def test_activations_are_counted_under_mixed_precision():
     their fp32 inputs as they do in a bf16 run (before, the fp32 inputs themselves were counted)."""
     import torch
 
-    from qlora_plugin.model_config import load_config
-    from qlora_plugin.options import StrategyOptions
+    from qlora_plugin.models.model_config import load_config
+    from qlora_plugin.core.options import StrategyOptions
     from qlora_plugin.plan.activations import activation_bytes, saved_bytes
     from qlora_plugin.plan.skeleton import skeleton
     from qlora_plugin.strategies.builtin import QLORA
@@ -160,8 +161,8 @@ def test_weights_match_real_4bit_loads(tiny_models, arch, double_quant):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_plugin.options import StrategyOptions
-    from qlora_plugin.model_config import load_config
+    from qlora_plugin.core.options import StrategyOptions
+    from qlora_plugin.models.model_config import load_config
     from qlora_plugin.plan.estimate import parameter_costs
     from qlora_plugin.plan.skeleton import skeleton
     from qlora_plugin.quant.layers import four_bit_layers, quant_state_bytes
@@ -187,8 +188,8 @@ def test_training_report_states_predicted_and_measured_peak(tmp_path):
     """Wide enough (256) that the model's terms are not lost in the framework's ~520 MiB."""
     from plan_accuracy import long_text_dataset, train_and_compare
 
-    from qlora_plugin.runtime import cpu_has_native_bf16
-    from qlora_plugin.tiny_model import build_tiny_model
+    from qlora_plugin.ecosystem.runtime import cpu_has_native_bf16
+    from qlora_plugin.models.tiny_model import build_tiny_model
 
     model = build_tiny_model(str(tmp_path / "model"), "llama", hidden_size=256, layers=2, intermediate_size=688)
     data = long_text_dataset(str(tmp_path / "data"), rows=16)
@@ -316,7 +317,7 @@ def test_evaluation_transient_matches_a_real_forward(tmp_path):
     evaluates: through its fused LM head (fresh process, 32k vocabulary so the head dominates, as in real models)."""
     from conftest import run_python
 
-    proc = run_python([str(REPO / "examples" / "eval_peak_accuracy.py"), "8", "256"], tmp_path)
+    proc = run_python([str(REPO / "examples" / "bench" / "eval_peak_accuracy.py"), "8", "256"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = proc.stdout.strip().splitlines()[-1]
     predicted, measured = (float(line.split(f"{word} ")[1].split(" MiB")[0]) for word in ("predicted", "measured"))
@@ -340,8 +341,8 @@ def test_plan_shows_the_evaluation_peak(tiny_models, capsys):
 
 
 def _budget_setup(tiny_models, dtype="float32"):
-    from qlora_plugin.model_config import load_config
-    from qlora_plugin.options import StrategyOptions
+    from qlora_plugin.models.model_config import load_config
+    from qlora_plugin.core.options import StrategyOptions
     from qlora_plugin.plan.budget import peaks
     from qlora_plugin.plan.estimate import PlanSettings
     from qlora_plugin.strategies.builtin import QLORA
@@ -421,7 +422,7 @@ def test_memory_budget_sets_the_batches_of_a_real_run(tiny_models, tmp_path, cap
     # What this pytest process holds depends on the tests before it: here the choice rests on the plan alone
     # (the live measurement is covered by test_budget_counts_what_the_process_already_holds).
     monkeypatch.setattr(pipeline, "memory_in_use", lambda device: None)
-    from qlora_plugin.runtime import cpu_has_native_bf16
+    from qlora_plugin.ecosystem.runtime import cpu_has_native_bf16
 
     compute = "bfloat16" if cpu_has_native_bf16() else "float32"
     _, _, _, p = _budget_setup(tiny_models, compute)  # the plan of the run below (512 tokens, its compute dtype)
@@ -456,7 +457,7 @@ def test_memory_budget_sets_the_batches_of_a_real_run(tiny_models, tmp_path, cap
 @pytest.mark.slow
 def test_budget_counts_what_the_process_already_holds(tiny_models):
     """In a live run the memory already held (measured) replaces the plan's weights and runtime terms."""
-    from qlora_plugin.model_config import load_config
+    from qlora_plugin.models.model_config import load_config
     from qlora_plugin.plan.budget import peaks
     from qlora_plugin.strategies.builtin import QLORA
 
@@ -467,7 +468,7 @@ def test_budget_counts_what_the_process_already_holds(tiny_models):
 
 def test_a_budget_that_is_not_a_size_is_refused_when_options_are_read():
     from qlora_plugin import QLoRAPluginError
-    from qlora_plugin.options import StrategyOptions
+    from qlora_plugin.core.options import StrategyOptions
 
     with pytest.raises(QLoRAPluginError, match="`--memory_budget lots` is not a size"):
         StrategyOptions(memory_budget="lots")
@@ -518,8 +519,8 @@ def test_with_the_fused_head_the_plan_does_not_count_the_full_logits(monkeypatch
     """At a 128k vocabulary the full fp32 logits and their gradient take 1 GiB per 1,024 tokens: TRL 1.16 never
     makes them (issue 26.9). Planned for an older TRL (the model's own loss) they are counted; with the fused head
     they are not, and the plan says which loss path it counted."""
-    from qlora_plugin.model_config import load_config
-    from qlora_plugin.options import StrategyOptions
+    from qlora_plugin.models.model_config import load_config
+    from qlora_plugin.core.options import StrategyOptions
     from qlora_plugin.plan import loss
     from qlora_plugin.plan.estimate import PlanSettings, plan_strategy
     from qlora_plugin.strategies.builtin import QLORA
@@ -609,8 +610,8 @@ def test_the_default_start_is_in_the_plan_and_the_budget(tiny_models):
     is what is resident plus the larger of the start and a training step, in the plan and in the budget."""
     import dataclasses
 
-    from qlora_plugin.model_config import load_config
-    from qlora_plugin.options import build_options
+    from qlora_plugin.models.model_config import load_config
+    from qlora_plugin.core.options import build_options
     from qlora_plugin.plan.budget import peaks
     from qlora_plugin.plan.estimate import PlanSettings, plan_strategy
     from qlora_plugin.plan.start import PER_ELEMENT

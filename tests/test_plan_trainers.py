@@ -8,16 +8,16 @@ import json
 
 import pytest
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.model_config import load_config
-from qlora_plugin.options import StrategyOptions, build_options
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.models.model_config import load_config
+from qlora_plugin.core.options import StrategyOptions, build_options
 from qlora_plugin.plan.activations import eval_transient
 from qlora_plugin.plan.budget import choose
 from qlora_plugin.plan.estimate import PlanSettings, plan_strategy
 from qlora_plugin.plan.skeleton import skeleton
 from qlora_plugin.plan.trainer_passes import TrainerPasses, peaks_for, plan_trainer
 from qlora_plugin.plugin.manager import get_plugin_manager, get_strategy
-from qlora_plugin.trainer_kinds import KINDS
+from qlora_plugin.core.trainer_kinds import KINDS
 from qlora_plugin.training.trainer_setup import check_kind_options, options_for_kind
 
 

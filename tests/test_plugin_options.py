@@ -12,7 +12,7 @@ from qlora_plugin import QLoRAPluginError, get_plugin_manager, hookimpl
 from qlora_plugin.integration import activation
 from qlora_plugin.plugin.manager import collect_options
 from qlora_plugin.plugin.resolution import resolve
-from qlora_plugin.request import StrategyRequest
+from qlora_plugin.core.request import StrategyRequest
 
 HOOK = '''
 from qlora_plugin import hookimpl
@@ -73,7 +73,7 @@ def test_a_plugin_option_is_checked_like_a_built_in_one(hook_file, case):
 BAD_REGISTRATIONS = {
     "built-in name": (("lora_r", int, 8, "clash"), "registers option 'lora_r', which qlora-plugin already defines"),
     "another plugin's name": (("cpu_fast_dropout", bool, True, "clash"),
-                              "qlora_plugin.perf.cpu_dropout both register option"),
+                              "qlora_plugin.cpu.cpu_dropout both register option"),
     "bad name": (("Loud", bool, False, "x"), "an option name must be a lowercase identifier"),
     "bad type": (("odd", list, [], "x"), "of type <class 'list'>; allowed: bool, int, float, str"),
     "bad default": (("odd", int, "1", "x"), "with default '1', not an integer"),
@@ -98,15 +98,15 @@ def test_a_bad_registration_names_the_plugin(case):
 
 def test_the_cpu_features_options_come_from_their_plugins(monkeypatch):
     """Not in the core dataclass: unregister the plugin and its option is gone (an unknown option, a hint)."""
-    from qlora_plugin.options import OPTION_NAMES
+    from qlora_plugin.core.options import OPTION_NAMES
 
     assert "cpu_fast_dropout" not in OPTION_NAMES and "cpu_dequant_buffer" not in OPTION_NAMES
     pm = get_plugin_manager(load_entrypoints=False)
     owners = {o.name: o.plugin for o in collect_options(pm)}
-    assert owners == {"cpu_fast_dropout": "qlora_plugin.perf.cpu_dropout",
-                      "cpu_dequant_buffer": "qlora_plugin.perf.dequant_buffer"}
+    assert owners == {"cpu_fast_dropout": "qlora_plugin.cpu.cpu_dropout",
+                      "cpu_dequant_buffer": "qlora_plugin.cpu.dequant_buffer"}
     assert resolve(StrategyRequest("qlora", {"cpu_fast_dropout": False}), pm).options.cpu_fast_dropout is False
-    pm.unregister(name="qlora_plugin.perf.cpu_dropout")
+    pm.unregister(name="qlora_plugin.cpu.cpu_dropout")
     with pytest.raises(QLoRAPluginError, match="Unknown strategy option.*cpu_fast_dropout"):
         resolve(StrategyRequest("qlora", {"cpu_fast_dropout": False}), pm)
 
@@ -123,7 +123,7 @@ def test_options_listing_includes_a_hook_files_options(hook_file, monkeypatch, c
 def test_summary_lines_come_from_the_plugins(monkeypatch):
     """The summary prints what `qlora_summary_lines` returned, aligned as the core's lines; the CPU features' lines
     come from their plugins' hooks."""
-    from qlora_plugin.perf import cpu_dropout, dequant_buffer, malloc_tunables
+    from qlora_plugin.cpu import cpu_dropout, dequant_buffer, malloc_tunables
     from qlora_plugin.training.report import format_summary
 
     facts = {"strategy": "qlora", "plugin": "p", "source": "api", "quantization": None, "model": {"dtype": "float32"},

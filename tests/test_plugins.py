@@ -104,7 +104,7 @@ def test_qdora_hook_file(tiny_models, tmp_path):
 
     trainer = make_trainer(
         "qdora", hook_files=[str(REPO / "hooks" / "qdora.py")], model=tiny_models["llama"],
-        train_dataset=load_dataset(str(REPO / "examples" / "data" / "skills"))["train"],
+        train_dataset=load_dataset(str(REPO / "tests" / "data" / "skills"))["train"],
         args=SFTConfig(output_dir=str(tmp_path), max_steps=2, report_to="none", use_cpu=True, save_strategy="no",
                        max_length=64),
         plugin_manager=get_plugin_manager([str(REPO / "hooks" / "qdora.py")], load_entrypoints=False),
@@ -201,7 +201,7 @@ def test_plugin_answers_the_optimizer_and_loading_hooks(tiny_models, tmp_path):
     pm = get_plugin_manager(load_entrypoints=False)
     pm.register(SGDPlugin())
     trainer = make_trainer("qlora", plugin_manager=pm, model=tiny_models["llama"],
-                           train_dataset=load_dataset(str(REPO / "examples" / "data" / "skills"))["train"],
+                           train_dataset=load_dataset(str(REPO / "tests" / "data" / "skills"))["train"],
                            args=SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True,
                                           save_strategy="no", max_length=64))
     trainer.create_optimizer()
@@ -214,7 +214,7 @@ def test_plugin_answers_the_optimizer_and_loading_hooks(tiny_models, tmp_path):
 def _skills():
     from datasets import load_dataset
 
-    return load_dataset(str(REPO / "examples" / "data" / "skills"))["train"]
+    return load_dataset(str(REPO / "tests" / "data" / "skills"))["train"]
 
 
 @pytest.mark.slow

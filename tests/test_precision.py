@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import DATA
-from qlora_plugin.options import StrategyOptions
-from qlora_plugin.runtime import Runtime
+from qlora_plugin.core.options import StrategyOptions
+from qlora_plugin.ecosystem.runtime import Runtime
 
 T4 = Runtime("cuda", bf16_native=False, engine="none", capability=(7, 5))
 A100 = Runtime("cuda", bf16_native=True, engine="none", capability=(8, 0))
@@ -64,7 +64,7 @@ def test_native_bf16_on_cuda_means_ampere_or_newer(monkeypatch, capability, nati
     import accelerate
     from accelerate.utils import DistributedType
 
-    from qlora_plugin import runtime as runtime_module
+    from qlora_plugin.ecosystem import runtime as runtime_module
 
     class FakeGpuState:
         device = torch.device("cuda", 0)

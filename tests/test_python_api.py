@@ -150,7 +150,7 @@ def test_autocast_follows_the_recipe_bf16(tiny_models, tmp_path, monkeypatch, na
     """TRL asks for bf16; without native bf16 the strategy turns it off, and the Accelerator's autocast with it
     (transformers derives `mixed_precision` at config time: a stale "bf16" ran every matmul emulated, 5x slower)."""
     from qlora_plugin import make_trainer
-    from qlora_plugin import runtime
+    from qlora_plugin.ecosystem import runtime
 
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
     trainer = make_trainer("qlora", model=tiny_models["llama"], args=sft_config(tmp_path),

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.options import build_options
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.options import build_options
 from qlora_plugin.quant.backends import (backend_for, backend_named, backend_of_model, check_asked_quantization,
                                          model_facts, registered)
 from qlora_plugin.strategies.builtin import LORA, LORA_INT8, QLORA
@@ -59,7 +59,7 @@ def test_a_quantization_config_of_another_backend_is_refused_in_one_place():
 
 def test_4bit_options_set_for_an_int8_base_are_refused_not_ignored():
     from qlora_plugin.integration.activation import validate
-    from qlora_plugin.request import StrategyRequest
+    from qlora_plugin.core.request import StrategyRequest
     from qlora_plugin.training.loading import resolve
 
     for check in (validate, resolve):  # the command line / YAML, and the Python API
@@ -73,7 +73,7 @@ def test_4bit_options_set_for_an_int8_base_are_refused_not_ignored():
 
 
 def test_lora_int8_is_offered_as_an_8bit_base_and_typos_of_qlora_do_not_reach_it():
-    from qlora_plugin.strategy import unknown_strategy_error
+    from qlora_plugin.core.strategy import unknown_strategy_error
 
     strategies = {s.name: s for s in (QLORA, LORA_INT8, LORA)}
     near = str(unknown_strategy_error("lora-int4", strategies))
@@ -88,7 +88,7 @@ def int8_model(tiny_models):
     from trl.trainer.utils import create_model_from_path
 
     from qlora_plugin.quant.config import model_init_kwargs
-    from qlora_plugin.runtime import Runtime
+    from qlora_plugin.ecosystem.runtime import Runtime
 
     options = options_of(LORA_INT8)
     kwargs = model_init_kwargs(options, {"dtype": "float32"}, Runtime("cpu", False, "none"))
@@ -99,7 +99,7 @@ def int8_model(tiny_models):
 def test_an_int8_base_trains_with_lora_on_cpu(int8_model):
     import torch
 
-    from qlora_plugin.runtime import Runtime
+    from qlora_plugin.ecosystem.runtime import Runtime
     from qlora_plugin.strategies.adapters import wrap_with_lora
 
     model, options = int8_model
@@ -147,7 +147,7 @@ def test_int8_dequantization_is_what_merge_rebuilds_from_the_original_weights(in
 
 
 def test_plan_counts_int8_codes_and_row_scales_as_a_real_load_holds(int8_model, tiny_models):
-    from qlora_plugin.model_config import load_config
+    from qlora_plugin.models.model_config import load_config
     from qlora_plugin.plan.estimate import parameter_costs
     from qlora_plugin.plan.skeleton import skeleton
 

@@ -87,7 +87,7 @@ def test_key_follows_the_device_kind_and_the_library_versions():
     import bitsandbytes
 
     from qlora_plugin.quant.cache import _entry_name, _settings, quantizing_device
-    from qlora_plugin.runtime import Runtime
+    from qlora_plugin.ecosystem.runtime import Runtime
 
     cpu, gpu0, gpu1 = (_settings(_bnb_config(), torch.float32, d) for d in ("cpu", "cuda:0", "cuda:1"))
     assert cpu["torch"] == torch.__version__.split("+")[0] and cpu["bitsandbytes"] == bitsandbytes.__version__
@@ -129,10 +129,10 @@ def test_record_names_the_device_that_quantized_a_cached_base(tiny_models, tmp_p
     """The quantization record beside the adapter (what `merge` quantizes on again) is the entry's device, not
     the device the weights were loaded onto: a CPU-made entry loaded on a GPU said `cuda`. Simulated by an entry
     that says it was made on a GPU, loaded on the CPU."""
-    from qlora_plugin.options import StrategyOptions
+    from qlora_plugin.core.options import StrategyOptions
     from qlora_plugin.quant import cache as quantized_cache
     from qlora_plugin.quant.record import quantization_record
-    from qlora_plugin.runtime import Runtime
+    from qlora_plugin.ecosystem.runtime import Runtime
 
     monkeypatch.setenv("QLORA_PLUGIN_CACHE_DIR", str(tmp_path / "cache"))
     entry = quantized_cache.cached_base(tiny_models["llama"], _kwargs())

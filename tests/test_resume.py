@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 from conftest import DATA, start_python, run_python
 from qlora_plugin.training.checkpointing import STAGING_PREFIX, remove_stale_staging
 from qlora_plugin.training.checkpoints import resolve_checkpoint
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.training.interruption import signal_handlers
 from qlora_plugin.strategies.paged_state import resumable
 
@@ -124,7 +124,7 @@ def test_interrupted_run_stopped_after_a_complete_checkpoint(runs):
 
 @pytest.mark.slow
 def test_resumed_adapter_is_trainable_in_the_compute_dtype_and_owned_by_the_optimizer(runs):
-    from qlora_plugin.runtime import cpu_has_native_bf16
+    from qlora_plugin.ecosystem.runtime import cpu_has_native_bf16
 
     resumed = runs["resumed"]
     trainable = [p for p in resumed.model.parameters() if p.requires_grad]

@@ -23,7 +23,7 @@ import pytest
 from transformers import TrainerCallback
 
 from conftest import DATA, run_python, start_python
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.training.checkpoint_checks import safetensors_shapes
 
 STEPS = 2

@@ -248,7 +248,7 @@ def test_bitsandbytes_fetches_no_hub_kernel_under_a_strategy(tmp_path, strategy)
     shows this test would see a fetch."""
     import importlib.util
 
-    from qlora_plugin.runtime import cpu_has_native_bf16
+    from qlora_plugin.ecosystem.runtime import cpu_has_native_bf16
 
     if importlib.util.find_spec("kernels") is None or not cpu_has_native_bf16():
         pytest.skip("bitsandbytes asks for a Hub kernel only on AVX512-BF16 CPUs with `kernels` installed")

@@ -35,7 +35,7 @@ def test_chat_data_trains_on_a_tiny_model_built_with_data_before_out(tmp_path):
 
 def test_data_is_repeatable_and_chat_turns_feed_the_tokenizer(tmp_path):
     from qlora_plugin.cli import make_parser
-    from qlora_plugin.tiny_model import _corpus
+    from qlora_plugin.models.tiny_model import _corpus
 
     args = make_parser().parse_args(["tiny-model", "--data", "a.jsonl", "out", "--data", "b.jsonl"])
     assert args.out == "out" and args.data == ["a.jsonl", "b.jsonl"]

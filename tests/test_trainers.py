@@ -16,13 +16,13 @@ import pytest
 
 from conftest import REPO, run_command, run_python
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.integration import activation, trl_patches
-from qlora_plugin.options import StrategyOptions
-from qlora_plugin.request import StrategyRequest
-from qlora_plugin.runtime import Runtime
+from qlora_plugin.core.options import StrategyOptions
+from qlora_plugin.core.request import StrategyRequest
+from qlora_plugin.ecosystem.runtime import Runtime
 from qlora_plugin.strategies.recipe import METHOD_RECIPES, apply_training_defaults, training_defaults
-from qlora_plugin.trainer_kinds import KINDS, kind_of_class
+from qlora_plugin.core.trainer_kinds import KINDS, kind_of_class
 from qlora_plugin.training.trainer_setup import check_kind_options, options_for_kind
 
 DATA = REPO / "tests" / "data" / "trainers"

@@ -11,7 +11,7 @@ from datasets import load_dataset
 
 from conftest import REPO
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 
 DATA = REPO / "tests" / "data" / "trainers"
 LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

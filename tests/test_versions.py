@@ -14,8 +14,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from qlora_plugin import compat
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.ecosystem import compat
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.integration import activation, state
 
 from conftest import REPO

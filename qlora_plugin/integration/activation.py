@@ -14,25 +14,25 @@ import json
 import os
 import sys
 
-from qlora_plugin.compat import TRL_VENDORED_PARSER_MODULE, check_at_activation
-from qlora_plugin.errors import QLoRAPluginError, report_and_exit
-from qlora_plugin.flags import given_flag_names, parse_bool, parse_own_flags
+from qlora_plugin.ecosystem.compat import TRL_VENDORED_PARSER_MODULE, check_at_activation
+from qlora_plugin.core.errors import QLoRAPluginError, report_and_exit
+from qlora_plugin.core.flags import given_flag_names, parse_bool, parse_own_flags
 from qlora_plugin.integration import import_hook, model_loading, near_miss, script_args, state, trl_patches
-from qlora_plugin.hub_code import refuse_hub_kernels
+from qlora_plugin.ecosystem.hub_code import refuse_hub_kernels
 from qlora_plugin.integration.import_hook import DISABLE_ENV
 from qlora_plugin.integration.excepthook import install_excepthook
 from qlora_plugin.integration.state import EXPLICIT_ENV, OPTIONS_ENV, SOURCE_ENV, STRATEGY_ENV
 from qlora_plugin.integration.yaml_config import read as read_yaml_config
-from qlora_plugin.notices import leave_out_for_a_strategy_run
-from qlora_plugin.options import HOOKS_KEY, OPTION_NAMES, OWN_KEYS
-from qlora_plugin.perf import malloc_tunables
+from qlora_plugin.ecosystem.notices import leave_out_for_a_strategy_run
+from qlora_plugin.core.options import HOOKS_KEY, OPTION_NAMES, OWN_KEYS
+from qlora_plugin.cpu import malloc_tunables
 from qlora_plugin.plugin.manager import HOOKS_ENV, LOAD_ENV, hook_files_from_env
 from qlora_plugin.plugin.manager import collect_options
 from qlora_plugin.plugin.resolution import forget, manager, resolve
 from qlora_plugin.quant.backends import backend_named, check_asked_quantization, check_options_apply
 from qlora_plugin.quant.cache import CACHE_DIR_ENV
-from qlora_plugin.request import StrategyRequest
-from qlora_plugin.trainer_kinds import KINDS
+from qlora_plugin.core.request import StrategyRequest
+from qlora_plugin.core.trainer_kinds import KINDS
 
 USER_ENV = (STRATEGY_ENV, OPTIONS_ENV, HOOKS_ENV, LOAD_ENV, DISABLE_ENV, CACHE_DIR_ENV)  # the variables users set
 INTERNAL_ENV = (EXPLICIT_ENV, SOURCE_ENV, malloc_tunables.REEXEC_MARK_ENV)  # set by the plugin for child processes

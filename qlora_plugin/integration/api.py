@@ -13,12 +13,12 @@ optimizer they take no argument for: `training.trainer_setup.finish_trainer`), s
 
 from __future__ import annotations
 
-from qlora_plugin.compat import check_at_activation
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.hub_code import refuse_hub_kernels
-from qlora_plugin.request import StrategyRequest
+from qlora_plugin.ecosystem.compat import check_at_activation
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.ecosystem.hub_code import refuse_hub_kernels
+from qlora_plugin.core.request import StrategyRequest
 from qlora_plugin.integration.trl_patches import unsupported_trainer_message
-from qlora_plugin.trainer_kinds import KINDS, TrainerKind, kind_of_class
+from qlora_plugin.core.trainer_kinds import KINDS, TrainerKind, kind_of_class
 from qlora_plugin.training.checkpointing import patch_trainer_class
 from qlora_plugin.training.pipeline import prepare_trainer_kwargs
 

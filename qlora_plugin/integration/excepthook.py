@@ -11,7 +11,7 @@ import atexit
 import os
 import sys
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.integration.known_errors import message
 
 

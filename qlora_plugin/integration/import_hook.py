@@ -3,7 +3,7 @@ only: the process start-up hook (`bootstrap`) installs it before anything else i
 
 import sys
 
-from qlora_plugin.hub_code import spec_from_the_other_finders
+from qlora_plugin.ecosystem.hub_code import spec_from_the_other_finders
 
 DISABLE_ENV = "QLORA_PLUGIN_DISABLE"  # set to 1: the start-up hook installs nothing (bootstrap)
 

@@ -14,8 +14,8 @@ import difflib
 import os
 import re
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.options import OWN_KEYS
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.options import OWN_KEYS
 from qlora_plugin.training.model_checks import looks_like_path
 
 UNUSED_ARGS = "Some specified arguments are not used by the HfArgumentParser: "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import os
 
-from qlora_plugin.compat import loaded_through_auto
+from qlora_plugin.ecosystem.compat import loaded_through_auto
 from qlora_plugin.integration import state
 
 

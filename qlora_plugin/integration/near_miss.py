@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 
 OWN_FLAGS = ("strategy", "qlora_hooks")  # command-line flags and YAML keys read before any strategy is known
 DASHES = "-\u2010\u2011\u2012\u2013\u2014\u2015\u2212"  # ASCII and typographic dashes (text pasted from a page)

@@ -9,7 +9,7 @@ import json
 import os
 
 from qlora_plugin.plugin.manager import HOOKS_ENV
-from qlora_plugin.request import StrategyRequest
+from qlora_plugin.core.request import StrategyRequest
 
 STRATEGY_ENV = "QLORA_PLUGIN_STRATEGY"
 OPTIONS_ENV = "QLORA_PLUGIN_OPTIONS"  # JSON, set for child processes

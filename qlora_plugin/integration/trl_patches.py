@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 import inspect
 
-from qlora_plugin.compat import TRL_BASE_TRAINER
-from qlora_plugin.errors import QLoRAPluginError, report_and_exit
+from qlora_plugin.ecosystem.compat import TRL_BASE_TRAINER
+from qlora_plugin.core.errors import QLoRAPluginError, report_and_exit
 from qlora_plugin.integration import state
 from qlora_plugin.integration.known_errors import check_unused_yaml_keys
-from qlora_plugin.options import OWN_KEYS
-from qlora_plugin.trainer_kinds import KINDS, SUPPORTED, TrainerKind, kind_of_class
+from qlora_plugin.core.options import OWN_KEYS
+from qlora_plugin.core.trainer_kinds import KINDS, SUPPORTED, TrainerKind, kind_of_class
 
 NOT_TRAINING = ("env", "vllm-serve", "vllm_serve")  # TRL commands and scripts that build no trainer
 

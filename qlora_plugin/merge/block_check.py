@@ -210,8 +210,8 @@ def logits(adapter_dir: str, merged_dir: str, base_folder: str, settings: dict |
     from qlora_plugin.merge import rounding_floor
     from qlora_plugin.merge.layout import model_layout
     from qlora_plugin.quant.backends import backend_named
-    from qlora_plugin.model_config import load_config
-    from qlora_plugin.notices import library_deprecations
+    from qlora_plugin.models.model_config import load_config
+    from qlora_plugin.ecosystem.notices import library_deprecations
 
     base_config, merged_config = load_config(base_folder), load_config(merged_dir)
     layout, merged_layout = model_layout(base_config, settings), model_layout(merged_config, None)

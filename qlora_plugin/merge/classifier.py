@@ -9,7 +9,7 @@ folder holds the blocks merged as for any adapter, the adapter's `score` head, n
 
 from __future__ import annotations
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 
 SEQ_CLS = "SEQ_CLS"
 HEAD = "score.weight"  # the head transformers' *ForSequenceClassification models have (peft saves it in full)

@@ -17,11 +17,11 @@ import json
 import os
 from dataclasses import dataclass
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.files import write_json_atomic
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.files import write_json_atomic
 from qlora_plugin.merge import rounding_floor
 from qlora_plugin.merge.classifier import is_classifier_config, model_class
-from qlora_plugin.notices import library_deprecations
+from qlora_plugin.ecosystem.notices import library_deprecations
 from qlora_plugin.quant.cpu_guard import make_cpu_inference_safe
 from qlora_plugin.quant.backends import backend_named
 

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.quant.backends import NONE, registered
 
 ADAPTER_CONFIG = "adapter_config.json"

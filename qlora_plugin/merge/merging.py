@@ -19,16 +19,16 @@ import logging
 import os
 import shutil
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.merge import fidelity
 from qlora_plugin.merge.classifier import as_classifier
 from qlora_plugin.merge.layout import Layout, model_layout  # noqa: F401 - Layout: the type merge passes on
 from qlora_plugin.merge.inputs import (TOKENIZER_FILES, Adapter, BaseCheckpoint, check_record, load_adapter,
                                       open_base_file, resolve_base)
-from qlora_plugin.files import write_json_atomic
+from qlora_plugin.core.files import write_json_atomic
 from qlora_plugin.merge.writer import MARKER_FILE, ShardWriter, check_output, disk_error, staged_folder
-from qlora_plugin.model_config import load_config
-from qlora_plugin.options import StrategyOptions
+from qlora_plugin.models.model_config import load_config
+from qlora_plugin.core.options import StrategyOptions
 from qlora_plugin.quant.backends import backend_named
 from qlora_plugin.quant.record import RECORD_FILE, read_record
 

@@ -11,8 +11,8 @@ import re
 import shutil
 import tempfile
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.files import give_normal_permissions
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.files import give_normal_permissions
 from qlora_plugin.quant.cache_lock import OWNER_FILE, make_staging, remove_stale_staging
 
 SINGLE_FILE = "model.safetensors"

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.options import StrategyOptions
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.options import StrategyOptions
 from qlora_plugin.plan.estimate import (
     CUDA_CONTEXT_BYTES, GLIBC_MMAP_THRESHOLD, TRAINING_ONLY, PlanSettings, plan_strategy, running_malloc_mode,
 )
 from qlora_plugin.plan.loss import buffer_bytes, eval_peak_bytes, train_loss_term
-from qlora_plugin.sizes import parse_memory
+from qlora_plugin.core.sizes import parse_memory
 
 MiB = 2**20
 # `auto` on CUDA: what the GPU has free (`torch.cuda.mem_get_info`, other processes' memory excluded) plus what
@@ -26,7 +26,7 @@ MiB = 2**20
 # CPU: what the kernel reports available now, less a tenth for the page cache and other processes.
 AUTO_FRACTION = 0.9
 # Left unused for the plan's own error: measured on CPU from 4% under (this bf16-native machine,
-# examples/budget_accuracy.py) to 12% over (docs/plan.md) the real peak.
+# examples/bench/budget_accuracy.py) to 12% over (docs/plan.md) the real peak.
 PLAN_ERROR_MARGIN = 0.05
 
 

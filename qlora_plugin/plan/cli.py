@@ -12,18 +12,18 @@ import argparse
 import json
 import os
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.files import atomic_path
-from qlora_plugin.flags import parse_bool, parse_own_flags
-from qlora_plugin.model_config import load_config
-from qlora_plugin.options import build_options
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.files import atomic_path
+from qlora_plugin.core.flags import parse_bool, parse_own_flags
+from qlora_plugin.models.model_config import load_config
+from qlora_plugin.core.options import build_options
 from qlora_plugin.plan.budget import budget_bytes, choose
 from qlora_plugin.plan.estimate import COMPONENTS, PlanSettings, make_plans
 from qlora_plugin.plan.trainer_passes import (
     TRAINERS, TRL_MAX_COMPLETION, TrainerPasses, passes_line, peaks_for, planner,
 )
 from qlora_plugin.plugin.manager import collect_options, get_plugin_manager, get_strategy, hook_files_from_env
-from qlora_plugin.sizes import parse_memory
+from qlora_plugin.core.sizes import parse_memory
 
 GIB = 2**30
 TRL_DEFAULT_BATCH = 8  # `per_device_train_batch_size` of TRL's SFTConfig: the samples per step a budget keeps

@@ -21,21 +21,21 @@ import copy
 import math
 from dataclasses import dataclass, field
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.model_config import load_config
-from qlora_plugin.options import StrategyOptions, build_options
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.models.model_config import load_config
+from qlora_plugin.core.options import StrategyOptions, build_options
 from qlora_plugin.plan.activations import activation_bytes, eval_transient
 from qlora_plugin.plan.skeleton import QuantizedLinearStandIn, skeleton
 from qlora_plugin.plan.start import start_transient_bytes
 from qlora_plugin.plugin.manager import collect_options, collect_strategies, get_plugin_manager
 from qlora_plugin.quant.backends import backend_for
 from qlora_plugin.quant.backends.bnb_4bit import four_bit_bytes  # noqa: F401 - where plan's callers find it
-from qlora_plugin.runtime import Runtime, cpu_has_native_bf16
+from qlora_plugin.ecosystem.runtime import Runtime, cpu_has_native_bf16
 from qlora_plugin.strategies.adapters import count_parameters, trainable_dtype
 from qlora_plugin.strategies.builtin import QLORA
 from qlora_plugin.strategies.optimizer import optim_name
 from qlora_plugin.strategies.recipe import training_defaults
-from qlora_plugin.strategy import unknown_strategy_error
+from qlora_plugin.core.strategy import unknown_strategy_error
 
 FULL = "full"  # 16-bit full fine-tuning: a plan-only comparison, not a strategy
 COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "loss", "reference", "generation",
@@ -46,20 +46,20 @@ DEVICES = ("cuda", "cpu")
 TRAINING_ONLY = ("gradients", "activations", "loss", "allocator", "start", "reference", "generation")
 # Process RSS of python + torch + transformers + trl + peft + bitsandbytes + datasets imported and a trainer's
 # data pipeline running, on the CPU development machine: a 1-layer, 64-wide model trained at 1 x 16 tokens peaks
-# at 511-543 MiB with under 2 MiB of model terms (`examples/plan_accuracy.py` prints it; docs/plan.md). The CUDA
+# at 511-543 MiB with under 2 MiB of model terms (`examples/bench/plan_accuracy.py` prints it; docs/plan.md). The CUDA
 # context is not in `torch.cuda.max_memory_allocated`, so the cuda plan has no runtime term.
 CPU_RUNTIME_BYTES = 520 * 2**20
 # The CUDA context (driver, kernels, cuBLAS workspace): outside the allocator's figures, but on the GPU. An
 # estimate, not yet measured by this project (CUDA 12 with lazy module loading typically takes 300-600 MiB);
-# examples/gpu_smoke.py measures it (free memory before and after CUDA starts).
+# examples/bench/gpu_smoke.py measures it (free memory before and after CUDA starts).
 CUDA_CONTEXT_BYTES = 500 * 2**20
 # What the memory allocator holds beyond the tensors a training step has alive, per byte of the step's transients
 # (activations, loss, gradients: allocated and freed every step). CPU, measured at hidden 1024 / 8 layers / 512
-# tokens on this machine (examples/step_memory.py; docs/plan.md, "Where the bytes go"): glibc with its defaults keeps
+# tokens on this machine (examples/bench/step_memory.py; docs/plan.md, "Where the bytes go"): glibc with its defaults keeps
 # freed blocks cached in per-thread arenas and fragmented, about 2.8-3.3 bytes per byte (batch 1 to 8; 3.2, the
 # upper end, so a budget holds); with `qlora-plugin run` (small-block caches off, the heap's top kept) 1.27-1.42
 # (batch 4 and 1). CUDA: the caching allocator rounds large blocks up to 2 MiB and keeps freed ones for reuse; 10% is
-# an estimate (PyTorch's allocator design; not measured here: examples/gpu_smoke.py measures reserved minus
+# an estimate (PyTorch's allocator design; not measured here: examples/bench/gpu_smoke.py measures reserved minus
 # allocated on a GPU).
 ALLOCATOR_SHARE = {"glibc": 3.2, "tuned": 1.35, "cuda": 0.1}
 MALLOC_MODES = ("tuned", "glibc")
@@ -144,7 +144,7 @@ def running_malloc_mode() -> str:
     the user's own for them), else "glibc" (its defaults)."""
     import os
 
-    from qlora_plugin.perf.malloc_tunables import SETTINGS, TUNABLES_ENV
+    from qlora_plugin.cpu.malloc_tunables import SETTINGS, TUNABLES_ENV
 
     names = {entry.split("=", 1)[0] for entry in os.environ.get(TUNABLES_ENV, "").split(":") if entry}
     return "tuned" if all(name in names for name, _ in SETTINGS) else "glibc"

@@ -16,11 +16,11 @@ import copy
 import dataclasses
 import weakref
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.options import StrategyOptions
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.options import StrategyOptions
 from qlora_plugin.plugin.manager import get_plugin_manager
 from qlora_plugin.quant.backends import backend_for
-from qlora_plugin.runtime import Runtime
+from qlora_plugin.ecosystem.runtime import Runtime
 from qlora_plugin.strategies.adapters import cast_trainable, embeddings_kept, trainable_dtype
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.plan.activations import eval_transient
 from qlora_plugin.plan.budget import peaks
 from qlora_plugin.plan.estimate import Plan, PlanSettings, plan_strategy

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pluggy
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.options import PluginOption, check_plugin_option
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.options import PluginOption, check_plugin_option
 from qlora_plugin.plugin import specs
-from qlora_plugin.strategy import Strategy, resolve_name, unknown_strategy_error
+from qlora_plugin.core.strategy import Strategy, resolve_name, unknown_strategy_error
 
 ENTRY_POINT_GROUP = "qlora_plugin"
 HOOKS_ENV = "QLORA_PLUGIN_HOOKS"
@@ -34,11 +34,11 @@ DEFAULT_PLUGINS = (
     "qlora_plugin.quant.cache",  # quantize a local base once, load the packed 4-bit copy on later runs
     "qlora_plugin.quant.cpu_guard",  # keep bitsandbytes' CPU repacking away from training
     "qlora_plugin.quant.record",  # qlora_plugin_quantization.json beside every adapter (what merge rebuilds)
-    "qlora_plugin.perf.dequant_reuse",
-    "qlora_plugin.perf.dequant_buffer",
-    "qlora_plugin.perf.cpu_dropout",
-    "qlora_plugin.perf.host_memory",
-    "qlora_plugin.perf.malloc_tunables",
+    "qlora_plugin.cpu.dequant_reuse",
+    "qlora_plugin.cpu.dequant_buffer",
+    "qlora_plugin.cpu.cpu_dropout",
+    "qlora_plugin.cpu.host_memory",
+    "qlora_plugin.cpu.malloc_tunables",
     "qlora_plugin.training.report",  # the summary and qlora_plugin_report.json
     "qlora_plugin.training.finite_guard",  # stop at the first logged step whose loss or gradient norm is NaN/inf
 )

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlora_plugin.options import PluginOption, StrategyOptions, build_options
+from qlora_plugin.core.options import PluginOption, StrategyOptions, build_options
 from qlora_plugin.plugin.manager import collect_options, get_plugin_manager, get_strategy
-from qlora_plugin.request import StrategyRequest
-from qlora_plugin.strategy import Strategy
+from qlora_plugin.core.request import StrategyRequest
+from qlora_plugin.core.strategy import Strategy
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ override them for its own strategy, or for all. Parameters common to most hooks:
 - `runtime`: the `Runtime` (device type, native bf16, distributed engine, rank);
 - `model`: the model as loaded (`qlora_model_loaded`) or as wrapped (every later hook);
 - `trainer_kind`: which TRL trainer the strategy is applied to: `sft`, `dpo`, `kto`, `reward`, `grpo` or `rloo`
-  (`qlora_plugin.trainer_kinds`); None while a script loads its model itself, before it builds the trainer.
+  (`qlora_plugin.core.trainer_kinds`); None while a script loads its model itself, before it builds the trainer.
 """
 
 import pluggy

@@ -35,8 +35,8 @@ import logging
 import os
 import shutil
 
-from qlora_plugin.compat import model_from_config
-from qlora_plugin.files import give_normal_permissions, write_json_atomic
+from qlora_plugin.ecosystem.compat import model_from_config
+from qlora_plugin.core.files import give_normal_permissions, write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
 from qlora_plugin.quant.backends import backend_of_config
 from qlora_plugin.quant.cache_origin import ENTRY_FILE, _loaded_from, cached_entry, quantized_on  # noqa: F401

@@ -25,7 +25,7 @@ import socket
 import tempfile
 import time
 
-from qlora_plugin.files import give_normal_permissions
+from qlora_plugin.core.files import give_normal_permissions
 
 logger = logging.getLogger(__name__)
 

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.options import StrategyOptions
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.options import StrategyOptions
 from qlora_plugin.quant.backends import backend_for
 from qlora_plugin.quant.dtypes import _dtype, compute_dtype, quant_storage  # noqa: F401 - also found here
-from qlora_plugin.runtime import Runtime
+from qlora_plugin.ecosystem.runtime import Runtime
 
 
 def require_bitsandbytes() -> None:

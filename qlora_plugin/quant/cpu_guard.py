@@ -11,7 +11,7 @@ dequantize-then-matmul path it falls back to is correct for every shape.
 
 from __future__ import annotations
 
-from qlora_plugin.compat import undo_cpu_weight_packing
+from qlora_plugin.ecosystem.compat import undo_cpu_weight_packing
 from qlora_plugin.plugin.specs import hookimpl
 from qlora_plugin.quant.layers import four_bit_layers
 

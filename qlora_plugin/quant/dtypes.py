@@ -3,9 +3,9 @@ fp32) and the 4-bit storage dtype FSDP / ZeRO-3 need."""
 
 from __future__ import annotations
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.options import StrategyOptions
-from qlora_plugin.runtime import Runtime
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.options import StrategyOptions
+from qlora_plugin.ecosystem.runtime import Runtime
 
 
 def _dtype(name):

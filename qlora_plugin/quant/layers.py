@@ -6,7 +6,7 @@ the measured storage of a loaded model's 4-bit layers (the summary's bits/param,
 
 from __future__ import annotations
 
-from qlora_plugin.compat import keep_in_fp32_modules
+from qlora_plugin.ecosystem.compat import keep_in_fp32_modules
 
 
 def four_bit_module_names(model, skip_modules=None) -> list[str]:

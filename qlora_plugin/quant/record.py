@@ -13,8 +13,8 @@ import os
 
 from transformers import TrainerCallback
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.files import write_json_atomic
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.files import write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
 from qlora_plugin.quant.backends import NONE, backend_of_model
 

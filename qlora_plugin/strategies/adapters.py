@@ -7,11 +7,11 @@ import logging
 
 from transformers import TrainerCallback
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.notices import library_deprecations
-from qlora_plugin.options import StrategyOptions
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.ecosystem.notices import library_deprecations
+from qlora_plugin.core.options import StrategyOptions
 from qlora_plugin.quant.backends import backend_for
-from qlora_plugin.runtime import Runtime
+from qlora_plugin.ecosystem.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

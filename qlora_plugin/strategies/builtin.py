@@ -15,7 +15,7 @@ from qlora_plugin.strategies.calibration import CalibratedLoftQ
 from qlora_plugin.strategies.engine_checks import engine_warnings
 from qlora_plugin.strategies.optimizer import CPU_PAGING_NOTE, bitsandbytes_optimizer, optim_name
 from qlora_plugin.strategies.recipe import training_defaults
-from qlora_plugin.strategy import Strategy
+from qlora_plugin.core.strategy import Strategy
 
 logger = logging.getLogger(__name__)
 

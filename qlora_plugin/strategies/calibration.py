@@ -23,7 +23,7 @@ import time
 
 from transformers import TrainerCallback
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.strategies.loftq import OVERSAMPLE, loftq_initialise
 from qlora_plugin.strategies.start_cache import load_start, save_start, start_key
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from qlora_plugin.runtime import Runtime
+from qlora_plugin.ecosystem.runtime import Runtime
 
 
 def _flag(name: str, default: str = "") -> str:

@@ -23,8 +23,8 @@ import json
 import math
 import os
 
-from qlora_plugin.compat import config_source
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.ecosystem.compat import config_source
+from qlora_plugin.core.errors import QLoRAPluginError
 
 PEFT_PREFIX = "base_model.model."
 OVERSAMPLE = 8  # extra random directions of the randomized SVD (`low_rank`)

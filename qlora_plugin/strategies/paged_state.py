@@ -14,7 +14,7 @@ The same code runs on every device; on CPU the buffers are ordinary tensors (bit
 
 from __future__ import annotations
 
-from qlora_plugin.compat import fsdp_wrapped_quant_state_key
+from qlora_plugin.ecosystem.compat import fsdp_wrapped_quant_state_key
 
 MOMENT_KEYS = ("state1", "state2")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from qlora_plugin.strategies.adapters import BIG_MODEL_PARAMS
-from qlora_plugin.runtime import Runtime
+from qlora_plugin.ecosystem.runtime import Runtime
 
 MIXED_PRECISION = ("bf16", "fp16")
 

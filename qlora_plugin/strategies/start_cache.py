@@ -24,7 +24,7 @@ import json
 import logging
 import os
 
-from qlora_plugin.files import atomic_path
+from qlora_plugin.core.files import atomic_path
 from qlora_plugin.quant.cache import cache_root, cached_entry
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ that overrides it.
 
 from __future__ import annotations
 
-from qlora_plugin.options import StrategyOptions
+from qlora_plugin.core.options import StrategyOptions
 
 # What `ModelConfig.lora_dropout` shows when the strategy decides the dropout by model size at load time (0.1 up
 # to 20B parameters, 0.05 above): the value for the models most runs train. The LoRA the strategy adds uses the

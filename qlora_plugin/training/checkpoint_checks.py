@@ -23,7 +23,7 @@ import struct
 
 from transformers import TrainerCallback
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.quant.backends import registered
 from qlora_plugin.quant.record import RECORD_FILE, quantization_record
 

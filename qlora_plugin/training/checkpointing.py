@@ -31,8 +31,8 @@ import os
 import shutil
 import types
 
-from qlora_plugin.compat import SAVE_CHECKPOINT_METHOD, redirect_output_dir, restore_output_dir, trainer_output_dir
-from qlora_plugin.files import give_normal_permissions
+from qlora_plugin.ecosystem.compat import SAVE_CHECKPOINT_METHOD, redirect_output_dir, restore_output_dir, trainer_output_dir
+from qlora_plugin.core.files import give_normal_permissions
 from qlora_plugin.training.checkpoint_checks import ResumeGuard, check_before_load
 from qlora_plugin.training.checkpoints import resolve_checkpoint
 from qlora_plugin.training.fsdp_save import save_fsdp_adapter

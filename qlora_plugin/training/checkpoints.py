@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from the column names alone (no rows are read); streaming datasets without known
 
 from __future__ import annotations
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 
 
 def usable_columns(columns, text_field: str) -> bool:

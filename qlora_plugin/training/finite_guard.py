@@ -19,7 +19,7 @@ import math
 
 from transformers import TrainerCallback
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.plugin.specs import hookimpl
 
 WATCHED = ("loss", "grad_norm")

@@ -16,7 +16,7 @@ does by switching to `FULL_STATE_DICT` before its final `save_model`. Checkpoint
 
 from __future__ import annotations
 
-from qlora_plugin.compat import trainer_save
+from qlora_plugin.ecosystem.compat import trainer_save
 
 
 def full_state_dict(trainer) -> dict:

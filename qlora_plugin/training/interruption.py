@@ -29,7 +29,7 @@ import threading
 
 from transformers import TrainerCallback
 
-from qlora_plugin.compat import save_checkpoint
+from qlora_plugin.ecosystem.compat import save_checkpoint
 from qlora_plugin.training.checkpoints import newest_checkpoint
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)

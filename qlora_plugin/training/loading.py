@@ -13,13 +13,13 @@ import contextvars
 import logging
 import os
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.plugin import resolution
 from qlora_plugin.quant.backends import (backend_for, backend_of_model, check_asked_quantization, check_options_apply,
                                          describe)
 from qlora_plugin.quant.cache import recorded_base
-from qlora_plugin.request import StrategyRequest
-from qlora_plugin.runtime import detect_runtime
+from qlora_plugin.core.request import StrategyRequest
+from qlora_plugin.ecosystem.runtime import detect_runtime
 from qlora_plugin.strategies.trl_args import is_strategy_quantization_config
 from qlora_plugin.training.model_checks import check_causal_lm, check_model_source, load_error
 

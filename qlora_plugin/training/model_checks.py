@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.quant.backends import backend_of_config
 
 FOLDER_HINT = "Pass a folder written by `save_pretrained` (config.json + *.safetensors), or a Hub model id."

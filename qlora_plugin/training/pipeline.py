@@ -14,17 +14,17 @@ import os
 
 from transformers import set_seed
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin import hub_code
-from qlora_plugin.notices import library_deprecations
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.ecosystem import hub_code
+from qlora_plugin.ecosystem.notices import library_deprecations
 from qlora_plugin.plan.budget import budget_bytes, choose, memory_in_use, settings_for_run
 from qlora_plugin.plan.estimate import predict_for_run
 from qlora_plugin.plan.skeleton import drop_skeletons
 from qlora_plugin.plan.trainer_passes import passes_for_args, peaks_for, planner
 from qlora_plugin.plugin.manager import loaded_plugins
 from qlora_plugin.quant.backends import backend_for, backend_of_model, check_asked_quantization, model_facts
-from qlora_plugin.request import StrategyRequest
-from qlora_plugin.runtime import detect_runtime
+from qlora_plugin.core.request import StrategyRequest
+from qlora_plugin.ecosystem.runtime import detect_runtime
 from qlora_plugin.strategies.adapters import adapter_facts, count_parameters
 from qlora_plugin.strategies.optimizer import optim_name
 from qlora_plugin.strategies.recipe import apply_training_defaults, user_set
@@ -38,7 +38,7 @@ from qlora_plugin.training.model_checks import check_model_argument
 from qlora_plugin.training.trainer_setup import (
     check_kind_options, init_method, load_kwargs_for_kind, note_zero_start, options_for_kind, reference_fact,
 )
-from qlora_plugin.trainer_kinds import KINDS, TrainerKind
+from qlora_plugin.core.trainer_kinds import KINDS, TrainerKind
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import time
 
 from transformers import TrainerCallback
 
-from qlora_plugin.files import write_json_atomic
+from qlora_plugin.core.files import write_json_atomic
 from qlora_plugin.plugin.specs import hookimpl
 from qlora_plugin.quant.backends import backend_named
 from qlora_plugin.strategies.calibration import describe

@@ -29,8 +29,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.trainer_kinds import TrainerKind
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.trainer_kinds import TrainerKind
 from qlora_plugin.training.checkpointing import install as install_checkpointing
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ chose (`backend_for(options)`), or the one a loaded model or a saved record name
 
 from __future__ import annotations
 
-from qlora_plugin.errors import QLoRAPluginError
+from qlora_plugin.core.errors import QLoRAPluginError
 
 NONE = "none"  # `quant_backend none`: a 16-bit base
 

@@ -4,8 +4,8 @@ for outside the strategy."""
 
 from __future__ import annotations
 
-from qlora_plugin.errors import QLoRAPluginError
-from qlora_plugin.options import FOUR_BIT_OPTIONS
+from qlora_plugin.core.errors import QLoRAPluginError
+from qlora_plugin.core.options import FOUR_BIT_OPTIONS
 from qlora_plugin.quant.backends import bnb_4bit, bnb_int8
 from qlora_plugin.quant.backends.base import NONE, QuantBackend
 
