@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
-
-ENGINES = ("none", "ddp", "fsdp", "deepspeed_zero3", "deepspeed")
+from typing import Literal
 
 
 @dataclass(frozen=True)
 class Runtime:
     device_type: str  # "cpu", "cuda", "xpu", "mps"
     bf16_native: bool
-    engine: str  # one of ENGINES
+    engine: Literal["none", "ddp", "fsdp", "deepspeed_zero3", "deepspeed"]
     process_index: int = 0
     num_processes: int = 1
     capability: tuple | None = None  # CUDA compute capability (major, minor), when on CUDA
