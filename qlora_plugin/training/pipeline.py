@@ -9,6 +9,7 @@ gathers the facts.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 
@@ -216,6 +217,9 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
     # the plan models SFT's batches; for the other trainers no prediction is shown rather than a wrong one
     facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type, compute, pm) \
         if kind.name == "sft" else None
+    if facts["memory"] is not None:  # the report re-plans at the longest row trained, when shorter (never written)
+        facts["_memory_at"] = functools.partial(predict_for_run, model.config, strategy, options, args,
+                                                runtime.device_type, compute, pm)
     drop_skeletons(pm)  # the budget choice and the prediction shared them; planning for this run is done
     facts["summary_lines"] = [list(line) for lines in reversed(hooks.qlora_summary_lines(facts=facts))
                               for line in lines or ()]  # in registration order, as the facts
