@@ -154,9 +154,17 @@ def table(path: str) -> str:
     lines = ["| cell | shape (hidden x layers, vocab) | batch x seq | start | eval | predicted MiB | measured MiB | "
              "error | held out | why this cell |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in json.loads(Path(path).read_text()):
+        if "budget_mib" in c:  # a --memory_budget run: its own line below the table
+            continue
         lines.append(f"| {c['cell']} | {c['hidden']} x {c['layers']}, {c['vocab']} | {c['batch']} x {c['seq']} | "
                      f"{c['init']} | {'on' if c['eval'] else 'off'} | {c['predicted_mib']:,} | {c['measured_mib']:,} | "
                      f"{c['error']:+.1%} | {'yes' if c['held_out'] else 'no'} | {c['why']} |")
+    for c in json.loads(Path(path).read_text()):
+        if "budget_mib" in c:
+            lines.append(f"\n`--memory_budget {c['budget_mib']:,}MiB` ({c['hidden']} x {c['layers']}, {c['batch'] if 'batch' in c else 8} "
+                         f"samples per step, seq {c['seq']}, start {c['init']}): chose {c['chosen'][0]} x {c['chosen'][1]} "
+                         f"(predicted {c['budget_predicted_peak_mib']:,} MiB); measured peak {c['measured_mib']:,} MiB, "
+                         f"{'within' if c['under_budget'] else 'OVER'} the budget ({c['margin']:.1%} of it left)")
     return "\n".join(lines)
 
 
@@ -168,7 +176,7 @@ def main() -> int:
     parser.add_argument("--intermediate", type=int, default=None, help="default 3 x hidden")
     parser.add_argument("--vocab", type=int, default=0, help="rows of the embedding and head (0: the tokenizer's)")
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--batch", type=int, nargs="*", default=[1])
     parser.add_argument("--init", default="auto", help="--init_lora_weights (auto: the calibrated LoftQ start)")
     parser.add_argument("--eval", action="store_true", help="evaluate once, at the last step")
     parser.add_argument("--no-malloc", action="store_true", help="glibc's defaults (no `qlora-plugin run`)")
@@ -176,6 +184,7 @@ def main() -> int:
     parser.add_argument("--probe", action="store_true", help="print where step 2's bytes go (memory_probe_hooks.py)")
     parser.add_argument("--budget-between", type=int, nargs=2, metavar=("LOW", "HIGH"), default=None,
                         help="also run with --memory_budget halfway between the measured peaks of these batches")
+    parser.add_argument("--budget", default=None, help="also run with this --memory_budget (e.g. 1700MiB)")
     parser.add_argument("--nice", type=int, default=10, help="niceness of the training run (0: normal priority)")
     parser.add_argument("--record", default=None, help="append each row to this JSON record")
     parser.add_argument("--cell", default="", help="the cell's name in the record")
@@ -215,9 +224,10 @@ def main() -> int:
                 "predicted_eval_peak_mib": round(memory.get("predicted_eval_peak_bytes", 0) / MiB),
                 "predicted_components_mib": {k: round(v / MiB, 1) for k, v in memory["predicted_components"].items()},
                 "wall_s": report["polled"].get("wall_s")})
-    if args.budget_between:
-        low, high = (measured[b] for b in args.budget_between)
-        budget = (low + high) // 2
+    if args.budget_between or args.budget:
+        from qlora_plugin.sizes import parse_memory
+
+        budget = parse_memory(args.budget) if args.budget else sum(measured[b] for b in args.budget_between) // 2
         out = str(CACHE / "runs" / f"{Path(path).name}-budget-{time.time():.0f}")
         report = train(path, out, args.seq, None, args.init, args.eval, not args.no_malloc, args.steps,
                        ["--memory_budget", f"{budget}B", *args.extra], nice=args.nice)
@@ -226,6 +236,16 @@ def main() -> int:
         print(f"budget {budget / MiB:,.0f} MiB -> batch {chosen['per_device_train_batch_size']} x "
               f"{chosen['gradient_accumulation_steps']}; measured peak {peak / MiB:,.0f} MiB "
               f"({(peak / budget - 1):+.1%} of the budget)", flush=True)
+        if args.record:
+            record(args.record, {
+                "cell": args.cell, "why": args.why, "held_out": args.held_out, "hidden": args.hidden,
+                "layers": args.layers, "vocab": args.vocab or "tokenizer", "seq": args.seq, "init": args.init,
+                "eval": args.eval, "malloc": "glibc" if args.no_malloc else "tuned", "steps": args.steps,
+                "budget_mib": round(budget / MiB), "chosen": [chosen["per_device_train_batch_size"],
+                                                             chosen["gradient_accumulation_steps"]],
+                "budget_predicted_peak_mib": round(chosen["predicted_peak_bytes"] / MiB),
+                "measured_mib": round(peak / MiB), "under_budget": peak <= budget,
+                "margin": round(1 - peak / budget, 4), "wall_s": report["polled"].get("wall_s")})
     return 0
 
 
