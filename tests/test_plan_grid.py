@@ -88,3 +88,38 @@ def test_the_budget_at_the_110m_shape_picks_a_batch_whose_predicted_peak_is_unde
     choice = choose(config, "qlora", QLORA, options, settings, budget, samples_per_step=8, eval_cap=8)
     assert (choice["per_device_train_batch_size"], choice["gradient_accumulation_steps"]) == (2, 4)
     assert choice["predicted_peak_bytes"] <= choice["usable_bytes"] < budget < p.train(4)
+
+
+@pytest.mark.slow
+def test_a_run_with_short_rows_is_compared_with_the_plan_at_its_longest_row(tmp_path):
+    """TRL's script on rows of a few tokens with `--max_length 256` and evaluation on: the report re-plans at the
+    longest row of the tokenized datasets, keeps the prediction at `max_length`, and compares the measured peak
+    with the larger of a step's and an evaluation's predicted peak."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from plan_accuracy import train_and_compare
+
+    from qlora_plugin.tiny_model import build_tiny_model
+
+    skills = Path(__file__).resolve().parents[1] / "examples" / "data" / "skills"
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, rows in (("train", 64), ("test", 8)):
+        lines = (skills / f"{split}.jsonl").read_text().splitlines()[:rows]
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    model = build_tiny_model(str(tmp_path / "model"), "llama", hidden_size=64, layers=1, intermediate_size=128)
+    memory = train_and_compare(model, str(data), str(tmp_path / "run"), "qlora", batch=4, seq=256, checkpointing=False,
+                               steps=1, extra=["--use_cpu", "--eval_strategy", "steps", "--eval_steps", "1",
+                                               "--init_lora_weights", "default"])
+    longest = memory["predicted_for"]["longest_row"]
+    assert 0 < longest < 64 and memory["predicted_for"]["seq_len"] == longest
+    at_max = memory["predicted_at_max_length"]["predicted_step_peak_bytes"]
+    assert memory["predicted_step_peak_bytes"] < at_max
+    assert memory["predicted_step_peak_bytes"] == max(memory["predicted_eval_peak_bytes"], memory[
+        "predicted_peak_bytes"] - memory["predicted_components"]["start"])
+    assert memory["prediction_error"] == pytest.approx(
+        memory["predicted_step_peak_bytes"] / memory["measured_peak_bytes"] - 1, abs=1e-4)
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
