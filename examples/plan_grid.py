@@ -211,8 +211,9 @@ def main() -> int:
         print(row(f"{batch}", report), flush=True)
         if args.record:
             memory = report["memory"]
-            # the whole process after loading (the start included) against the plan's peak (the start included)
-            predicted = memory["predicted_peak_bytes"]
+            # the whole process after loading (the start included) against the plan's peak (the start included;
+            # with evaluation on, the larger of it and the evaluation's)
+            predicted = max(memory["predicted_peak_bytes"], memory["predicted_eval_peak_bytes"] if args.eval else 0)
             record(args.record, {
                 "cell": args.cell, "why": args.why, "held_out": args.held_out, "hidden": args.hidden,
                 "layers": args.layers, "vocab": args.vocab or "tokenizer", "seq": args.seq, "batch": batch,
