@@ -123,3 +123,30 @@ def test_a_run_with_short_rows_is_compared_with_the_plan_at_its_longest_row(tmp_
     assert memory["prediction_error"] == pytest.approx(
         memory["predicted_step_peak_bytes"] / memory["measured_peak_bytes"] - 1, abs=1e-4)
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def test_evaluation_with_mapped_head_tiles_gets_no_allocator_share():
+    """TRL's head alone, evaluating 2,040 tokens x 128,256 entries under `qlora-plugin run`'s malloc, raised the
+    process by 956-973 MiB for 976 MiB counted: its tiles are mapped and given back, nothing stays in the heap. So
+    an evaluation whose head buffer is mapped (32 MiB and up) is planned at its transient, without the training
+    steps' allocator share; a small one keeps the share. The budget prices it the same way."""
+    from transformers import LlamaConfig
+
+    from qlora_plugin.options import StrategyOptions
+    from qlora_plugin.plan.budget import peaks
+    from qlora_plugin.plan.estimate import PlanSettings, plan_strategy
+    from qlora_plugin.strategies.builtin import QLORA
+
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+                         vocab_size=512)
+    for eval_batch, mapped in ((8, True), (1, False)):  # 8 x 255 tokens: a 128 MiB buffer; 1 x 255: 16 MiB
+        settings = PlanSettings(seq_len=256, eval_batch_size=eval_batch, device="cpu", dtype="bfloat16",
+                                malloc="tuned")
+        plan = plan_strategy(config, "qlora", QLORA, StrategyOptions(), settings)
+        share = plan.details["eval_allocator_share"]
+        assert plan.details["allocator_share"] > 0 and share == (0 if mapped else plan.details["allocator_share"])
+        kept = sum(v for k, v in plan.components.items() if k not in ("gradients", "activations", "loss",
+                                                                        "allocator", "start"))
+        assert plan.eval_bytes == int(kept + (1 + share) * plan.details["eval_activations"])
+        p = peaks(config, "qlora", QLORA, StrategyOptions(), settings)
+        assert p.eval(eval_batch) == pytest.approx(plan.eval_bytes, rel=1e-3)

@@ -131,7 +131,8 @@ class Plan:
         gradients are freed (`zero_grad(set_to_none=True)`); the evaluation forward's transient, with the allocator's
         share of it, replaces the training activations."""
         kept = sum(v for k, v in self.components.items() if k not in TRAINING_ONLY)
-        return int(kept + (1 + self.details.get("allocator_share", 0)) * self.details["eval_activations"])
+        share = self.details.get("eval_allocator_share", self.details.get("allocator_share", 0))
+        return int(kept + (1 + share) * self.details["eval_activations"])
 
     def as_dict(self) -> dict:
         return {"strategy": self.strategy, "total_bytes": self.total_bytes, "eval_peak_bytes": self.eval_bytes,
@@ -312,6 +313,12 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
         "start_parts": {k: v for k, v in start.items() if k != "total"},
         "mixed_precision": amp_dtype(compute),
         "allocator_share": allocator_share,
+        # evaluation with the fused head's buffer mapped on its own (see `_mapped`): its tiles are mapped and given
+        # back, so the process grows by the transient itself (TRL's head alone, 2,040 tokens x 128,256 entries
+        # under `qlora-plugin run`: +956-973 MiB for 976 counted; docs/plan.md, "The validation grid")
+        "eval_allocator_share": 0 if not cuda and evaluation["head"] and _mapped(evaluation["head"],
+                                                                                 settings.eval_batch_size)
+        else allocator_share,
         "allocator_how": ("CUDA caching allocator: 10% of the step's transients, an estimate (not measured); "
                           "runtime: the CUDA context, 500 MiB, an estimate (CUDA 12 with lazy loading: 300-600 MiB)"
                           if cuda
