@@ -335,7 +335,7 @@ def test_plan_shows_the_evaluation_peak(tiny_models, capsys):
         from qlora_plugin.plan.estimate import TRAINING_ONLY
 
         kept = sum(v for k, v in plan["components"].items() if k not in TRAINING_ONLY)
-        share = plan["details"]["allocator_share"]  # the allocator keeps its share of the forward's transient too
+        share = plan["details"]["eval_allocator_share"]  # the allocator's share of the forward's transient
         assert plan["eval_peak_bytes"] == int(kept + (1 + share) * plan["details"]["eval_activations"]) > kept
         assert plan["details"]["eval_batch_size"] == 16
 

@@ -5,6 +5,8 @@ figures; docs/plan.md has them).
     python examples/bench/plan_grid.py --hidden 1024 --layers 8 --seq 512 --batch 1 2 4 8      # one row per batch
     python examples/bench/plan_grid.py ... --init default --eval      # peft's start; evaluation on (eval batch = train)
     python examples/bench/plan_grid.py ... --budget-between 4 8       # --memory_budget set between two batches' peaks
+    python examples/bench/plan_grid.py ... --record docs/runs/plan_grid.json --why "..."   # append each row to the record
+    python examples/bench/plan_grid.py --table docs/runs/plan_grid.json      # the record as docs/plan.md's table
 
 Each run: `qlora-plugin run -- python -m trl.scripts.sft ... --strategy qlora --use_cpu true`, every row longer
 than `--max_length` (so each sequence is full), 2 steps (batch x 1), under `nice`. Two peaks are shown: the run's own (peak
@@ -86,7 +88,7 @@ def poll_peak(proc, result: dict) -> None:
 
 
 def train(path: str, out: str, seq: int, batch: int | None, init: str, evaluate: bool, malloc: bool,
-          steps: int, extra=(), probe: bool = False) -> dict:
+          steps: int, extra=(), probe: bool = False, nice: int = 10) -> dict:
     command = [sys.executable, "-m", "trl.scripts.sft", "--model_name_or_path", path, "--dataset_name", dataset(),
                "--strategy", "qlora", "--use_cpu", "true", "--output_dir", out, "--max_steps", str(steps),
                "--max_length", str(seq), "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
@@ -100,9 +102,11 @@ def train(path: str, out: str, seq: int, batch: int | None, init: str, evaluate:
         command += ["--qlora_hooks", str(HERE / "memory_probe_hooks.py")]
     if malloc:
         command = [str(Path(sys.executable).with_name("qlora-plugin")), "run", "--", *command]
-    command = ["nice", "-n", "10", *command]
+    if nice:
+        command = ["nice", "-n", str(nice), *command]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "QLORA_PLUGIN_CACHE_DIR": os.path.join(out, "cache")}
+    started = time.time()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     polled: dict = {}
     watcher = threading.Thread(target=poll_peak, args=(proc, polled), daemon=True)
@@ -116,6 +120,7 @@ def train(path: str, out: str, seq: int, batch: int | None, init: str, evaluate:
             polled["loaded"] = True
     proc.wait()
     watcher.join()
+    polled["wall_s"] = round(time.time() - started)
     if proc.returncode:
         raise SystemExit("".join(lines[-40:]))
     with open(os.path.join(out, "qlora_plugin_report.json"), encoding="utf-8") as f:
@@ -133,6 +138,36 @@ def row(label: str, report: dict) -> str:
             f"{polled / MiB:,.0f} | {parts} |")
 
 
+def record(path: str, cell: dict) -> None:
+    """Append one measured cell to the JSON record at `path` (a list), with the versions and the machine's load."""
+    import importlib.metadata
+
+    cell["versions"] = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "trl", "peft",
+                                                                              "bitsandbytes")}
+    cell["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    cells = json.loads(Path(path).read_text()) if Path(path).exists() else []
+    Path(path).write_text(json.dumps(cells + [cell], indent=1) + "\n")
+
+
+def table(path: str) -> str:
+    """The record at `path` as a markdown table (docs/plan.md, "The validation grid")."""
+    lines = ["| cell | shape (hidden x layers, vocab) | batch x seq | start | eval | predicted MiB | measured MiB | "
+             "error | held out | why this cell |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in json.loads(Path(path).read_text()):
+        if "budget_mib" in c:  # a --memory_budget run: its own line below the table
+            continue
+        lines.append(f"| {c['cell']} | {c['hidden']} x {c['layers']}, {c['vocab']} | {c['batch']} x {c['seq']} | "
+                     f"{c['init']} | {'on' if c['eval'] else 'off'} | {c['predicted_mib']:,} | {c['measured_mib']:,} | "
+                     f"{c['error']:+.1%} | {'yes' if c['held_out'] else 'no'} | {c['why']} |")
+    for c in json.loads(Path(path).read_text()):
+        if "budget_mib" in c:
+            lines.append(f"\n`--memory_budget {c['budget_mib']:,}MiB` ({c['hidden']} x {c['layers']}, {c['batch'] if 'batch' in c else 8} "
+                         f"samples per step, seq {c['seq']}, start {c['init']}): chose {c['chosen'][0]} x {c['chosen'][1]} "
+                         f"(predicted {c['budget_predicted_peak_mib']:,} MiB); measured peak {c['measured_mib']:,} MiB, "
+                         f"{'within' if c['under_budget'] else 'OVER'} the budget ({c['margin']:.1%} of it left)")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -141,7 +176,7 @@ def main() -> int:
     parser.add_argument("--intermediate", type=int, default=None, help="default 3 x hidden")
     parser.add_argument("--vocab", type=int, default=0, help="rows of the embedding and head (0: the tokenizer's)")
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--batch", type=int, nargs="*", default=[1])
     parser.add_argument("--init", default="auto", help="--init_lora_weights (auto: the calibrated LoftQ start)")
     parser.add_argument("--eval", action="store_true", help="evaluate once, at the last step")
     parser.add_argument("--no-malloc", action="store_true", help="glibc's defaults (no `qlora-plugin run`)")
@@ -149,8 +184,18 @@ def main() -> int:
     parser.add_argument("--probe", action="store_true", help="print where step 2's bytes go (memory_probe_hooks.py)")
     parser.add_argument("--budget-between", type=int, nargs=2, metavar=("LOW", "HIGH"), default=None,
                         help="also run with --memory_budget halfway between the measured peaks of these batches")
+    parser.add_argument("--budget", default=None, help="also run with this --memory_budget (e.g. 1700MiB)")
+    parser.add_argument("--nice", type=int, default=10, help="niceness of the training run (0: normal priority)")
+    parser.add_argument("--record", default=None, help="append each row to this JSON record")
+    parser.add_argument("--cell", default="", help="the cell's name in the record")
+    parser.add_argument("--why", default="", help="why the cell is in the grid, for the record")
+    parser.add_argument("--held-out", action="store_true", help="the model was not tuned on this cell")
+    parser.add_argument("--table", default=None, help="print the record at this path as a markdown table, and exit")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return 0
     path = model(args.hidden, args.layers, args.heads, args.intermediate or 3 * args.hidden, args.vocab)
     shape = (f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab or 'tokenizer'}, seq {args.seq}, "
              f"init {args.init}, eval {'on' if args.eval else 'off'}, malloc "
@@ -161,20 +206,47 @@ def main() -> int:
     for batch in args.batch:
         out = str(CACHE / "runs" / f"{Path(path).name}-s{args.seq}-b{batch}-{args.init}-{args.eval}-{time.time():.0f}")
         report = train(path, out, args.seq, batch, args.init, args.eval, not args.no_malloc, args.steps, args.extra,
-                       args.probe)
+                       args.probe, args.nice)
         measured[batch] = max(report["memory"]["measured_peak_bytes"], report["polled"].get("after_load", 0))
         print(row(f"{batch}", report), flush=True)
-    if args.budget_between:
-        low, high = (measured[b] for b in args.budget_between)
-        budget = (low + high) // 2
+        if args.record:
+            memory = report["memory"]
+            # the whole process after loading (the start included) against the plan's peak (the start included;
+            # with evaluation on, the larger of it and the evaluation's)
+            predicted = max(memory["predicted_peak_bytes"], memory["predicted_eval_peak_bytes"] if args.eval else 0)
+            record(args.record, {
+                "cell": args.cell, "why": args.why, "held_out": args.held_out, "hidden": args.hidden,
+                "layers": args.layers, "vocab": args.vocab or "tokenizer", "seq": args.seq, "batch": batch,
+                "init": args.init, "eval": args.eval, "malloc": "glibc" if args.no_malloc else "tuned",
+                "steps": args.steps, "predicted_mib": round(predicted / MiB), "measured_mib": round(measured[batch] / MiB),
+                "error": round(predicted / measured[batch] - 1, 4),
+                "run_step_peak_mib": round(memory["measured_peak_bytes"] / MiB),
+                "predicted_step_peak_mib": round(memory["predicted_step_peak_bytes"] / MiB),
+                "predicted_eval_peak_mib": round(memory.get("predicted_eval_peak_bytes", 0) / MiB),
+                "predicted_components_mib": {k: round(v / MiB, 1) for k, v in memory["predicted_components"].items()},
+                "wall_s": report["polled"].get("wall_s")})
+    if args.budget_between or args.budget:
+        from qlora_plugin.core.sizes import parse_memory
+
+        budget = parse_memory(args.budget) if args.budget else sum(measured[b] for b in args.budget_between) // 2
         out = str(CACHE / "runs" / f"{Path(path).name}-budget-{time.time():.0f}")
         report = train(path, out, args.seq, None, args.init, args.eval, not args.no_malloc, args.steps,
-                       ["--memory_budget", f"{budget}B", *args.extra])
+                       ["--memory_budget", f"{budget}B", *args.extra], nice=args.nice)
         chosen = report["memory_budget"]
         peak = max(report["memory"]["measured_peak_bytes"], report["polled"].get("after_load", 0))
         print(f"budget {budget / MiB:,.0f} MiB -> batch {chosen['per_device_train_batch_size']} x "
               f"{chosen['gradient_accumulation_steps']}; measured peak {peak / MiB:,.0f} MiB "
               f"({(peak / budget - 1):+.1%} of the budget)", flush=True)
+        if args.record:
+            record(args.record, {
+                "cell": args.cell, "why": args.why, "held_out": args.held_out, "hidden": args.hidden,
+                "layers": args.layers, "vocab": args.vocab or "tokenizer", "seq": args.seq, "init": args.init,
+                "eval": args.eval, "malloc": "glibc" if args.no_malloc else "tuned", "steps": args.steps,
+                "budget_mib": round(budget / MiB), "chosen": [chosen["per_device_train_batch_size"],
+                                                             chosen["gradient_accumulation_steps"]],
+                "budget_predicted_peak_mib": round(chosen["predicted_peak_bytes"] / MiB),
+                "measured_mib": round(peak / MiB), "under_budget": peak <= budget,
+                "margin": round(1 - peak / budget, 4), "wall_s": report["polled"].get("wall_s")})
     return 0
 
 

@@ -104,7 +104,8 @@ class Peaks:
         if self.head is None or self.eval_stack_per_sample is None:
             return self.eval_base + batch * self.eval_per_sample + self.offset()
         transient = eval_peak_bytes(self.head, batch, self.eval_stack_per_sample)
-        return self.eval_base + int((1 + self.share) * transient) + self.offset()
+        mapped = not self.cuda and buffer_bytes(self.head, batch) >= GLIBC_MMAP_THRESHOLD
+        return self.eval_base + int((1 + (0 if mapped else self.share)) * transient) + self.offset()  # as `Plan`
 
 
 def peaks(config, name, strategy, options: StrategyOptions, settings: PlanSettings, pm=None,

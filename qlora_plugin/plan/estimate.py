@@ -132,7 +132,8 @@ class Plan:
         gradients are freed (`zero_grad(set_to_none=True)`); the evaluation forward's transient, with the allocator's
         share of it, replaces the training activations."""
         kept = sum(v for k, v in self.components.items() if k not in TRAINING_ONLY)
-        return int(kept + (1 + self.details.get("allocator_share", 0)) * self.details["eval_activations"])
+        share = self.details.get("eval_allocator_share", self.details.get("allocator_share", 0))
+        return int(kept + (1 + share) * self.details["eval_activations"])
 
     def as_dict(self) -> dict:
         return {"strategy": self.strategy, "total_bytes": self.total_bytes, "eval_peak_bytes": self.eval_bytes,
@@ -313,6 +314,12 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
         "start_parts": {k: v for k, v in start.items() if k != "total"},
         "mixed_precision": amp_dtype(compute),
         "allocator_share": allocator_share,
+        # evaluation with the fused head's buffer mapped on its own (see `_mapped`): its tiles are mapped and given
+        # back, so the process grows by the transient itself (TRL's head alone, 2,040 tokens x 128,256 entries
+        # under `qlora-plugin run`: +956-973 MiB for 976 counted; docs/plan.md, "The validation grid")
+        "eval_allocator_share": 0 if not cuda and evaluation["head"] and _mapped(evaluation["head"],
+                                                                                 settings.eval_batch_size)
+        else allocator_share,
         "allocator_how": ("CUDA caching allocator: 10% of the step's transients, an estimate (not measured); "
                           "runtime: the CUDA context, 500 MiB, an estimate (CUDA 12 with lazy loading: 300-600 MiB)"
                           if cuda
@@ -357,9 +364,18 @@ def make_plans(model: str, strategies: list[str] | None, settings: PlanSettings,
     return [plan(config, name, strategy, options, settings, pm) for name, strategy, options in resolved]
 
 
+def evaluates_during_training(training_args) -> bool:
+    """Whether the trainer evaluates inside `train()` (an eval strategy, or `eval_on_start`): then the run's peak
+    from the first step on is the larger of a training step's and an evaluation's."""
+    strategy = getattr(training_args, "eval_strategy", "no")
+    return str(getattr(strategy, "value", strategy)) != "no" or bool(getattr(training_args, "eval_on_start", False))
+
+
 def predict_for_run(model_config, strategy, options: StrategyOptions, training_args, device: str,
-                    compute: str, pm=None, plan=None) -> dict:
+                    compute: str, pm=None, plan=None, seq_len: int | None = None) -> dict:
     """The plan for a training run's actual settings, for `qlora_plugin_report.json` (next to the measured peak).
+    `seq_len`: the longest row the run really had, when shorter than `max_length` (the report re-plans with it when
+    training ends: collators pad each batch to its longest row, not to `max_length`).
 
     A plan that cannot be made (an optimizer plan does not model, an exotic architecture) is reported, not raised:
     the prediction must never stop a training run.
@@ -370,7 +386,7 @@ def predict_for_run(model_config, strategy, options: StrategyOptions, training_a
     try:
         settings = PlanSettings(
             batch_size=training_args.per_device_train_batch_size,
-            seq_len=getattr(training_args, "max_length", None) or 1024,
+            seq_len=seq_len or getattr(training_args, "max_length", None) or 1024,
             eval_batch_size=training_args.per_device_eval_batch_size,
             device="cuda" if device == "cuda" else "cpu", dtype=compute, optim=optim_name(training_args),
             gradient_checkpointing=bool(getattr(training_args, "activation_checkpointing",
@@ -381,9 +397,12 @@ def predict_for_run(model_config, strategy, options: StrategyOptions, training_a
         plan = (plan or plan_strategy)(config, strategy.name, strategy, options, settings, pm)
     except Exception as err:  # noqa: BLE001 - see docstring
         return {"predicted_peak_bytes": None, "prediction_failed": f"{type(err).__name__}: {err}"}
+    step_peak = plan.total_bytes - plan.components["start"]
     return {"predicted_peak_bytes": plan.total_bytes, "predicted_eval_peak_bytes": plan.eval_bytes,
-            # the run measures its peak from the first step, after the adapter's start: compared with this
-            "predicted_step_peak_bytes": plan.total_bytes - plan.components["start"],
+            # the run measures its peak from the first step, after the adapter's start: compared with this (with
+            # the evaluations run during training, the larger of a step's and an evaluation's)
+            "predicted_step_peak_bytes": max(step_peak, plan.eval_bytes) if evaluates_during_training(training_args)
+            else step_peak,
             "predicted_components": plan.components, "predicted_allocator_bytes": plan.details["allocator_bytes"],
             "predicted_for": {k: plan.details[k] for k in ("batch_size", "seq_len", "gradient_checkpointing",
                                                             "optimizer", "device", "compute_dtype",

@@ -52,7 +52,7 @@ def _no_meta_autocast():
 
 def _tracked_peaks(tokens: int, hidden: int, vocab: int, compute_dtype) -> tuple[int, int]:
     """(forward, backward) peaks of the bytes TRL's chunked log-prob function holds on CPU (its torch path), for
-    `tokens` positions, counted on meta tensors. Inputs and outputs are not included."""
+    `tokens` positions, counted on meta tensors. Inputs and outputs are not included, nor views of the inputs."""
     import torch
     from trl.kernels import chunked_logprob
 
@@ -62,7 +62,7 @@ def _tracked_peaks(tokens: int, hidden: int, vocab: int, compute_dtype) -> tuple
     hidden_states = torch.empty(tokens, hidden, device="meta", dtype=compute_dtype, requires_grad=True)
     weight = torch.empty(vocab, hidden, device="meta", dtype=compute_dtype)
     targets = torch.zeros(tokens, dtype=torch.long, device="meta")
-    live = LiveBytes()
+    live = LiveBytes(existing=(hidden_states, weight, targets))  # its slices of the weight allocate nothing
     with _no_meta_autocast(), live:
         log_probs, *_ = chunked_logprob.ChunkedLogProbFunction.apply(
             hidden_states, weight, None, targets, 1.0, chunk, None, 1.0, ("log_probs", "entropy", "is_top1"))

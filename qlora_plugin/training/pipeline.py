@@ -9,6 +9,7 @@ gathers the facts.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 
@@ -216,8 +217,11 @@ def prepare_trainer_kwargs(request: StrategyRequest, trainer_kwargs: dict, pm=No
         _merge_facts(facts, extra)  # in registration order: the built-in notes first
     # other trainers: their rows, reference and generation passes (`plan.trainer_passes`); GRPO/RLOO's prompt
     # length is unbounded, so their report says why it has no prediction
-    facts["memory"] = predict_for_run(model.config, strategy, options, args, runtime.device_type, compute, pm,
-                                      planner(passes_for_args(kind.name, args), args))
+    plan_for_run = functools.partial(predict_for_run, model.config, strategy, options, args, runtime.device_type,
+                                     compute, pm, planner(passes_for_args(kind.name, args), args))
+    facts["memory"] = plan_for_run()
+    if facts["memory"].get("predicted_peak_bytes") is not None:  # the report re-plans at the longest row trained,
+        facts["_memory_at"] = plan_for_run                      # when shorter (never written)
     drop_skeletons(pm)  # the budget choice and the prediction shared them; planning for this run is done
     facts["summary_lines"] = [list(line) for lines in reversed(hooks.qlora_summary_lines(facts=facts))
                               for line in lines or ()]  # in registration order, as the facts

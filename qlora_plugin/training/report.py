@@ -119,6 +119,42 @@ def prediction_error(memory: dict, measured: int) -> float | None:
     return round(predicted / measured - 1, 4) if predicted and measured else None
 
 
+def longest_row(*dataloaders, multiple: int | None = None) -> int | None:
+    """The most tokens in one row of the tokenized datasets behind `dataloaders` (their `input_ids` column),
+    rounded up to `multiple` (`pad_to_multiple_of`); None when no dataset says. Collators pad each batch to its
+    longest row: a run whose rows are all shorter than `max_length` never holds `max_length` tokens."""
+    longest = None
+    for loader in dataloaders:
+        data = getattr(getattr(loader, "dataset", None), "data", None)  # a datasets.Dataset's Arrow table
+        try:
+            import pyarrow.compute as pc
+
+            lengths = pc.list_value_length(data.column("input_ids"))
+            most = pc.max(lengths).as_py()
+        except Exception:  # noqa: BLE001 - not a tokenized datasets.Dataset (iterable, packed, custom): unknown
+            return None
+        if most is not None:
+            longest = max(longest or 0, most)
+    if longest and multiple:
+        longest = -(-longest // multiple) * multiple
+    return longest
+
+
+def replan_for_rows(facts: dict, args, dataloaders) -> None:
+    """Re-plan the run's memory for the longest row it really had when that is shorter than the planned
+    `max_length` (the prediction made before the data was tokenized), keeping the first prediction beside it."""
+    memory, replan = facts.get("memory"), facts.pop("_memory_at", None)
+    planned = (memory or {}).get("predicted_for", {}).get("seq_len")
+    longest = longest_row(*dataloaders, multiple=getattr(args, "pad_to_multiple_of", None))
+    if not (memory and replan and planned and longest) or longest >= planned:
+        return
+    again = replan(seq_len=longest)
+    if again.get("predicted_peak_bytes"):
+        first = {k: memory[k] for k in ("predicted_peak_bytes", "predicted_step_peak_bytes")}
+        memory.update(again, predicted_at_max_length=first)
+        memory["predicted_for"]["longest_row"] = longest
+
+
 PREDICTION_TOLERANCE = 0.10  # the plan's validated accuracy (docs/plan.md): beyond it a run says so
 
 
@@ -167,6 +203,7 @@ class StrategyReportCallback(TrainerCallback):
             "final_loss": logs[-1]["loss"] if logs else None,
         }
         self.facts["measured"] = measured
+        replan_for_rows(self.facts, args, (kwargs.get("train_dataloader"), kwargs.get("eval_dataloader")))
         memory = self.facts.get("memory")
         if memory is not None:  # the plan's prediction beside what was measured
             memory.update(measured_peak_bytes=measured["peak_memory_bytes"], memory_kind=measured["memory_kind"])
