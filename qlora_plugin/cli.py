@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import sys
 
 sys._qlora_plugin_own_cli = True  # our own flags (e.g. --strategy) are never taken as an activation
@@ -20,7 +22,7 @@ from qlora_plugin.plugin.manager import (  # noqa: E402
 
 
 def _strategies(args) -> int:
-    pm = get_plugin_manager([*hook_files_from_env(), *(args.hooks or [])])
+    pm = get_plugin_manager([*hook_files_from_env(), *(args.hooks or [])], catalog_only=True)  # no training stack
     defaults = option_defaults(collect_options(pm))  # the built-in options, then the plugins'
     for strategy in sorted(collect_strategies(pm).values(), key=lambda s: s.name):
         print(f"{strategy.name}  [{strategy.plugin}]")
@@ -40,7 +42,7 @@ def _strategies(args) -> int:
 
 
 def _options(args) -> int:
-    pm = get_plugin_manager(hook_files_from_env())
+    pm = get_plugin_manager(hook_files_from_env(), catalog_only=True)  # no training stack
     print(options_reference_markdown(collect_options(pm)), end="")
     return 0
 
@@ -156,6 +158,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run)
     p = sub.add_parser("plan", add_help=False, help="Predict peak training memory from config.json (docs/plan.md).")
     p.set_defaults(func=_plan)
+    parser.command_names = tuple(sub.choices)  # for the one-line answer to a command that does not exist
     return parser
 
 
@@ -165,10 +168,27 @@ def _plan(args, rest) -> int:
     return plan_main(rest)
 
 
+def _unknown_command(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """One line for a command that does not exist (`qlora-plugin strategy`), with the nearest one; argparse's own
+    "invalid choice" lists them all and suggests none (before Python 3.14)."""
+    commands = parser.command_names
+    word = next((a for a in argv if not a.startswith("-")), None)
+    if word is None or word in commands:
+        return None
+    near = difflib.get_close_matches(word, commands, n=1, cutoff=0.6)
+    hint = f"did you mean `qlora-plugin {near[0]}`? " if near else ""
+    return f"unknown command {word!r}: {hint}The commands are: {', '.join(commands)}."
+
+
 def main(argv=None) -> int:
     leave_out_for_a_command()  # bitsandbytes' CPU kernel note (never used here), the Hub's retries as one line
     refuse_hub_kernels()  # ... and never with a kernel fetched from the Hub
     parser = make_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    unknown = _unknown_command(parser, argv[:1])
+    if unknown:
+        print(f"qlora-plugin: error: {unknown}", file=sys.stderr)
+        return 2
     args, rest = parser.parse_known_args(argv)
     if args.func is not _plan and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -177,6 +197,9 @@ def main(argv=None) -> int:
     except QLoRAPluginError as err:
         print(f"qlora-plugin: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `qlora-plugin strategies | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":

@@ -89,3 +89,17 @@ def test_shared_skeletons_give_the_same_plan(tiny_models, monkeypatch):
     assert reused == fresh
     skeleton.drop_skeletons(shared)
     assert shared not in skeleton._kept
+
+
+def test_listing_strategies_and_options_loads_no_training_stack():
+    """`qlora-plugin strategies` and `options` register only the catalog plugins and read the packaged hooks'
+    docstrings from their source: no torch, transformers, TRL, peft or bitsandbytes is imported (it took 11 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from qlora_plugin.cli import main; main(['strategies']); main(['options']); "
+            "print('LOADED', [m for m in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "qlora  [qlora_plugin.strategies.presets]" in proc.stdout and "| `cpu_fast_dropout`" in proc.stdout
+    assert "LOADED []" in proc.stdout, proc.stdout[-300:]

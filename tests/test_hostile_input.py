@@ -8,6 +8,7 @@ imports `trl`); the cases whose error comes later in the script run as real proc
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -97,7 +98,20 @@ COMMAND = {
                                     "--hidden-size: must be a positive integer, got '0'"),
     "tiny-model with a size the heads do not divide": (["tiny-model", "out", "--hidden-size", "66"],
                                                        "hidden size 66 must be a multiple of the 4 attention heads"),
+    "a misspelled command": (["strategy"], "unknown command 'strategy': did you mean `qlora-plugin strategies`?"),
+    "a command that does not exist": (["train"], "unknown command 'train': The commands are: strategies, options"),
 }
+
+
+def test_a_listing_cut_short_by_its_reader_is_not_an_error(tmp_path):
+    """`qlora-plugin options | head -1`: the reader closes the pipe; the command ends quietly with status 0."""
+    import subprocess
+
+    proc = subprocess.run(f"'{sys.executable}' -m qlora_plugin.cli options | head -1", shell=True, cwd=tmp_path,
+                          capture_output=True, text=True, executable="/bin/bash",
+                          env={**os.environ, "PYTHONUNBUFFERED": "0"})
+    assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, \
+        proc.stderr
 
 
 @pytest.mark.parametrize("case", COMMAND)

@@ -73,7 +73,7 @@ def test_a_plugin_option_is_checked_like_a_built_in_one(hook_file, case):
 BAD_REGISTRATIONS = {
     "built-in name": (("lora_r", int, 8, "clash"), "registers option 'lora_r', which qlora-plugin already defines"),
     "another plugin's name": (("cpu_fast_dropout", bool, True, "clash"),
-                              "qlora_plugin.cpu.cpu_dropout both register option"),
+                              "qlora_plugin.cpu.options both register option"),
     "bad name": (("Loud", bool, False, "x"), "an option name must be a lowercase identifier"),
     "bad type": (("odd", list, [], "x"), "of type <class 'list'>; allowed: bool, int, float, str"),
     "bad default": (("odd", int, "1", "x"), "with default '1', not an integer"),

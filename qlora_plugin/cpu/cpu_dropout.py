@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qlora_plugin.cpu.options import FAST_DROPOUT, FAST_DROPOUT_DEFAULT
 from qlora_plugin.plugin.specs import hookimpl
 
 _SPAN = 2**32
@@ -99,17 +100,7 @@ def installed(model) -> int:
     return sum(1 for module in model.modules() if isinstance(module, CpuLoraDropout))
 
 
-OPTION = "cpu_fast_dropout"
-DEFAULT = True  # also for options built without the plugins' options (a bare `StrategyOptions()`)
-
-
-@hookimpl
-def qlora_register_options(register):
-    register(OPTION, bool, DEFAULT,
-             "On CPU, draw LoRA dropout masks with numpy's SFC64 generator, seeded from torch's (one 32-bit draw per "
-             "element), instead of torch's bernoulli_: the same drop rate (to within 2^-32) and 1/(1-p) scaling, a "
-             "bool mask kept for the backward (measured in docs/benchmarks.md). Same seed, same masks, but not "
-             "torch's masks: false keeps torch's dropout, as stock peft draws it.")
+OPTION, DEFAULT = FAST_DROPOUT, FAST_DROPOUT_DEFAULT  # registered by `cpu/options.py` (a catalog plugin)
 
 
 @hookimpl

@@ -28,6 +28,7 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_plugin.cpu.linear4bit_forward import input_and_bias_grads, route, routed
+from qlora_plugin.cpu.options import DEQUANT_BUFFER
 from qlora_plugin.plugin.specs import hookimpl
 from qlora_plugin.quant.layers import four_bit_layers
 
@@ -162,16 +163,7 @@ class ReleaseDequantBuffer(TrainerCallback):
             buffer.release()
 
 
-OPTION = "cpu_dequant_buffer"
-
-
-@hookimpl
-def qlora_register_options(register):
-    register(OPTION, bool, False,
-             "On CPU, dequantize 4-bit weights of 32 MiB and more into one reused buffer instead of fresh memory at "
-             "every matmul (bit-identical; faster dequantization, but whole steps were not measurably faster in "
-             "docs/benchmarks.md). Costs one buffer the size of the largest weight, freed before each optimizer "
-             "step.")
+OPTION = DEQUANT_BUFFER  # registered by `cpu/options.py` (a catalog plugin)
 
 
 @hookimpl

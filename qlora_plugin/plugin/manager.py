@@ -7,6 +7,7 @@ built-in strategies and every built-in feature are plugins registered exactly li
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import importlib
@@ -28,7 +29,14 @@ HOOKS_ENV = "QLORA_PLUGIN_HOOKS"
 LOAD_ENV = "QLORA_PLUGIN_LOAD"  # comma-separated entry-point names to load; empty string: none
 PACKAGED_HOOKS = "qlora_plugin.hooks"  # ready hooks shipped in the wheel, named without `.py`: `--qlora_hooks qdora`
 
-# In registration order; pluggy calls later registrations first, and the built-in answers are `trylast`.
+# The built-in plugins that only register strategies and options, importing no machine-learning library: all a
+# listing needs (`qlora-plugin strategies`, `options`: `get_plugin_manager(catalog_only=True)`).
+CATALOG_PLUGINS = (
+    "qlora_plugin.strategies.presets",  # the qlora, lora-int8 and lora strategies
+    "qlora_plugin.cpu.options",  # the CPU paths' options
+)
+# In registration order, after the catalog; pluggy calls later registrations first, and the built-in answers are
+# `trylast`.
 DEFAULT_PLUGINS = (
     "qlora_plugin.strategies.builtin",  # the qlora and lora strategies: loading kwargs, LoRA, paged AdamW, recipe
     "qlora_plugin.quant.cache",  # quantize a local base once, load the packed 4-bit copy on later runs
@@ -44,12 +52,14 @@ DEFAULT_PLUGINS = (
 )
 
 
-def get_plugin_manager(hook_files=(), load_entrypoints: bool = True) -> pluggy.PluginManager:
-    """Build a manager: `DEFAULT_PLUGINS`, then installed entry points, then `hook_files` (paths to .py files, or
+def get_plugin_manager(hook_files=(), load_entrypoints: bool = True, catalog_only: bool = False
+                       ) -> pluggy.PluginManager:
+    """Build a manager: `CATALOG_PLUGINS`, `DEFAULT_PLUGINS` (not with `catalog_only`: a listing's manager, which
+    answers the registration hooks only), then installed entry points, then `hook_files` (paths to .py files, or
     names of packaged hooks) in order."""
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(specs)
-    for name in DEFAULT_PLUGINS:
+    for name in CATALOG_PLUGINS + (() if catalog_only else DEFAULT_PLUGINS):
         pm.register(importlib.import_module(name), name=name)
     if load_entrypoints:
         _load_entrypoints(pm)
@@ -72,7 +82,7 @@ def get_plugin_manager(hook_files=(), load_entrypoints: bool = True) -> pluggy.P
 def loaded_plugins(pm: pluggy.PluginManager) -> dict[str, list[str]]:
     """What a manager loaded beyond `DEFAULT_PLUGINS`: hook files (resolved paths), packaged hooks and installed
     plugins (entry-point names), in registration order (for the run's summary and report)."""
-    names = [name for name, _ in pm.list_name_plugin() if name not in DEFAULT_PLUGINS]
+    names = [name for name, _ in pm.list_name_plugin() if name not in CATALOG_PLUGINS + DEFAULT_PLUGINS]
     packaged = f"{PACKAGED_HOOKS}."
     return {"hook_files": [n.split(":", 1)[1] for n in names if n.startswith("hook-file:")],
             "packaged_hooks": [n[len(packaged):] for n in names if n.startswith(packaged)],
@@ -80,12 +90,13 @@ def loaded_plugins(pm: pluggy.PluginManager) -> dict[str, list[str]]:
 
 
 def packaged_hooks() -> dict[str, str]:
-    """{name: first docstring line} of the ready hooks installed with the package (`qlora_plugin/hooks/`)."""
+    """{name: first docstring line} of the ready hooks installed with the package (`qlora_plugin/hooks/`), read from
+    their source: listing them imports none (a hook may load the training stack)."""
     folder = Path(importlib.util.find_spec(PACKAGED_HOOKS).origin).parent
     found = {}
     for file in sorted(folder.glob("*.py")):
         if file.stem != "__init__":
-            doc = inspect.getdoc(importlib.import_module(f"{PACKAGED_HOOKS}.{file.stem}")) or ""
+            doc = ast.get_docstring(ast.parse(file.read_text(encoding="utf-8"))) or ""
             found[file.stem] = doc.splitlines()[0] if doc else ""
     return found
 

@@ -1,5 +1,5 @@
-"""The built-in strategies, `qlora`, `lora-int8` and `lora`, registered through the same hooks as any third-party
-plugin.
+"""The built-in strategies' hooks (`qlora`, `lora-int8` and `lora`: their presets are in `presets.py`), answered
+through the same hooks as any third-party plugin.
 
 Every implementation here is `trylast`, so a plugin can answer any hook first, for its own strategy or for all.
 """
@@ -15,37 +15,9 @@ from qlora_plugin.strategies.calibration import CalibratedLoftQ
 from qlora_plugin.strategies.engine_checks import engine_warnings
 from qlora_plugin.strategies.optimizer import CPU_PAGING_NOTE, bitsandbytes_optimizer, optim_name
 from qlora_plugin.strategies.recipe import training_defaults
-from qlora_plugin.core.strategy import Strategy
+from qlora_plugin.strategies.presets import LORA, LORA_INT8, QLORA  # noqa: F401 - where callers find them
 
 logger = logging.getLogger(__name__)
-
-QLORA = Strategy(
-    "qlora",
-    "QLoRA (Dettmers et al. 2023): frozen NF4 base with double quantization, 16-bit LoRA on every linear layer "
-    "(r=64, alpha=16), paged AdamW, the paper's training recipe.",
-    {"load_in_4bit": True},
-)
-# Named for what it trains (LoRA) and on what (an int8 base): not "qlora-int8" (QLoRA is the 4-bit NF4 recipe), and
-# far enough from `qlora` and `lora` that a typo of either is never offered it.
-LORA_INT8 = Strategy(
-    "lora-int8",
-    "LoRA on an 8-bit base (bitsandbytes LLM.int8()): the qlora recipe with the frozen base in int8 instead of NF4 "
-    "(about twice the base memory of qlora, a far smaller rounding error per weight); peft's default start.",
-    {"load_in_4bit": False, "quant_backend": "bnb_int8"},
-)
-LORA = Strategy(
-    "lora",
-    "16-bit LoRA with the same recipe, no quantization: the side-by-side baseline for qlora.",
-    {"load_in_4bit": False},
-)
-
-
-@hookimpl(trylast=True)
-def qlora_register_strategies(register):
-    register(QLORA)
-    register(LORA_INT8)
-    register(LORA)
-
 
 @hookimpl(trylast=True)
 def qlora_model_init_kwargs(options, init_kwargs, runtime):
