@@ -16,7 +16,9 @@ one whole token of SmolLM2's tokenizer, while every training city was spelled th
 model wrote `S` and could not spell the rest. A bigger pool teaches the copy over many more spellings, and 15 of
 the training cities are whole tokens there (WHOLE_TRAIN; checked with the tokenizer, which has few such city names)
 as 5 of the held-out ones are (WHOLE_HELD_OUT, Split kept among them): the same share, about one in five. With 20
-held-out cities, one city is 5% of the score instead of 12.5%.
+held-out cities, one city is 5% of the score instead of 12.5%. Measured (examples/demo.py, 30 steps): 35/40
+held-out before the change (five misses, all Split), 37/40 after it (TRL's seed 42) and 38/40 (seed 43); more in
+docs/getting-started.md.
 """
 
 import json
