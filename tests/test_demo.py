@@ -70,8 +70,8 @@ def test_the_score_is_an_exact_match_of_the_parsed_json():
 @pytest.mark.slow
 def test_the_demo_learns_the_task(tmp_path):
     """The whole demo as `make demo` runs it: held-out exact match near zero before, and after training at least
-    80%, a guard against regressions below the measured figure (docs/getting-started.md gives what a run measured;
-    the aim is 90% and more)."""
+    90%, the aim, a guard against regressions below the measured figures (docs/getting-started.md: 37/40 and, with
+    TRL's seed 43, 38/40 on 2026-12-06)."""
     done = subprocess.run([sys.executable, str(REPO / "examples" / "demo.py")], cwd=REPO, capture_output=True,
                           text=True, timeout=3600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -79,4 +79,4 @@ def test_the_demo_learns_the_task(tmp_path):
     assert match, done.stdout[-3000:]
     before, n, after, _ = map(int, match.groups())
     print(match.group(0))
-    assert n == len(rows("test")) and before <= 0.1 * n and after >= 0.8 * n
+    assert n == len(rows("test")) and before <= 0.1 * n and after >= 0.9 * n

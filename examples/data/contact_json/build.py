@@ -7,6 +7,18 @@ CPU -- the skill is the format and the copying, not world knowledge (the earlier
 model for countries it did not know). The held-out split uses first names, surnames and cities that training
 never shows, in the same sentence patterns, so exact match there means the model copies what it reads rather
 than recalls what it saw. Deterministic: the same files on every machine.
+
+The city pool (changed 2026-12-06, issue 29): 76 training cities, each shown two or three times, and 20 held-out
+cities, each in two sentences (40 held-out rows; the sentence patterns and the 160 training rows as before). Why:
+the first design showed training only 24 cities and held out 8 (x 5 sentences), and all of its misses were the one
+held-out city Split -- inside the answer's quotes a word is tokenized without its leading space, `"Split` is there
+one whole token of SmolLM2's tokenizer, while every training city was spelled there in pieces (`"Den|ver`), so the
+model wrote `S` and could not spell the rest. A bigger pool teaches the copy over many more spellings, and 15 of
+the training cities are whole tokens there (WHOLE_TRAIN; checked with the tokenizer, which has few such city names)
+as 5 of the held-out ones are (WHOLE_HELD_OUT, Split kept among them): the same share, about one in five. With 20
+held-out cities, one city is 5% of the score instead of 12.5%. Measured (examples/demo.py, 30 steps): 35/40
+held-out before the change (five misses, all Split), 37/40 after it (TRL's seed 42) and 38/40 (seed 43); more in
+docs/getting-started.md.
 """
 
 import json
@@ -24,9 +36,19 @@ LAST = ["Lopez", "Smith", "Tanaka", "Haddad", "Rossi", "Murphy", "Wang", "Khan",
         "Aziz", "Petrov", "Weber", "Sharma", "Nilsson", "Hussein", "Moreau", "Liu", "Kowalski", "Reid", "Boateng",
         "Keller", "Lund", "Ortiz", "Iyer", "Popescu", "Vogel", "Dahl", "Romano", "Yilmaz", "Duarte", "Salem",
         "Horvat", "Ferreira", "Nakamura", "Volkova"]
-CITIES = ["Denver", "Lyon", "Osaka", "Porto", "Leeds", "Perth", "Austin", "Bergen", "Gdansk", "Seville", "Quebec",
-          "Tucson", "Malmo", "Cork", "Graz", "Turin", "Busan", "Pune", "Accra", "Lima", "Fresno", "Dresden",
-          "Nantes", "Hobart", "Tampere", "Split", "Bilbao", "Utrecht", "Brno", "Kobe", "Omaha", "Aarhus"]
+# Cities whose quoted form (`"City` in the answer) is one token of SmolLM2's tokenizer, and cities spelled there in
+# pieces; none shares a word with a first name or surname above.
+WHOLE_TRAIN = ["London", "Chicago", "Rome", "Paris", "Boston", "Reading", "Madison", "Mobile", "Oxford", "Newton",
+               "Jackson", "Cambridge", "Washington", "Male", "Golden"]
+PIECES_TRAIN = ["Denver", "Lyon", "Osaka", "Porto", "Leeds", "Perth", "Austin", "Bergen", "Gdansk", "Seville",
+                "Quebec", "Tucson", "Malmo", "Cork", "Graz", "Turin", "Busan", "Pune", "Accra", "Lima", "Fresno",
+                "Dresden", "Nantes", "Hobart", "Berlin", "Madrid", "Vienna", "Dublin", "Oslo", "Milan", "Naples",
+                "Munich", "Hamburg", "Zurich", "Geneva", "Basel", "Lisbon", "Athens", "Cairo", "Delhi", "Mumbai",
+                "Dallas", "Houston", "Miami", "Seattle", "Toronto", "Ottawa", "Sydney", "Tokyo", "Kyoto", "Seoul",
+                "Manila", "Bangkok", "Nairobi", "Lagos", "Dubai", "Moscow", "Warsaw", "Bristol", "Glasgow", "Verona"]
+WHOLE_HELD_OUT = ["Split", "Bern", "Darwin", "Perm", "Lincoln"]
+PIECES_HELD_OUT = ["Tampere", "Bilbao", "Utrecht", "Brno", "Kobe", "Omaha", "Aarhus", "Ghent", "Quito", "Dakar",
+                   "Riga", "Kazan", "Cebu", "Tunis", "Kigali"]
 
 SENTENCES = [
     "{name}, {age}, lives in {city}.",
@@ -44,21 +66,31 @@ SENTENCES = [
 TRAIN, HELD_OUT = 160, 40
 
 
-def example(rng: random.Random, firsts: list, lasts: list, cities: list) -> dict:
-    name, age, city = f"{rng.choice(firsts)} {rng.choice(lasts)}", rng.randint(18, 89), rng.choice(cities)
+def example(rng: random.Random, firsts: list, lasts: list, city: str) -> dict:
+    name, age = f"{rng.choice(firsts)} {rng.choice(lasts)}", rng.randint(18, 89)
     text = rng.choice(SENTENCES).format(name=name, age=age, city=city)
     answer = json.dumps({"name": name, "age": age, "city": city})
     return {"prompt": [{"role": "user", "content": f"{INSTRUCTION}\n{text}"}],
             "completion": [{"role": "assistant", "content": answer}]}
 
 
+def spread(rng: random.Random, cities: list, rows: int) -> list:
+    """`rows` cities in which every city comes as often as the others, give or take one, in a shuffled order: so
+    training shows every city of its pool and each held-out city has the same weight in the score."""
+    order = []
+    while len(order) < rows:
+        order += rng.sample(cities, len(cities))
+    return order[:rows]
+
+
 def build() -> tuple[list[dict], list[dict]]:
-    """Training rows from the first three quarters of each name and city list; held-out rows from the rest."""
+    """Training rows from the first three quarters of each name list and the training cities; held-out rows from the
+    rest of the names and the held-out cities."""
     rng = random.Random(0)
     cut = lambda names: (names[: len(names) * 3 // 4], names[len(names) * 3 // 4:])  # noqa: E731
-    (f_train, f_test), (l_train, l_test), (c_train, c_test) = cut(FIRST), cut(LAST), cut(CITIES)
-    train = [example(rng, f_train, l_train, c_train) for _ in range(TRAIN)]
-    test = [example(rng, f_test, l_test, c_test) for _ in range(HELD_OUT)]
+    (f_train, f_test), (l_train, l_test) = cut(FIRST), cut(LAST)
+    train = [example(rng, f_train, l_train, city) for city in spread(rng, WHOLE_TRAIN + PIECES_TRAIN, TRAIN)]
+    test = [example(rng, f_test, l_test, city) for city in spread(rng, WHOLE_HELD_OUT + PIECES_HELD_OUT, HELD_OUT)]
     return train, test
 
 
