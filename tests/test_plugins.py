@@ -17,10 +17,10 @@ from qlora_plugin.plugin.manager import collect_strategies, get_strategy
 
 def test_builtin_strategies_come_through_the_hooks():
     pm = get_plugin_manager(load_entrypoints=False)
-    assert pm.get_plugin("qlora_plugin.strategies.builtin") is not None
+    assert pm.get_plugin("qlora_plugin.strategies.presets") is not None
     strategies = collect_strategies(pm)
     assert set(strategies) == {"qlora", "lora-int8", "lora"}
-    assert strategies["qlora"].plugin == "qlora_plugin.strategies.builtin"
+    assert strategies["qlora"].plugin == "qlora_plugin.strategies.presets"
     assert strategies["lora"].option_defaults["load_in_4bit"] is False
 
 
@@ -56,7 +56,7 @@ def test_each_strategy_names_the_plugin_that_registered_it():
     pm.register(Family("second"), name="plugin-b")
     strategies = collect_strategies(pm)
     assert (strategies["first"].plugin, strategies["second"].plugin) == ("plugin-a", "plugin-b")
-    assert strategies["qlora"].plugin == "qlora_plugin.strategies.builtin"
+    assert strategies["qlora"].plugin == "qlora_plugin.strategies.presets"
 
 
 def _register_through_a_helper(register, strategy):
