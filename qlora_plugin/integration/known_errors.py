@@ -64,8 +64,8 @@ def _single_file_message(path: str, where: str) -> str:
     others = [f for f in os.listdir(folder) if f != os.path.basename(path)
               and os.path.splitext(f)[1].lower() in DATA_FILE_TYPES]
     fix = (f"Pass its folder instead: --dataset_name {folder}" if not others else
-           f"Move it into a folder of its own and pass that folder ({folder} has other data files, which would be "
-           f"read too)")
+           f"Move it into a folder of its own and pass that folder: {folder} has other data files, which would be "
+           f"read too")
     direct = f'; in Python, load_dataset("{kind}", data_files={path!r}) reads the file itself' if kind else ""
     return (f"The dataset could not be loaded: {path!r} is a file, and `load_dataset` (called at {where}) reads a "
             f"folder of data files or a Hub dataset id, not a single file. {fix} (files named train*/test* are the "
