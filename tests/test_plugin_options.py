@@ -97,16 +97,16 @@ def test_a_bad_registration_names_the_plugin(case):
 
 
 def test_the_cpu_features_options_come_from_their_plugins(monkeypatch):
-    """Not in the core dataclass: unregister the plugin and its option is gone (an unknown option, a hint)."""
+    """Not in the core dataclass: registered by the CPU paths' catalog plugin (so a listing loads no training stack);
+    unregister it and the options are gone (an unknown option, a hint)."""
     from qlora_plugin.core.options import OPTION_NAMES
 
     assert "cpu_fast_dropout" not in OPTION_NAMES and "cpu_dequant_buffer" not in OPTION_NAMES
     pm = get_plugin_manager(load_entrypoints=False)
     owners = {o.name: o.plugin for o in collect_options(pm)}
-    assert owners == {"cpu_fast_dropout": "qlora_plugin.cpu.cpu_dropout",
-                      "cpu_dequant_buffer": "qlora_plugin.cpu.dequant_buffer"}
+    assert owners == {"cpu_fast_dropout": "qlora_plugin.cpu.options", "cpu_dequant_buffer": "qlora_plugin.cpu.options"}
     assert resolve(StrategyRequest("qlora", {"cpu_fast_dropout": False}), pm).options.cpu_fast_dropout is False
-    pm.unregister(name="qlora_plugin.cpu.cpu_dropout")
+    pm.unregister(name="qlora_plugin.cpu.options")
     with pytest.raises(QLoRAPluginError, match="Unknown strategy option.*cpu_fast_dropout"):
         resolve(StrategyRequest("qlora", {"cpu_fast_dropout": False}), pm)
 
