@@ -30,9 +30,11 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q tests
 
-# The dev loop: everything but the tests marked `slow` (training processes, real-model runs), about a minute.
+# The dev loop: everything but the tests marked `slow` (training processes, real-model runs, anything over a few
+# seconds), under a minute. One OpenMP thread: these tests run tiny models, where a second thread costs more than it
+# gives (and a busy machine's cores are taken).
 test-fast: lint
-	$(PY) -m pytest -q -m "not slow" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" tests
 
 # The oldest supported releases (README, "Supported versions"): a second environment, .venv-floor, with every
 # dependency at its pyproject.toml floor's release series (.ci/floor_pins.py reads them) and the project installed

@@ -360,6 +360,7 @@ cache.cached_base(sys.argv[1], {"quantization_config": config, "dtype": torch.fl
 """
 
 
+@pytest.mark.slow  # seconds: a process killed or waiting on the Hub's retries (make test-fast: under a minute)
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 def test_staging_left_by_a_killed_maker_is_removed_by_the_next_run(model_copy, cache_dir, tmp_path, how):
     from qlora_plugin.quant.cache import cached_base

@@ -132,6 +132,7 @@ def test_qlora_plugin_command(case, monkeypatch, capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.jsonl"]
 
 
+@pytest.mark.slow  # seconds: a process killed or waiting on the Hub's retries (make test-fast: under a minute)
 @pytest.mark.parametrize("hub", ["offline", "unreachable"])
 def test_plan_on_a_hub_id_without_the_hub(tmp_path, hub):
     """`plan` on a Hub id with no Hub: at most one line while huggingface_hub retries (not a pair per retry), then

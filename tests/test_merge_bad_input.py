@@ -253,6 +253,7 @@ def test_a_symlink_in_the_adapter_is_never_followed(name, adapter, tiny_models, 
     assert not out.exists()
 
 
+@pytest.mark.slow  # seconds: a process killed or waiting on the Hub's retries (make test-fast: under a minute)
 def test_a_file_size_limit_is_one_line_and_leaves_nothing(adapter, tmp_path):
     """`ulimit -f`: the shard write fails with EFBIG, which safetensors raises as its own error."""
     import resource
