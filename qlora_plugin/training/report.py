@@ -27,9 +27,22 @@ def peak_memory() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return {"peak_memory_bytes": int(torch.cuda.max_memory_reserved()), "memory_kind": "cuda_max_reserved",
                 "peak_allocated_bytes": int(torch.cuda.max_memory_allocated())}
+    return {"peak_memory_bytes": _peak_rss_bytes(), "memory_kind": "process_peak_rss"}
+
+
+def _peak_rss_bytes() -> int:
+    """The process's peak resident set: on Linux `VmHWM` (what `reset_peak_memory` resets); `getrusage`'s
+    `ru_maxrss` is not reset by it, and it keeps the peak of any thread that exited (a notebook's or a test
+    session's earlier work), so it is only the fallback."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
-    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
-            "memory_kind": "process_peak_rss"}
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def reset_peak_memory() -> None:
