@@ -9,6 +9,7 @@ of the step. The gap between the two peaks is the allocator's (glibc) and the ru
 """
 
 import collections
+import ctypes
 import weakref
 
 import torch
@@ -28,11 +29,36 @@ def hwm() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+try:
+    _libc = ctypes.CDLL("libc.so.6")
+    _libc.mallinfo2.restype = _Mallinfo2
+except (OSError, AttributeError):  # not glibc 2.33+
+    _libc = None
+
+
+def heap() -> tuple[int, int]:
+    """(glibc's heap bytes from the kernel, bytes in blocks mapped on their own): `mallinfo2`'s arena, hblkhd."""
+    if _libc is None:
+        return 0, 0
+    info = _libc.mallinfo2()
+    return info.arena, info.hblkhd
+
+
+MAPPED = 32 * 2**20  # `qlora-plugin run`'s mmap threshold
+
+
 class Live(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.now, self.peak, self.holders, self.by_op, self.at_peak = 0, 0, {}, collections.Counter(), None
         self.shapes, self.big_at_peak = {}, []
+        self.max_arena, self.max_mapped, self.max_both, self.mapped_at_peak = 0, 0, 0, 0
 
     def _release(self, key, nbytes, op):
         self.holders[key] -= 1
@@ -45,6 +71,9 @@ class Live(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         op = str(func.overloadpacket.__name__)
+        arena, mapped = heap()
+        self.max_arena, self.max_mapped = max(self.max_arena, arena), max(self.max_mapped, mapped)
+        self.max_both = max(self.max_both, arena + mapped)
         for t in torch.utils._pytree.tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
                 continue
@@ -59,6 +88,7 @@ class Live(TorchDispatchMode):
                     self.peak = self.now
                     self.at_peak = +self.by_op
                     self.big_at_peak = sorted(self.shapes.values(), key=lambda v: -v[3])[:8]
+                    self.mapped_at_peak = sum(v[3] for v in self.shapes.values() if v[3] >= MAPPED)
             self.holders[key] += 1
             weakref.finalize(t, self._release, key, storage.nbytes(), op)
         return out
@@ -77,6 +107,7 @@ class Probe(TrainerCallback):
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.before = rss()
+            self.heap_before = heap()
             self.mode = Live()
             self.mode.__enter__()
 
@@ -87,6 +118,12 @@ class Probe(TrainerCallback):
             print(f"[probe] step 2: rss before {self.before / 2**20:.0f} MiB, step's peak rss {hwm() / 2**20:.0f} "
                   f"MiB; live torch tensors created in the step: peak {self.mode.peak / 2**20:.0f} MiB ({top})",
                   flush=True)
+            m = self.mode
+            print(f"[probe] step 2 heap: arena {self.heap_before[0] / 2**20:.0f} -> max {m.max_arena / 2**20:.0f} MiB, "
+                  f"mapped {self.heap_before[1] / 2**20:.0f} -> max {m.max_mapped / 2**20:.0f} MiB, arena+mapped max "
+                  f"{m.max_both / 2**20:.0f} MiB; at the live peak {m.mapped_at_peak / 2**20:.0f} MiB in storages of "
+                  f">= 32 MiB; largest: " + ", ".join(f"{op} {shape} {dtype} {n / 2**20:.0f}"
+                                                      for op, shape, dtype, n in m.big_at_peak[:5]), flush=True)
             self.mode = None
 
 

@@ -145,6 +145,12 @@ def saved_bytes(model, batch_size: int, seq_len: int, layer_inputs: list | None 
     mixed precision when `amp_dtype` (a torch dtype) is given; `layer_inputs`, when given, receives the bytes per
     element of each decoder layer's input hidden states. `head` False: the decoder stack only (TRL's fused head
     computes the loss itself: `plan.loss`)."""
+    return sum(saved_storages(model, batch_size, seq_len, layer_inputs, amp_dtype, head))
+
+
+def saved_storages(model, batch_size: int, seq_len: int, layer_inputs: list | None = None, amp_dtype=None,
+                   head: bool = True) -> list[int]:
+    """`saved_bytes`, storage by storage: each one's bytes (the allocator serves each as one block)."""
     import torch
 
     params = {id(p) for p in model.parameters()}
@@ -176,19 +182,23 @@ def saved_bytes(model, batch_size: int, seq_len: int, layer_inputs: list | None 
     finally:
         for hook in hooks:
             hook.remove()
-    return sum(s.nbytes() for s in storages.values())
+    return sorted(s.nbytes() for s in storages.values())
 
 
 def activation_bytes(config, build, batch_size: int, seq_len: int, checkpointing: bool, amp: str | None = None,
                      device: str = "cpu") -> dict:
-    """{"total", "with_checkpointing", "without_checkpointing", "per_layer", "outside_layers", "loss", "loss_how"}
-    in bytes: "total" is the decoder stack's saved tensors and backward transients, "loss" what the LM head and
-    loss add on top at the step's peak (TRL's fused head, `plan.loss`; with older TRL the full fp32 logits and
-    their gradient, counted in the stack's terms and "loss" 0).
+    """{"total", "with_checkpointing", "without_checkpointing", "per_layer", "outside_layers", "loss", "loss_how",
+    "profile"} in bytes: "total" is the decoder stack's saved tensors and backward transients, "loss" what the LM
+    head and loss add on top at the step's peak (TRL's fused head, `plan.loss`; with older TRL the full fp32 logits
+    and their gradient, counted in the stack's terms and "loss" 0). "profile": "total" storage by storage, as
+    (bytes per row, how many) pairs, every one proportional to the batch: which of them the CPU heap serves at a
+    batch depends on their size (`allocator.profile_bytes`).
 
     `build(config)` returns the strategy's meta-device skeleton for a config; `amp` the mixed-precision dtype of
     the run ("bfloat16", "float16"), or None.
     """
+    import collections
+
     import torch
 
     from qlora_plugin.plan.loss import fused_head, fused_how, head_shape, train_loss_term
@@ -198,16 +208,20 @@ def activation_bytes(config, build, batch_size: int, seq_len: int, checkpointing
     text = config.get_text_config()
     layers = text.num_hidden_layers
     one_model = build(with_layers(config, 1))
-    one = saved_bytes(one_model, batch_size, seq_len, amp_dtype=amp_dtype, head=not fused)
+    one_sizes = collections.Counter(saved_storages(one_model, batch_size, seq_len, amp_dtype=amp_dtype,
+                                                   head=not fused))
     inputs = []  # bytes per element of the hidden states entering layer 1 and layer 2
-    two = saved_bytes(build(with_layers(config, 2)), batch_size, seq_len, inputs, amp_dtype, head=not fused)
-    per_layer = two - one
-    outside = one - per_layer
+    two_sizes = collections.Counter(saved_storages(build(with_layers(config, 2)), batch_size, seq_len, inputs,
+                                                   amp_dtype, head=not fused))
+    layer_sizes = two_sizes - one_sizes  # the second layer's storages
+    outside_sizes = one_sizes - layer_sizes
+    per_layer, outside = sum(layer_sizes.elements()), sum(outside_sizes.elements())
     if len(inputs) != 2:  # decoder layers not found (custom code): the embeddings' dtype throughout
         inputs = [one_model.get_input_embeddings().weight.element_size()] * 2
     # checkpointing keeps each layer's input: the first in the embeddings' dtype, the rest in the residual
     # stream's (fp32 under qlora, whose fp32 norms promote it, even with 16-bit embeddings)
-    inputs_kept = batch_size * seq_len * text.hidden_size * (inputs[0] + (layers - 1) * inputs[1])
+    row = seq_len * text.hidden_size
+    inputs_kept = batch_size * row * (inputs[0] + (layers - 1) * inputs[1])
     # the backward's transient beside the saved tensors: with checkpointing one layer recomputed and the gradients
     # flowing through it, without only the gradients (its saved tensors are already counted)
     layer_phase = int((1 + LAYER_GRADIENTS) * per_layer) if checkpointing else int(LAYER_GRADIENTS * per_layer)
@@ -222,6 +236,13 @@ def activation_bytes(config, build, batch_size: int, seq_len: int, checkpointing
         loss, how = 0, "the model's own loss from the full fp32 logits (counted in the activations)"
     without = outside + layers * per_layer + int(LAYER_GRADIENTS * per_layer) + logits_grad
     with_ckpt = outside + inputs_kept + int((1 + LAYER_GRADIENTS) * per_layer) + logits_grad
+    per_row = [(size / batch_size, count) for size, count in outside_sizes.items()]
+    if logits_grad:
+        per_row.append((logits_grad / batch_size, 1))
+    if checkpointing:
+        per_row += [(row * inputs[0], 1), (row * inputs[1], layers - 1)]
+    layer_count = (1 if checkpointing else layers) + LAYER_GRADIENTS  # the gradients: shaped like what they meet
+    per_row += [(size / batch_size, count * layer_count) for size, count in layer_sizes.items()]
     return {
         "total": with_ckpt if checkpointing else without,
         "with_checkpointing": with_ckpt,
@@ -232,6 +253,7 @@ def activation_bytes(config, build, batch_size: int, seq_len: int, checkpointing
         "loss_how": how,
         "head": head,  # the fused head's shape, to price it at another batch (`plan.loss`)
         "layer_phase_per_sample": layer_phase // batch_size,
+        "profile": tuple(per_row),
     }
 
 

@@ -3,9 +3,9 @@
 Why: the usual answer to running out of memory is to halve the batch after the crash (HF's
 `auto_find_batch_size`); the plan already knows what each batch costs, so the run starts with the largest that
 fits and never crashes for it. Gradient accumulation takes up the rest, so the effective batch (per-device x
-accumulation x ranks) is the one you asked for. Every term of the plan is exact in the batch except activations,
-which are linear in it (every saved or transient tensor has a batch dimension), so two plans (batch 1 and 2) give
-the peak for every batch, training and evaluation.
+accumulation x ranks) is the one you asked for. A training step is priced at each candidate batch by the plan's
+own `StepCost` (the decoder stack's storages are linear in the batch, TRL's fused head and the allocator's share
+are not); evaluation from two plans (batch 1 and 2) or, with TRL's fused head, the head priced at each batch.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import dataclasses
 
 from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.core.options import StrategyOptions
+from qlora_plugin.plan.allocator import MMAP_THRESHOLD
 from qlora_plugin.plan.estimate import (
-    CUDA_CONTEXT_BYTES, GLIBC_MMAP_THRESHOLD, TRAINING_ONLY, PlanSettings, plan_strategy, running_malloc_mode,
+    CUDA_CONTEXT_BYTES, TRAINING_ONLY, PlanSettings, plan_strategy, running_malloc_mode,
 )
-from qlora_plugin.plan.loss import buffer_bytes, eval_peak_bytes, train_loss_term
+from qlora_plugin.plan.step_cost import StepCost
+from qlora_plugin.plan.loss import buffer_bytes, eval_peak_bytes
 from qlora_plugin.core.sizes import parse_memory
 
 MiB = 2**20
@@ -73,63 +75,56 @@ def _proc_kib(path: str, key: str) -> int | None:
 @dataclasses.dataclass
 class Peaks:
     """Predicted training and evaluation peaks as functions of the per-device batch: what is resident, then the
-    larger of the adapter's start (before the first step) and a training step (optimizer state, gradients,
-    activations linear in the batch, and TRL's fused LM head priced at each batch: `plan.loss`, its buffer stops
-    growing at 4,096 tokens)."""
+    larger of the adapter's start (before the first step) and a training step (the optimizer state beside the
+    step's `StepCost`: gradients, activations, TRL's fused LM head and the allocator's share, at that batch)."""
 
     resident: int  # weights, adapters, runtime, as predicted
-    step_base: int  # optimizer state and gradients, plus the activations' intercept
-    step_per_sample: int
+    optimizer: int
+    step: StepCost
     eval_base: int
     eval_per_sample: int
     in_use: int | None = None  # what is resident, measured in a live run: replaces the prediction of it
-    head: dict | None = None  # the fused head's shape (None: the model's own loss, linear in the batch)
-    layer_phase_per_sample: int = 0
+    head: dict | None = None  # the fused head's shape, for evaluation (None: the model's own loss, linear)
     eval_stack_per_sample: int | None = None
     start: int = 0  # the adapter's start's transient (`plan.start`)
-    share: float = 0.0  # the allocator's share of a transient (`estimate.ALLOCATOR_SHARE`)
+    share: float = 0.0  # the allocator's share of an evaluation's transient (`allocator.ALLOCATOR_SHARE`)
     cuda: bool = False
 
     def offset(self) -> int:
         return 0 if self.in_use is None else self.in_use - self.resident
 
     def train(self, batch: int) -> int:
-        loss = 0 if self.head is None else train_loss_term(self.head, batch, self.layer_phase_per_sample)
-        mapped = self.head is not None and not self.cuda and buffer_bytes(self.head, batch) >= GLIBC_MMAP_THRESHOLD
-        kept_by_allocator = 0 if mapped else self.share * loss  # as `estimate.plan_strategy` counts it
-        step = self.step_base + batch * self.step_per_sample + int(loss + kept_by_allocator)
+        step = self.optimizer + self.step.transients(batch)  # as `estimate.plan_strategy` sums it
         return self.resident + max(step, self.start) + self.offset()
 
     def eval(self, batch: int) -> int:
         if self.head is None or self.eval_stack_per_sample is None:
             return self.eval_base + batch * self.eval_per_sample + self.offset()
         transient = eval_peak_bytes(self.head, batch, self.eval_stack_per_sample)
-        mapped = not self.cuda and buffer_bytes(self.head, batch) >= GLIBC_MMAP_THRESHOLD
+        mapped = not self.cuda and buffer_bytes(self.head, batch) >= MMAP_THRESHOLD
         return self.eval_base + int((1 + (0 if mapped else self.share)) * transient) + self.offset()  # as `Plan`
 
 
 def peaks(config, name, strategy, options: StrategyOptions, settings: PlanSettings, pm=None,
           in_use: int | None = None) -> Peaks:
-    """The peaks as functions of the batch, from plans at batch 1 and 2. `in_use`: memory a live run holds now
-    (model loaded, runtime started), measured; it replaces the plan's weights, adapters and runtime terms, so the
-    choice rests on what this process really holds (the runtime term is a measured constant from one machine)."""
-    one, two = (plan_strategy(config, name, strategy, options,
-                              dataclasses.replace(settings, batch_size=b, eval_batch_size=b), pm) for b in (1, 2))
+    """The peaks as functions of the batch, from the plan at batch 1 (and at 2 for evaluation without the fused
+    head). `in_use`: memory a live run holds now (model loaded, runtime started), measured; it replaces the plan's
+    weights, adapters and runtime terms, so the choice rests on what this process really holds (the runtime term is
+    a measured constant from one machine)."""
+    one = plan_strategy(config, name, strategy, options, dataclasses.replace(settings, batch_size=1,
+                                                                             eval_batch_size=1), pm)
     resident = sum(one.components[k] for k in ("weights", "adapters", "runtime"))
-    share = one.details["allocator_share"]
-    step_one, step_two = (sum(p.components[k] for k in ("optimizer", "gradients", "activations"))
-                          + int(share * (p.components["gradients"] + p.components["activations"])) for p in (one, two))
-    slope = step_two - step_one
     head = one.details.get("head")
     eval_kept = sum(v for k, v in one.components.items() if k not in TRAINING_ONLY)
     if head is None:
+        two = plan_strategy(config, name, strategy, options, dataclasses.replace(settings, batch_size=2,
+                                                                                 eval_batch_size=2), pm)
         eval_slope = two.eval_bytes - one.eval_bytes
         eval_base, stack = one.eval_bytes - eval_slope, None
     else:
         eval_slope, eval_base, stack = 0, eval_kept, one.details["eval_stack_per_sample"]
-    return Peaks(resident, step_one - slope, slope, eval_base, eval_slope, in_use, head,
-                 one.details["layer_phase_per_sample"], stack, one.details["start_transient_bytes"], share,
-                 settings.device == "cuda")
+    return Peaks(resident, one.components["optimizer"], one.step_cost, eval_base, eval_slope, in_use, head, stack,
+                 one.details["start_transient_bytes"], one.details["allocator_share"], settings.device == "cuda")
 
 
 def readable(n: int) -> str:

@@ -25,6 +25,8 @@ from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.models.model_config import load_config
 from qlora_plugin.core.options import StrategyOptions, build_options
 from qlora_plugin.plan.activations import activation_bytes, eval_transient
+from qlora_plugin.plan.allocator import ALLOCATOR_SHARE, MALLOC_MODES, MMAP_THRESHOLD, how, mode_of, on_heap
+from qlora_plugin.plan.step_cost import StepCost
 from qlora_plugin.plan.skeleton import QuantizedLinearStandIn, skeleton
 from qlora_plugin.plan.start import start_transient_bytes
 from qlora_plugin.plugin.manager import collect_options, collect_strategies, get_plugin_manager
@@ -53,16 +55,6 @@ CPU_RUNTIME_BYTES = 520 * 2**20
 # estimate, not yet measured by this project (CUDA 12 with lazy module loading typically takes 300-600 MiB);
 # examples/bench/gpu_smoke.py measures it (free memory before and after CUDA starts).
 CUDA_CONTEXT_BYTES = 500 * 2**20
-# What the memory allocator holds beyond the tensors a training step has alive, per byte of the step's transients
-# (activations, loss, gradients: allocated and freed every step). CPU, measured at hidden 1024 / 8 layers / 512
-# tokens on this machine (examples/bench/step_memory.py; docs/plan.md, "Where the bytes go"): glibc with its defaults keeps
-# freed blocks cached in per-thread arenas and fragmented, about 2.8-3.3 bytes per byte (batch 1 to 8; 3.2, the
-# upper end, so a budget holds); with `qlora-plugin run` (small-block caches off, the heap's top kept) 1.27-1.42
-# (batch 4 and 1). CUDA: the caching allocator rounds large blocks up to 2 MiB and keeps freed ones for reuse; 10% is
-# an estimate (PyTorch's allocator design; not measured here: examples/bench/gpu_smoke.py measures reserved minus
-# allocated on a GPU).
-ALLOCATOR_SHARE = {"glibc": 3.2, "tuned": 1.35, "cuda": 0.1}
-MALLOC_MODES = ("tuned", "glibc")
 
 # bitsandbytes pages an optimizer's state only for parameters of at least this many elements
 # (bitsandbytes/optim/optimizer.py `get_state_buffer`); smaller ones stay in ordinary device memory.
@@ -121,6 +113,7 @@ class Plan:
     strategy: str
     components: dict
     details: dict = field(default_factory=dict)
+    step_cost: StepCost | None = None  # the step at any batch, for `--memory_budget` (not in `--json`)
 
     @property
     def total_bytes(self) -> int:
@@ -224,14 +217,11 @@ def qlora_base_bytes(model: str, compute: str = "float32", options: StrategyOpti
     return costs["packed"] + costs["constants"] + costs["other"]
 
 
-GLIBC_MMAP_THRESHOLD = 32 * 2**20  # the most glibc's moving threshold reaches; `qlora-plugin run` fixes it there
-
-
 def _mapped(head: dict, batch_size: int) -> bool:
     """Whether the fused head's buffer is large enough for glibc to map it on its own (returned when freed)."""
     from qlora_plugin.plan.loss import buffer_bytes
 
-    return buffer_bytes(head, batch_size) >= GLIBC_MMAP_THRESHOLD
+    return buffer_bytes(head, batch_size) >= MMAP_THRESHOLD
 
 
 def plan_strategy(config, name: str, strategy, options: StrategyOptions, settings: PlanSettings, pm=None) -> Plan:
@@ -261,26 +251,26 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
     stack_per_token = (evaluation["stack"] // settings.seq_len) if evaluation["stack"] else None
     start = start_transient_bytes(model, lora_init, stack_per_token, settings.device)
     cuda = settings.device == "cuda"
+    itemsize = 2 if compute in ("bfloat16", "float16") else 4
+    cost = StepCost(gradients=adapters, gradients_heap=on_heap(p.numel() * p.element_size() for p in trainable),
+                    dequantized=costs["largest_4bit"] * itemsize, profile=acts["profile"], head=acts["head"],
+                    layer_phase_per_sample=acts["layer_phase_per_sample"], mode=mode_of(settings.device,
+                                                                                        settings.malloc))
+    batch = settings.batch_size
     components = {
         "weights": weights + packed + constants + (adapters if full else 0),  # full: the trained set is the base
         "adapters": 0 if full else adapters,
         "gradients": adapters,
         "optimizer": _optimizer_bytes(OPTIMIZERS[optim], trainable),
-        # a 4-bit layer's weight, dequantized into the compute dtype for its matmul, one at a time
-        "activations": acts["total"] + costs["largest_4bit"] * (2 if compute in ("bfloat16", "float16") else 4),
-        "loss": acts["loss"],
+        # the decoder stack's, and a 4-bit layer's weight dequantized into the compute dtype for its matmul
+        "activations": cost.activations(batch),
+        "loss": cost.loss(batch),
+        "allocator": cost.allocator(batch),
         "runtime": CUDA_CONTEXT_BYTES if cuda else CPU_RUNTIME_BYTES,
     }
     # the start runs before the first step, beside the resident model but before the optimizer state, gradients
     # and activations exist: it raises the peak only by what it holds beyond them
-    transients = sum(components[k] for k in ("gradients", "activations", "loss"))
-    allocator_share = ALLOCATOR_SHARE["cuda" if cuda else settings.malloc]
-    # on CPU glibc maps blocks of 32 MiB and more on their own and returns them when freed: the fused head's
-    # buffer (tokens x 32,768) is one of those from 512 tokens on, and leaves nothing behind in the heap
-    retained = transients if cuda or not acts["head"] or not _mapped(acts["head"], settings.batch_size) \
-        else transients - components["loss"]
-    components["allocator"] = int(allocator_share * retained)
-    step = components["optimizer"] + transients + components["allocator"]
+    step = components["optimizer"] + cost.transients(batch)
     components["start"] = max(start["total"] - step, 0)
     paged = paged_optimizer_bytes(optim, trainable) if cuda else 0
     details = {
@@ -313,23 +303,19 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
         "start_transient_bytes": start["total"],
         "start_parts": {k: v for k, v in start.items() if k != "total"},
         "mixed_precision": amp_dtype(compute),
-        "allocator_share": allocator_share,
+        "allocator_share": ALLOCATOR_SHARE[cost.mode],
         # evaluation with the fused head's buffer mapped on its own (see `_mapped`): its tiles are mapped and given
         # back, so the process grows by the transient itself (TRL's head alone, 2,040 tokens x 128,256 entries
         # under `qlora-plugin run`: +956-973 MiB for 976 counted; docs/plan.md, "The validation grid")
         "eval_allocator_share": 0 if not cuda and evaluation["head"] and _mapped(evaluation["head"],
                                                                                  settings.eval_batch_size)
-        else allocator_share,
-        "allocator_how": ("CUDA caching allocator: 10% of the step's transients, an estimate (not measured); "
-                          "runtime: the CUDA context, 500 MiB, an estimate (CUDA 12 with lazy loading: 300-600 MiB)"
-                          if cuda
-                          else f"glibc malloc, {'tuned by `qlora-plugin run`' if settings.malloc == 'tuned' else 'its defaults'}: "
-                               f"{allocator_share:g} x the step's transients, measured (docs/plan.md)"),
+        else ALLOCATOR_SHARE[cost.mode],
+        "allocator_how": how(cost.mode),
         "optimizer_paged_bytes": paged,
         # what `torch.cuda.max_memory_reserved` should show: all but the CUDA context and the paged state
         "allocator_bytes": sum(components.values()) - components["runtime"] - paged if cuda else None,
     }
-    return Plan(name, components, details)
+    return Plan(name, components, details, cost)
 
 
 def _for_16bit(explicit_options: dict) -> dict:

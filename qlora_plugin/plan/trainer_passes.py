@@ -224,7 +224,8 @@ def _as_classifier(model, plan: Plan) -> None:
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     if head is not None and not tied:
         plan.components["weights"] -= head.weight.numel() * head.weight.element_size()
-    plan.components["allocator"] -= int(plan.details["allocator_share"] * plan.components["loss"])
+    plan.step_cost = dataclasses.replace(plan.step_cost, head=None)
+    plan.components["allocator"] = plan.step_cost.allocator(plan.details["batch_size"])
     plan.components["loss"] = 0
     stack = plan.details.get("eval_stack_per_sample")
     if stack is not None:  # evaluation: the stack alone, no LM head
@@ -306,7 +307,7 @@ def trainer_peaks(config, name, strategy, options, settings: PlanSettings, passe
     rows_settings = dataclasses.replace(settings, seq_len=passes.trained_len(settings.seq_len))
     base = peaks(config, name, strategy, options, rows_settings, pm, in_use)
     if passes.kind == "reward":  # no LM head: the stack alone, in training and in evaluation
-        base.head = None
+        base.head, base.step = None, dataclasses.replace(base.step, head=None)
         base.eval_per_sample = int((1 + base.share) * (base.eval_stack_per_sample or 0)) or base.eval_per_sample
     one, two = (plan_trainer(config, name, strategy, options,
                              dataclasses.replace(settings, batch_size=b, eval_batch_size=b), passes, pm)
