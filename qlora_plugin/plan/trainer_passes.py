@@ -289,6 +289,10 @@ class TrainerPeaks:
     def offset(self) -> int:
         return self.base.offset()
 
+    @property
+    def margin(self) -> float:
+        return self.base.margin
+
     def extra(self, batch: int) -> int:
         return max(self.extra_one + (batch - 1) * (self.extra_two - self.extra_one), 0)
 

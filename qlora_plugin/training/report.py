@@ -112,7 +112,9 @@ def format_summary(facts: dict) -> str:
         lines.append(f"  memory     : budget {budget['budget_bytes'] / 2**20:,.0f} MiB ({budget['how']}): per-device batch "
                      f"{budget['per_device_train_batch_size']} x accumulation {budget['gradient_accumulation_steps']}, "
                      f"eval batch {budget['per_device_eval_batch_size']}; predicted peak "
-                     f"{budget['predicted_peak_bytes'] / 2**20:,.0f} MiB (eval {budget['predicted_eval_peak_bytes'] / 2**20:,.0f} MiB)")
+                     f"{budget['predicted_peak_bytes'] / 2**20:,.0f} MiB (eval {budget['predicted_eval_peak_bytes'] / 2**20:,.0f} MiB)"
+                     + (f"; {budget['error_margin']:.0%} of the budget kept for the plan's error"
+                        if "error_margin" in budget else ""))
     lines.append(f"  optimizer  : {o['name']}" + (f" ({o['class']})" if o.get("class") else ""))
     if facts["recipe_applied"]:
         lines.append("  recipe     : " + ", ".join(_setting(k, v) for k, v in facts["recipe_applied"].items()))
