@@ -3,10 +3,11 @@ plan's predicted peak (in the run's own `qlora_plugin_report.json`) with the mea
 figures; docs/plan.md has them).
 
     python examples/bench/plan_grid.py --hidden 1024 --layers 8 --seq 512 --batch 1 2 4 8      # one row per batch
-    python examples/bench/plan_grid.py ... --init default --eval      # peft's start; evaluation on (eval batch = train)
+    python examples/bench/plan_grid.py ... --init default --eval      # peft's start; evaluation on (TRL's eval batch, 8)
     python examples/bench/plan_grid.py ... --budget-between 4 8       # --memory_budget set between two batches' peaks
     python examples/bench/plan_grid.py ... --record docs/runs/plan_grid.json --why "..."   # append each row to the record
     python examples/bench/plan_grid.py --table docs/runs/plan_grid.json      # the record as docs/plan.md's table
+    python examples/bench/plan_grid.py --replan docs/runs/plan_grid.json     # re-plan its cells with the installed plan
 
 Each run: `qlora-plugin run -- python -m trl.scripts.sft ... --strategy qlora --use_cpu true`, every row longer
 than `--max_length` (so each sequence is full), 2 steps (batch x 1), under `nice`. Two peaks are shown: the run's own (peak
@@ -150,22 +151,54 @@ def record(path: str, cell: dict) -> None:
 
 
 def table(path: str) -> str:
-    """The record at `path` as a markdown table (docs/plan.md, "The validation grid")."""
-    lines = ["| cell | shape (hidden x layers, vocab) | batch x seq | start | eval | predicted MiB | measured MiB | "
-             "error | held out | why this cell |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """The record at `path` as a markdown table (docs/plan.md, "The validation grid"). A cell re-planned after the
+    plan changed (`replanned`: today's prediction against the same measurement) shows today's error, the run's own
+    after it."""
+    lines = ["| cell | shape (hidden x layers, vocab) | batch x seq | start | eval | malloc | predicted MiB | "
+             "measured MiB | error | held out | why this cell |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in json.loads(Path(path).read_text()):
         if "budget_mib" in c:  # a --memory_budget run: its own line below the table
             continue
+        now = c.get("replanned")
+        predicted = f"{now['predicted_mib']:,} (run: {c['predicted_mib']:,})" if now else f"{c['predicted_mib']:,}"
+        error = f"{now['error']:+.1%} (run: {c['error']:+.1%})" if now else f"{c['error']:+.1%}"
+        held = "no" if now and not now.get("held_out") else ("yes" if c["held_out"] else "no")
         lines.append(f"| {c['cell']} | {c['hidden']} x {c['layers']}, {c['vocab']} | {c['batch']} x {c['seq']} | "
-                     f"{c['init']} | {'on' if c['eval'] else 'off'} | {c['predicted_mib']:,} | {c['measured_mib']:,} | "
-                     f"{c['error']:+.1%} | {'yes' if c['held_out'] else 'no'} | {c['why']} |")
+                     f"{c['init']} | {'on' if c['eval'] else 'off'} | {c.get('malloc', 'tuned')} | {predicted} | "
+                     f"{c['measured_mib']:,} | {error} | {held} | {c['why']} |")
     for c in json.loads(Path(path).read_text()):
         if "budget_mib" in c:
-            lines.append(f"\n`--memory_budget {c['budget_mib']:,}MiB` ({c['hidden']} x {c['layers']}, {c['batch'] if 'batch' in c else 8} "
-                         f"samples per step, seq {c['seq']}, start {c['init']}): chose {c['chosen'][0]} x {c['chosen'][1]} "
-                         f"(predicted {c['budget_predicted_peak_mib']:,} MiB); measured peak {c['measured_mib']:,} MiB, "
-                         f"{'within' if c['under_budget'] else 'OVER'} the budget ({c['margin']:.1%} of it left)")
+            lines.append(f"\n{c['cell']}: `--memory_budget {c['budget_mib']:,}MiB` ({c['hidden']} x {c['layers']}, "
+                         f"{c.get('malloc', 'tuned')} malloc, 8 samples per step, seq {c['seq']}, start {c['init']}): "
+                         f"chose {c['chosen'][0]} x {c['chosen'][1]} (predicted {c['budget_predicted_peak_mib']:,} MiB); "
+                         f"measured peak {c['measured_mib']:,} MiB, {'within' if c['under_budget'] else 'OVER'} the "
+                         f"budget ({c['margin']:.1%} of it left)")
     return "\n".join(lines)
+
+
+def replan(path: str) -> None:
+    """Re-plan every recorded cell with the installed plan (`qlora-plugin plan --json`, the run's settings: TRL's
+    default eval batch of 8 when evaluating) and keep today's prediction beside the run's own where they differ by
+    more than 0.5%, against the same measurement (`replanned`; such a cell no longer counts as held out)."""
+    cells = json.loads(Path(path).read_text())
+    cli = str(Path(sys.executable).with_name("qlora-plugin"))
+    for c in cells:
+        if "budget_mib" in c:
+            continue
+        vocab = 0 if c["vocab"] == "tokenizer" else c["vocab"]
+        folder = next(CACHE.glob(f"llama-{c['hidden']}x{c['layers']}-h*-v{vocab}"))
+        command = [cli, "plan", str(folder), "--device", "cpu", "--strategy", "qlora", "--json",
+                   "--batch-size", str(c["batch"]), "--seq-len", str(c["seq"]), "--init_lora_weights", c["init"],
+                   "--malloc", c.get("malloc", "tuned"), "--per_device_eval_batch_size", "8" if c["eval"] else
+                   str(c["batch"])]
+        plan = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+        predicted = round(max(plan["total_bytes"], plan["eval_peak_bytes"] if c["eval"] else 0) / MiB)
+        c.pop("replanned", None)
+        if abs(predicted / c["predicted_mib"] - 1) > 0.005:
+            c["replanned"] = {"predicted_mib": predicted, "error": round(predicted / c["measured_mib"] - 1, 4),
+                              "held_out": False}
+        print(f"{c['cell']}: run {c['predicted_mib']:,} MiB, now {predicted:,} MiB, measured {c['measured_mib']:,}")
+    Path(path).write_text(json.dumps(cells, indent=1) + "\n")
 
 
 def main() -> int:
@@ -191,10 +224,14 @@ def main() -> int:
     parser.add_argument("--why", default="", help="why the cell is in the grid, for the record")
     parser.add_argument("--held-out", action="store_true", help="the model was not tuned on this cell")
     parser.add_argument("--table", default=None, help="print the record at this path as a markdown table, and exit")
+    parser.add_argument("--replan", default=None, help="re-plan the record's cells with the installed plan, and exit")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args()
     if args.table:
         print(table(args.table))
+        return 0
+    if args.replan:
+        replan(args.replan)
         return 0
     path = model(args.hidden, args.layers, args.heads, args.intermediate or 3 * args.hidden, args.vocab)
     shape = (f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab or 'tokenizer'}, seq {args.seq}, "
@@ -216,7 +253,8 @@ def main() -> int:
             predicted = max(memory["predicted_peak_bytes"], memory["predicted_eval_peak_bytes"] if args.eval else 0)
             record(args.record, {
                 "cell": args.cell, "why": args.why, "held_out": args.held_out, "hidden": args.hidden,
-                "layers": args.layers, "vocab": args.vocab or "tokenizer", "seq": args.seq, "batch": batch,
+                "layers": args.layers, "heads": args.heads, "vocab": args.vocab or "tokenizer", "seq": args.seq,
+                "batch": batch,
                 "init": args.init, "eval": args.eval, "malloc": "glibc" if args.no_malloc else "tuned",
                 "steps": args.steps, "predicted_mib": round(predicted / MiB), "measured_mib": round(measured[batch] / MiB),
                 "error": round(predicted / measured[batch] - 1, 4),
