@@ -130,9 +130,12 @@ def train(path: str, out: str, seq: int, batch: int | None, init: str, evaluate:
     return report
 
 
-def row(label: str, report: dict) -> str:
+def row(label: str, report: dict, evaluate: bool = False) -> str:
+    """One printed row: the plan's peak (with evaluation on, the larger of it and the evaluation's) against the
+    run's own measured peak."""
     memory = report["memory"]
-    predicted, measured = memory["predicted_peak_bytes"], memory["measured_peak_bytes"]
+    predicted = max(memory["predicted_peak_bytes"], memory["predicted_eval_peak_bytes"] if evaluate else 0)
+    measured = memory["measured_peak_bytes"]
     polled = report["polled"].get("after_load", 0)
     parts = ", ".join(f"{k} {v / MiB:.0f}" for k, v in memory["predicted_components"].items() if v)
     return (f"| {label} | {predicted / MiB:,.0f} | {measured / MiB:,.0f} | {predicted / measured - 1:+.1%} | "
@@ -245,7 +248,7 @@ def main() -> int:
         report = train(path, out, args.seq, batch, args.init, args.eval, not args.no_malloc, args.steps, args.extra,
                        args.probe, args.nice)
         measured[batch] = max(report["memory"]["measured_peak_bytes"], report["polled"].get("after_load", 0))
-        print(row(f"{batch}", report), flush=True)
+        print(row(f"{batch}", report, args.eval), flush=True)
         if args.record:
             memory = report["memory"]
             # the whole process after loading (the start included) against the plan's peak (the start included;
