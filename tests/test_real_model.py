@@ -13,7 +13,6 @@ from conftest import REPO, run_command
 sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "examples" / "bench"))
 from quality import eval_losses  # noqa: E402
-from real_model import ensure_model  # noqa: E402
 
 STEPS = 20
 # qlora's held-out loss after STEPS steps over lora's, at most. Measured (examples/quality.py, docs/benchmarks.md):
@@ -21,11 +20,6 @@ STEPS = 20
 # this bound fails.
 QLORA_OVER_LORA = 1.12
 DATA = REPO / "tests" / "data" / "city_json"
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> str:
-    return str(ensure_model(tmp_path_factory.mktemp("real") / "smollm2-135m-instruct"))
 
 
 def _train(model: str, strategy: str, out) -> tuple[list[float], dict]:
