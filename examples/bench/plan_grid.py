@@ -196,10 +196,11 @@ def replan(path: str) -> None:
                    str(c["batch"])]
         plan = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
         predicted = round(max(plan["total_bytes"], plan["eval_peak_bytes"] if c["eval"] else 0) / MiB)
-        c.pop("replanned", None)
+        # still held out only where the record says so (the change did not come from this cell)
+        held_out = c.pop("replanned", {}).get("held_out", False)
         if abs(predicted / c["predicted_mib"] - 1) > 0.005:
             c["replanned"] = {"predicted_mib": predicted, "error": round(predicted / c["measured_mib"] - 1, 4),
-                              "held_out": False}
+                              "held_out": held_out}
         print(f"{c['cell']}: run {c['predicted_mib']:,} MiB, now {predicted:,} MiB, measured {c['measured_mib']:,}")
     Path(path).write_text(json.dumps(cells, indent=1) + "\n")
 

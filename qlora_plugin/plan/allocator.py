@@ -9,7 +9,10 @@ the dequantized weights every time, and what the process keeps of that depends o
   leaves nothing behind; smaller blocks come from the heap, which keeps about 1.35 bytes per byte of them
   between steps (measured with `mallinfo2` at hidden 1024, 8 layers, 512 tokens: batch 1 and 4 all on the heap;
   at batch 8 the MLP's fp32 tensors are 48 MiB and mapped, 256 MiB of them at once, and the heap did not grow in
-  the step that held them: docs/plan.md, "Where the bytes go").
+  the step that held them: docs/plan.md, "Where the bytes go"). TRL's fused head goes by its buffer (tokens x
+  32,768): with the buffer mapped none of the head stays; with it under 32 MiB its fp32 tiles, though larger, come
+  from the heap's kept top too and get the share (the demo's cell, SmolLM2-135M at 4 x 102 tokens: priced as
+  mapped, the plan was 20% under; as heap, within 5%).
 - CPU with glibc's defaults ("glibc"): per-thread caches keep small freed blocks between large ones, which then
   cannot merge; the heap grows 2.8-3.3 bytes per byte of every transient (3.2, fitted to issue 25's two runs at
   batch 1 and 8 with the calibrated start), except the fused head's buffer once it is mapped. Not modelled per

@@ -10,14 +10,10 @@ class LiveBytes:
 
     `existing`: tensors made before entering (inputs, weights). A view of one (TRL's fused head slices its weight
     per vocabulary chunk) shares its storage and allocates nothing, so it is not counted: counting it added the
-    whole head weight to the head's transient, 54 MiB at SmolLM2-135M's vocabulary, 256 MiB at 128k x 1024.
-
-    `heap_at_peak`: of `peak`, the bytes in storages under `allocator.MMAP_THRESHOLD` (what glibc serves from its
-    heap, and keeps after they are freed; larger blocks are mapped on their own and given back)."""
+    whole head weight to the head's transient, 54 MiB at SmolLM2-135M's vocabulary, 256 MiB at 128k x 1024."""
 
     def __init__(self, existing=()):
         self.now, self.peak, self._mode = 0, 0, None
-        self.heap_now = self.heap_at_peak = 0
         self._existing = {t.untyped_storage()._cdata for t in existing}
 
     def __enter__(self):
@@ -25,8 +21,6 @@ class LiveBytes:
 
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
-
-        from qlora_plugin.plan.allocator import MMAP_THRESHOLD
 
         holders: dict[int, int] = {}  # storage -> how many live tensors use it (a storage is freed with its last)
         live = self
@@ -36,7 +30,6 @@ class LiveBytes:
             if not holders[key]:
                 del holders[key]
                 live.now -= nbytes
-                live.heap_now -= nbytes if nbytes < MMAP_THRESHOLD else 0
 
         class Track(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -51,9 +44,7 @@ class LiveBytes:
                     if key not in holders:
                         holders[key] = 0
                         live.now += storage.nbytes()
-                        live.heap_now += storage.nbytes() if storage.nbytes() < MMAP_THRESHOLD else 0
-                        if live.now > live.peak:
-                            live.peak, live.heap_at_peak = live.now, live.heap_now
+                        live.peak = max(live.peak, live.now)
                     holders[key] += 1
                     weakref.finalize(t, release, key, storage.nbytes())
                 return out

@@ -51,10 +51,9 @@ def _no_meta_autocast():
         torch.is_autocast_enabled = original
 
 
-def _tracked_peaks(tokens: int, hidden: int, vocab: int, compute_dtype) -> tuple[int, int, int, int]:
+def _tracked_peaks(tokens: int, hidden: int, vocab: int, compute_dtype) -> tuple[int, int]:
     """(forward, backward) peaks of the bytes TRL's chunked log-prob function holds on CPU (its torch path), for
-    `tokens` positions, counted on meta tensors, then the part of each in blocks the heap serves
-    (`LiveBytes.heap_at_peak`). Inputs and outputs are not included, nor views of the inputs."""
+    `tokens` positions, counted on meta tensors. Inputs and outputs are not included, nor views of the inputs."""
     import torch
     from trl.kernels import chunked_logprob
 
@@ -68,11 +67,11 @@ def _tracked_peaks(tokens: int, hidden: int, vocab: int, compute_dtype) -> tuple
     with _no_meta_autocast(), live:
         log_probs, *_ = chunked_logprob.ChunkedLogProbFunction.apply(
             hidden_states, weight, None, targets, 1.0, chunk, None, 1.0, ("log_probs", "entropy", "is_top1"))
-        forward, forward_heap = live.peak, live.heap_at_peak
-        live.peak, live.heap_at_peak = live.now, live.heap_now
+        forward = live.peak
+        live.peak = live.now
         (-log_probs.sum()).backward()
-        backward, backward_heap = live.peak, live.heap_at_peak
-    return forward, backward, forward_heap, backward_heap
+        backward = live.peak
+    return forward, backward
 
 
 def _vocab_chunk() -> int:
@@ -95,32 +94,26 @@ def fused_loss_bytes(tokens: int, hidden: int, vocab: int, hidden_itemsize: int,
                      device: str) -> dict:
     """Bytes of TRL's fused LM head and loss for `tokens` scored positions (batch x (seq - 1)):
     {"saved": kept for the backward from the forward to the backward (the flattened hidden states, per-token
-    statistics), "forward": held for a moment during the forward, "backward": during the backward}, and the same
-    three with `_heap`: the part in blocks the CPU heap serves (`allocator.MMAP_THRESHOLD`; on CUDA all of it)."""
-    return dict(zip(("saved", "forward", "backward", "saved_heap", "forward_heap", "backward_heap"),
+    statistics), "forward": held for a moment during the forward, "backward": during the backward}."""
+    return dict(zip(("saved", "forward", "backward"),
                     _fused_loss(tokens, hidden, vocab, hidden_itemsize, compute_itemsize, device)))
 
 
-@functools.lru_cache(maxsize=64)  # the budget prices the same shapes at several batches
+@functools.lru_cache(maxsize=64)  # `--memory_budget` prices the same shapes at several batches
 def _fused_loss(tokens: int, hidden: int, vocab: int, hidden_itemsize: int, compute_itemsize: int,
-                device: str) -> tuple:
+                device: str) -> tuple[int, int, int]:
     import torch
 
-    from qlora_plugin.plan.allocator import on_heap
-
-    hidden_copy, stats = tokens * hidden * hidden_itemsize, (tokens * 4, tokens * 4, tokens * 8)
-    saved = hidden_copy + sum(stats)  # hidden copy, log_z, entropy, targets
+    saved = tokens * hidden * hidden_itemsize + tokens * (4 + 4 + 8)  # hidden copy, log_z, entropy, targets
     n = min(tokens, _token_chunk())
     cast = n * hidden * compute_itemsize if compute_itemsize != hidden_itemsize else 0  # the hidden chunk's cast
     grad_hidden = tokens * hidden * 4  # accumulated in fp32
     if device == "cuda":  # Triton folds the tile in place: the buffer is all
         buffer = n * _vocab_chunk() * compute_itemsize
-        forward, backward = buffer + cast, buffer + cast + grad_hidden
-        return saved, forward, backward, saved, forward, backward
+        return saved, buffer + cast, buffer + cast + grad_hidden
     dtype = {2: torch.bfloat16, 4: torch.float32}.get(compute_itemsize, torch.bfloat16)
-    forward, backward, forward_heap, backward_heap = _tracked_peaks(tokens, hidden, vocab, dtype)
-    return (saved, forward + cast, backward + cast, on_heap((hidden_copy, *stats)), forward_heap + on_heap((cast,)),
-            backward_heap + on_heap((cast,)))
+    forward, backward = _tracked_peaks(tokens, hidden, vocab, dtype)
+    return saved, forward + cast, backward + cast
 
 
 def head_shape(model, seq_len: int, hidden_itemsize: int, compute_itemsize: int, device: str) -> dict:
@@ -138,26 +131,11 @@ def head_bytes(shape: dict, batch_size: int, training: bool) -> int:
     return cost["saved"] + (max(cost["forward"], cost["backward"]) if training else cost["forward"])
 
 
-def head_heap_bytes(shape: dict, batch_size: int, training: bool) -> int:
-    """Of `head_bytes`, the part in blocks the CPU heap serves at that moment (`allocator`)."""
-    cost = fused_loss_bytes(batch_size * (shape["seq_len"] - 1), shape["hidden"], shape["vocab"],
-                            shape["hidden_itemsize"], shape["compute_itemsize"], shape["device"])
-    phase = "backward" if training and cost["backward"] > cost["forward"] else "forward"
-    return cost["saved_heap"] + cost[phase + "_heap"]
-
-
 def train_loss_term(shape: dict, batch_size: int, layer_phase_per_sample: int) -> int:
     """The `loss` component: what the head adds to a training step's peak beyond the decoder stack's own backward
     transient (`layer_phase_per_sample` per row: the two do not overlap, the head's tiles are freed before the last
     layer's backward starts)."""
     return max(head_bytes(shape, batch_size, True) - batch_size * layer_phase_per_sample, 0)
-
-
-def train_loss_heap(shape: dict, batch_size: int, layer_phase_per_sample: int) -> int:
-    """Of `train_loss_term`, the part in heap blocks: the head's heap share of it."""
-    loss = train_loss_term(shape, batch_size, layer_phase_per_sample)
-    whole = head_bytes(shape, batch_size, True)
-    return int(loss * head_heap_bytes(shape, batch_size, True) / whole) if whole else 0
 
 
 def eval_peak_bytes(shape: dict, batch_size: int, stack_per_sample: int) -> int:

@@ -33,12 +33,14 @@ class StepCost:
         return 0 if self.head is None else train_loss_term(self.head, batch, self.layer_phase_per_sample)
 
     def allocator(self, batch: int) -> int:
-        from qlora_plugin.plan.loss import buffer_bytes, train_loss_heap
+        from qlora_plugin.plan.loss import buffer_bytes
 
         loss = self.loss(batch)
-        heap = (self.gradients_heap + on_heap((self.dequantized,)) + profile_bytes(self.profile, batch, True)
-                + (0 if self.head is None else train_loss_heap(self.head, batch, self.layer_phase_per_sample)))
+        # TRL's fused head as a whole: with its buffer mapped none of it stays; with the buffer on the heap its
+        # larger fp32 tiles come from the heap too (`allocator`, the demo's cell)
         mapped = self.head is not None and on_heap((buffer_bytes(self.head, batch),)) == 0
+        heap = (self.gradients_heap + on_heap((self.dequantized,)) + profile_bytes(self.profile, batch, True)
+                + (0 if mapped else loss))
         return kept_bytes(self.mode, Transients(self.gradients + self.activations(batch) + loss, heap, loss, mapped))
 
     def transients(self, batch: int) -> int:
