@@ -369,7 +369,9 @@ def test_budget_picks_the_largest_batch_that_fits_and_keeps_the_effective_batch(
         # past TRL's 4,096-token tile, where the fused head's buffer stops growing)
         plan = plan_strategy(config, "qlora", QLORA, options, dataclasses.replace(settings, batch_size=b,
                                                                                       eval_batch_size=b))
-        assert plan.total_bytes == pytest.approx(p.train(b), rel=1e-4)  # linear up to a few KiB of rounding
+        # the budget prices the stack per row from one count at batch 1: storages without a batch dimension (the
+        # rotary tables, ~150 KiB here) grow with the batch there, 1.2 MiB of 1.2 GiB at batch 9: within 0.2%
+        assert plan.total_bytes == pytest.approx(p.train(b), rel=2e-3)
         assert plan.eval_bytes == pytest.approx(p.eval(b), rel=1e-4)
     # 4 fits, 5 does not, once the margin for the plan's own error is set aside; 16 samples: divisors 1, 2, 4, 8, 16
     budget = int((p.train(4) + p.train(5)) / 2 / (1 - PLAN_ERROR_MARGIN))
