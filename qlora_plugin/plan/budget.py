@@ -14,12 +14,11 @@ import dataclasses
 
 from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.core.options import StrategyOptions
-from qlora_plugin.plan.allocator import MMAP_THRESHOLD
 from qlora_plugin.plan.estimate import (
     CUDA_CONTEXT_BYTES, TRAINING_ONLY, PlanSettings, plan_strategy, running_malloc_mode,
 )
 from qlora_plugin.plan.step_cost import StepCost
-from qlora_plugin.plan.loss import buffer_bytes, eval_peak_bytes
+from qlora_plugin.plan.loss import buffer_mapped, eval_peak_bytes
 from qlora_plugin.core.sizes import parse_memory
 
 MiB = 2**20
@@ -110,7 +109,7 @@ class Peaks:
         if self.head is None or self.eval_stack_per_sample is None:
             return self.eval_base + batch * self.eval_per_sample + self.offset()
         transient = eval_peak_bytes(self.head, batch, self.eval_stack_per_sample)
-        mapped = not self.cuda and buffer_bytes(self.head, batch) >= MMAP_THRESHOLD
+        mapped = not self.cuda and buffer_mapped(self.head, batch)
         return self.eval_base + int((1 + (0 if mapped else self.share)) * transient) + self.offset()  # as `Plan`
 
 

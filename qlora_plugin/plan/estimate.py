@@ -25,8 +25,9 @@ from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.models.model_config import load_config
 from qlora_plugin.core.options import StrategyOptions, build_options
 from qlora_plugin.plan.activations import activation_bytes, eval_transient
-from qlora_plugin.plan.allocator import ALLOCATOR_SHARE, MALLOC_MODES, MMAP_THRESHOLD, how, mode_of, on_heap
+from qlora_plugin.plan.allocator import ALLOCATOR_SHARE, MALLOC_MODES, how, mode_of, on_heap
 from qlora_plugin.plan.step_cost import StepCost
+from qlora_plugin.plan.loss import buffer_mapped
 from qlora_plugin.plan.skeleton import QuantizedLinearStandIn, skeleton
 from qlora_plugin.plan.start import start_transient_bytes
 from qlora_plugin.plugin.manager import collect_options, collect_strategies, get_plugin_manager
@@ -217,13 +218,6 @@ def qlora_base_bytes(model: str, compute: str = "float32", options: StrategyOpti
     return costs["packed"] + costs["constants"] + costs["other"]
 
 
-def _mapped(head: dict, batch_size: int) -> bool:
-    """Whether the fused head's buffer is large enough for glibc to map it on its own (returned when freed)."""
-    from qlora_plugin.plan.loss import buffer_bytes
-
-    return buffer_bytes(head, batch_size) >= MMAP_THRESHOLD
-
-
 def plan_strategy(config, name: str, strategy, options: StrategyOptions, settings: PlanSettings, pm=None) -> Plan:
     """Predict the peak of one strategy; `strategy` None is 16-bit full fine-tuning (`name` then `full`)."""
     full = strategy is None
@@ -304,10 +298,10 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
         "start_parts": {k: v for k, v in start.items() if k != "total"},
         "mixed_precision": amp_dtype(compute),
         "allocator_share": ALLOCATOR_SHARE[cost.mode],
-        # evaluation with the fused head's buffer mapped on its own (see `_mapped`): its tiles are mapped and given
-        # back, so the process grows by the transient itself (TRL's head alone, 2,040 tokens x 128,256 entries
+        # evaluation with the fused head's buffer mapped on its own (`loss.buffer_mapped`): its tiles are mapped and
+        # given back, so the process grows by the transient itself (TRL's head alone, 2,040 tokens x 128,256 entries
         # under `qlora-plugin run`: +956-973 MiB for 976 counted; docs/plan.md, "The validation grid")
-        "eval_allocator_share": 0 if not cuda and evaluation["head"] and _mapped(evaluation["head"],
+        "eval_allocator_share": 0 if not cuda and evaluation["head"] and buffer_mapped(evaluation["head"],
                                                                                  settings.eval_batch_size)
         else ALLOCATOR_SHARE[cost.mode],
         "allocator_how": how(cost.mode),

@@ -152,6 +152,14 @@ def fused_how(device: str) -> str:
     return "TRL's fused LM head, counted on meta tensors (TRL's CPU path)"
 
 
+def buffer_mapped(shape: dict, batch_size: int) -> bool:
+    """Whether the fused head's buffer is large enough for glibc to map it on its own (returned when freed): then
+    none of the head stays in the heap (`allocator`)."""
+    from qlora_plugin.plan.allocator import MMAP_THRESHOLD
+
+    return buffer_bytes(shape, batch_size) >= MMAP_THRESHOLD
+
+
 def buffer_bytes(shape: dict, batch_size: int) -> int:
     """The fused head's tile buffer for `batch_size` rows: (tokens, at most 4,096) x 32,768 in the compute dtype."""
     return min(batch_size * (shape["seq_len"] - 1), _token_chunk()) * _vocab_chunk() * shape["compute_itemsize"]

@@ -35,12 +35,12 @@ class StepCost:
         return 0 if self.head is None else train_loss_term(self.head, batch, self.layer_phase_per_sample)
 
     def allocator(self, batch: int) -> int:
-        from qlora_plugin.plan.loss import buffer_bytes
+        from qlora_plugin.plan.loss import buffer_mapped
 
         loss = self.loss(batch)
         # TRL's fused head as a whole: with its buffer mapped none of it stays; with the buffer on the heap its
         # larger fp32 tiles come from the heap too (`allocator`, the demo's cell)
-        mapped = self.head is not None and on_heap((buffer_bytes(self.head, batch),)) == 0
+        mapped = self.head is not None and buffer_mapped(self.head, batch)
         heap = (self.gradients_heap + on_heap((self.dequantized,)) + profile_bytes(self.profile, batch, True)
                 + (0 if mapped else loss))
         return kept_bytes(self.mode, Transients(self.gradients + self.activations(batch) + loss, heap, loss, mapped))
