@@ -304,7 +304,8 @@ def main(argv: list[str]) -> int:
             print(f"\nmemory budget {choice['budget_bytes'] / 2**20:,.0f} MiB ({choice['how']}), {strategy or 'qlora'}: "
                   f"per-device batch {choice['per_device_train_batch_size']} x accumulation "
                   f"{choice['gradient_accumulation_steps']}, eval batch {choice['per_device_eval_batch_size']}; "
-                  f"predicted peak {_size(choice['predicted_peak_bytes'])} (eval {_size(choice['predicted_eval_peak_bytes'])}); "
+                  f"predicted peak {_size(choice['predicted_peak_bytes'])} "
+                  f"(eval {_size(choice['predicted_eval_peak_bytes'])}); "
                   f"{choice['error_margin']:.0%} of the budget kept for the plan's error")
             for note in choice["notes"]:
                 print(f"warning: {note}")

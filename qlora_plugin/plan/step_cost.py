@@ -20,7 +20,8 @@ class StepCost:
     gradients_heap: int  # of them, in blocks under the mmap threshold
     dequantized: int  # one 4-bit layer's weight dequantized for its matmul (the largest), at any batch
     # the decoder stack's storages: (bytes per row, how many) (`activations.activation_bytes`); a storage without a
-    # batch dimension (the rotary tables: KiB) is scaled with the batch too, so other batches are priced within 0.2% (tests/test_plan.py)
+    # batch dimension (the rotary tables: KiB) is scaled with the batch too, so other batches are priced within 0.2%
+    # (tests/test_plan.py)
     profile: tuple
     head: dict | None  # TRL's fused head's shape (`loss.head_shape`); None: the model's own loss, in `profile`
     layer_phase_per_sample: int
