@@ -423,7 +423,7 @@ def test_memory_budget_sets_the_batches_of_a_real_run(tiny_models, tmp_path, cap
 
     # What this pytest process holds depends on the tests before it: here the choice rests on the plan alone
     # (the live measurement is covered by test_budget_counts_what_the_process_already_holds).
-    monkeypatch.setattr(pipeline, "memory_in_use", lambda device: None)
+    monkeypatch.setattr(pipeline, "memory_in_use", lambda device, model=None: None)
     from qlora_plugin.ecosystem.runtime import cpu_has_native_bf16
 
     compute = "bfloat16" if cpu_has_native_bf16() else "float32"

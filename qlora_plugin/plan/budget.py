@@ -242,9 +242,16 @@ def settings_for_run(training_args, device: str, compute: str, optim: str) -> Pl
                         gradient_checkpointing=bool(checkpointing), malloc=running_malloc_mode())
 
 
-def memory_in_use(device: str) -> int | None:
+def memory_in_use(device: str, model=None) -> int | None:
     """What this process holds now: on a GPU the caching allocator's reserved bytes plus the CUDA context (the
-    plan's `runtime` term there, so it is not dropped), or the resident set on CPU (Linux)."""
+    plan's `runtime` term there, so it is not dropped); on CPU (Linux) the resident set plus the pages of `model`'s
+    parameters and buffers not read yet (a weight mapped from its safetensors file joins the resident set when the
+    first step reads it: `cpu.resident_pages`)."""
     if device == "cuda":
         return _cuda_held()
-    return _proc_kib("/proc/self/status", "VmRSS")
+    resident = _proc_kib("/proc/self/status", "VmRSS")
+    if resident is None or model is None:
+        return resident
+    from qlora_plugin.cpu.resident_pages import absent_bytes
+
+    return resident + (absent_bytes([*model.parameters(), *model.buffers()]) or 0)

@@ -77,7 +77,7 @@ def _fit_to_budget(model, strategy, options, args, runtime, explicit, compute: s
                                                                                optim_name(args)),
                     budget, samples, args.per_device_eval_batch_size, chosen_by_user.get("per_device_train_batch_size"),
                     chosen_by_user.get("per_device_eval_batch_size"), options.strict_budget, pm,
-                    memory_in_use(runtime.device_type), peaks_for(passes_for_args(kind.name, args)))
+                    memory_in_use(runtime.device_type, model), peaks_for(passes_for_args(kind.name, args)))
     batch_is_yours = "per_device_train_batch_size" in chosen_by_user
     for name in names:
         accumulation = name == "gradient_accumulation_steps"
