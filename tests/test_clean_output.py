@@ -97,6 +97,24 @@ def test_defaults_left_alone_are_the_recipes(tmp_path):
     assert args.activation_checkpointing_kwargs == {"use_reentrant": False} == args.gradient_checkpointing_kwargs
 
 
+@pytest.mark.parametrize("explicit, values, expected", [
+    (set(), {}, 64),  # left alone (TRL's "auto", None off Neuron): the recipe pads on CPU
+    ({"pad_to_multiple_of"}, {"pad_to_multiple_of": None}, None),  # `--pad_to_multiple_of none` on a command line
+    (set(), {"pad_to_multiple_of": 8}, 8),  # Python
+])
+def test_on_cpu_rows_are_padded_to_a_multiple_of_64_unless_you_chose(tmp_path, explicit, values, expected):
+    """Every new batch shape leaves memory behind on CPU (oneDNN's per-shape kernels, heap fragments: docs/plan.md,
+    "Rows of different lengths on CPU"), so the recipe pads rows to a multiple of 64 there, and on no GPU."""
+    from qlora_plugin.plan.estimate import trained_length
+    from qlora_plugin.strategies.recipe import apply_training_defaults, training_defaults
+
+    args = sft_config(tmp_path, **values)
+    apply_training_defaults(args, training_defaults(10**6, Runtime("cpu", False, "none")), explicit)
+    assert args.pad_to_multiple_of == expected
+    assert trained_length(args) == (64 if expected == 64 else 32)  # max_length 32, padded up to the multiple
+    assert "pad_to_multiple_of" not in training_defaults(10**6, Runtime("cuda", True, "none"))
+
+
 def emitted(logger_name, *messages) -> list[str]:
     """What reaches a handler of `logger_name` when it logs `messages` as warnings."""
     seen = []

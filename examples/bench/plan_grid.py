@@ -10,7 +10,8 @@ figures; docs/plan.md has them).
     python examples/bench/plan_grid.py --replan docs/runs/plan_grid.json     # re-plan its cells with the installed plan
 
 Each run: `qlora-plugin run -- python -m trl.scripts.sft ... --strategy qlora --use_cpu true`, every row longer
-than `--max_length` (so each sequence is full), 2 steps (batch x 1), under `nice`. Two peaks are shown: the run's own (peak
+than `--max_length` (so each sequence is full; `--varied`: rows of different lengths), 2 steps (batch x 1; `--steps`),
+under `nice`. Two peaks are shown: the run's own (peak
 RSS from when training starts: what `prediction_error` compares) and the whole process's after loading (polled
 every 50 ms from outside: it also holds the calibrated start's transient, which runs before the first step).
 Models are cached in $PLAN_GRID_CACHE (default /tmp/plan-grid).
@@ -33,9 +34,19 @@ MiB = 2**20
 CACHE = Path(os.environ.get("PLAN_GRID_CACHE", "/tmp/plan-grid"))
 
 
-def dataset() -> str:
-    """64 rows of 1,500 random words each: longer than any `--max_length` here, so every sequence is full."""
-    folder = CACHE / "data"
+def word_token(i: int) -> str:
+    """The i-th of the vocabulary entries a large-vocabulary grid model's tokenizer adds (`model`)."""
+    return f"<w{i:06d}>"
+
+
+def dataset(added: int = 0, varied: int = 0) -> str:
+    """64 rows of 1,500 random words each: longer than any `--max_length` here, so every sequence is full. With
+    `added` entries added to the tokenizer (`model`), every other word is one of them, drawn uniformly: the token
+    ids then spread over the whole embedding, as a real tokenizer's do (the tiny tokenizer's few hundred ids read
+    only the embedding's first rows, and a 16-bit embedding mapped from its file is resident only where read).
+    With `varied`, each row has between `varied` / 3 and `varied` words instead: rows of different lengths, as real
+    data has (the collator pads each batch to its longest row, so every step's blocks differ in size)."""
+    folder = CACHE / ((f"data-added{added}" if added else "data") + (f"-varied{varied}" if varied else ""))
     if not (folder / "train.jsonl").exists():
         words = [w for line in (HERE.parents[1] / "tests" / "data" / "skills" / "train.jsonl").read_text().splitlines()
                  for w in json.loads(line)["prompt"].split()]
@@ -44,16 +55,21 @@ def dataset() -> str:
         for split, rows in (("train", 64), ("test", 8)):
             with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 for _ in range(rows):
-                    f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(1500))}) + "\n")
+                    length = rng.randrange(varied // 3, varied + 1) if varied else 1500
+                    text = (word_token(rng.randrange(added)) if added and i % 2 else rng.choice(words)
+                            for i in range(length))
+                    f.write(json.dumps({"text": " ".join(text)}) + "\n")
     return str(folder)
 
 
-def model(hidden: int, layers: int, heads: int, intermediate: int, vocab: int) -> str:
-    """A Llama-shaped model folder: the tiny BPE tokenizer (a few hundred tokens) and a config with `vocab` rows in
-    the embedding and head (`vocab` 0: the tokenizer's own size), random weights in bf16 safetensors."""
-    folder = CACHE / f"llama-{hidden}x{layers}-h{heads}-i{intermediate}-v{vocab}"
+def model(hidden: int, layers: int, heads: int, intermediate: int, vocab: int) -> tuple[str, int]:
+    """A Llama-shaped model folder and how many entries its tokenizer adds: the tiny BPE tokenizer (a few hundred
+    tokens) and a config with `vocab` rows in the embedding and head (`vocab` 0: the tokenizer's own size), random
+    weights in bf16 safetensors. With a larger `vocab` the tokenizer gets word entries up to it (`word_token`), which
+    the cell's data uses (`dataset`)."""
+    folder = CACHE / (f"llama-{hidden}x{layers}-h{heads}-i{intermediate}-v{vocab}" + ("-spread" if vocab else ""))
     if (folder / "config.json").exists():
-        return str(folder)
+        return str(folder), json.loads((folder / "added.json").read_text()) if vocab else 0
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -61,6 +77,8 @@ def model(hidden: int, layers: int, heads: int, intermediate: int, vocab: int) -
 
     texts = [json.loads(line)["prompt"] for line in (HERE.parents[1] / "tests" / "data" / "skills" / "train.jsonl").read_text().splitlines()]
     tokenizer = build_tokenizer(texts, 512)
+    added = max(0, vocab - len(tokenizer))
+    tokenizer.add_tokens([word_token(i) for i in range(added)])
     config = model_config("llama", vocab or len(tokenizer), hidden, layers, intermediate, heads, tokenizer)
     config.max_position_embeddings = 4096
     config.initializer_range = 0.02
@@ -69,8 +87,9 @@ def model(hidden: int, layers: int, heads: int, intermediate: int, vocab: int) -
     tmp = folder.with_name(folder.name + ".tmp")
     net.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / "added.json").write_text(json.dumps(added))
     os.replace(tmp, folder)
-    return str(folder)
+    return str(folder), added
 
 
 def poll_peak(proc, result: dict) -> None:
@@ -89,8 +108,9 @@ def poll_peak(proc, result: dict) -> None:
 
 
 def train(path: str, out: str, seq: int, batch: int | None, init: str, evaluate: bool, malloc: bool,
-          steps: int, extra=(), probe: bool = False, nice: int = 10) -> dict:
-    command = [sys.executable, "-m", "trl.scripts.sft", "--model_name_or_path", path, "--dataset_name", dataset(),
+          steps: int, extra=(), probe: bool = False, nice: int = 10, added: int = 0, varied: bool = False) -> dict:
+    command = [sys.executable, "-m", "trl.scripts.sft", "--model_name_or_path", path, "--dataset_name",
+               dataset(added, seq if varied else 0),
                "--strategy", "qlora", "--use_cpu", "true", "--output_dir", out, "--max_steps", str(steps),
                "--max_length", str(seq), "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
                "--disable_tqdm", "true", "--dataset_text_field", "text", "--init_lora_weights", init,
@@ -166,7 +186,10 @@ def table(path: str) -> str:
         predicted = f"{now['predicted_mib']:,} (run: {c['predicted_mib']:,})" if now else f"{c['predicted_mib']:,}"
         error = f"{now['error']:+.1%} (run: {c['error']:+.1%})" if now else f"{c['error']:+.1%}"
         held = "no" if now and not now.get("held_out") else ("yes" if c["held_out"] else "no")
-        lines.append(f"| {c['cell']} | {c['hidden']} x {c['layers']}, {c['vocab']} | {c['batch']} x {c['seq']} | "
+        ids = ", ids spread" if c.get("token_ids") == "spread" else ""
+        rows = (" (rows varied)" if c.get("rows") == "varied" else "") + \
+            (f", {c['steps']} steps" if c.get("steps", 2) != 2 else "")
+        lines.append(f"| {c['cell']} | {c['hidden']} x {c['layers']}, {c['vocab']}{ids} | {c['batch']} x {c['seq']}{rows} | "
                      f"{c['init']} | {'on' if c['eval'] else 'off'} | {c.get('malloc', 'tuned')} | {predicted} | "
                      f"{c['measured_mib']:,} | {error} | {held} | {c['why']} |")
     for c in json.loads(Path(path).read_text()):
@@ -189,7 +212,7 @@ def replan(path: str) -> None:
         if "budget_mib" in c:
             continue
         vocab = 0 if c["vocab"] == "tokenizer" else c["vocab"]
-        folder = next(CACHE.glob(f"llama-{c['hidden']}x{c['layers']}-h*-v{vocab}"))
+        folder = next(CACHE.glob(f"llama-{c['hidden']}x{c['layers']}-h*-v{vocab}*"))
         command = [cli, "plan", str(folder), "--device", "cpu", "--strategy", "qlora", "--json",
                    "--batch-size", str(c["batch"]), "--seq-len", str(c["seq"]), "--init_lora_weights", c["init"],
                    "--malloc", c.get("malloc", "tuned"), "--per_device_eval_batch_size", "8" if c["eval"] else
@@ -218,6 +241,8 @@ def main() -> int:
     parser.add_argument("--eval", action="store_true", help="evaluate once, at the last step")
     parser.add_argument("--no-malloc", action="store_true", help="glibc's defaults (no `qlora-plugin run`)")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--varied", action="store_true", help="rows of --seq / 3 to --seq words (default: every row "
+                        "longer than --seq)")
     parser.add_argument("--probe", action="store_true", help="print where step 2's bytes go (memory_probe_hooks.py)")
     parser.add_argument("--budget-between", type=int, nargs=2, metavar=("LOW", "HIGH"), default=None,
                         help="also run with --memory_budget halfway between the measured peaks of these batches")
@@ -237,7 +262,7 @@ def main() -> int:
     if args.replan:
         replan(args.replan)
         return 0
-    path = model(args.hidden, args.layers, args.heads, args.intermediate or 3 * args.hidden, args.vocab)
+    path, added = model(args.hidden, args.layers, args.heads, args.intermediate or 3 * args.hidden, args.vocab)
     shape = (f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab or 'tokenizer'}, seq {args.seq}, "
              f"init {args.init}, eval {'on' if args.eval else 'off'}, malloc "
              f"{'glibc defaults' if args.no_malloc else 'qlora-plugin run'}")
@@ -247,7 +272,7 @@ def main() -> int:
     for batch in args.batch:
         out = str(CACHE / "runs" / f"{Path(path).name}-s{args.seq}-b{batch}-{args.init}-{args.eval}-{time.time():.0f}")
         report = train(path, out, args.seq, batch, args.init, args.eval, not args.no_malloc, args.steps, args.extra,
-                       args.probe, args.nice)
+                       args.probe, args.nice, added, args.varied)
         measured[batch] = max(report["memory"]["measured_peak_bytes"], report["polled"].get("after_load", 0))
         print(row(f"{batch}", report, args.eval), flush=True)
         if args.record:
@@ -258,7 +283,7 @@ def main() -> int:
             record(args.record, {
                 "cell": args.cell, "why": args.why, "held_out": args.held_out, "hidden": args.hidden,
                 "layers": args.layers, "heads": args.heads, "vocab": args.vocab or "tokenizer", "seq": args.seq,
-                "batch": batch,
+                "batch": batch, "token_ids": "spread" if added else "tokenizer", "rows": "varied" if args.varied else "full",
                 "init": args.init, "eval": args.eval, "malloc": "glibc" if args.no_malloc else "tuned",
                 "steps": args.steps, "predicted_mib": round(predicted / MiB), "measured_mib": round(measured[batch] / MiB),
                 "error": round(predicted / measured[batch] - 1, 4),
@@ -273,7 +298,8 @@ def main() -> int:
         budget = parse_memory(args.budget) if args.budget else sum(measured[b] for b in args.budget_between) // 2
         out = str(CACHE / "runs" / f"{Path(path).name}-budget-{time.time():.0f}")
         report = train(path, out, args.seq, None, args.init, args.eval, not args.no_malloc, args.steps,
-                       ["--memory_budget", f"{budget}B", *args.extra], nice=args.nice)
+                       ["--memory_budget", f"{budget}B", *args.extra], nice=args.nice, added=added,
+                       varied=args.varied)
         chosen = report["memory_budget"]
         peak = max(report["memory"]["measured_peak_bytes"], report["polled"].get("after_load", 0))
         print(f"budget {budget / MiB:,.0f} MiB -> batch {chosen['per_device_train_batch_size']} x "

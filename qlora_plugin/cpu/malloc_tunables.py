@@ -35,11 +35,13 @@ TUNABLES_ENV = "GLIBC_TUNABLES"
 # the heap's top instead of returned and faulted in again; and the mmap threshold fixed at 32 MiB, the ceiling of
 # glibc's moving threshold (setting trim_threshold stops it moving, and at its 128 KiB start every tensor would
 # be mapped afresh).
+TRIM_THRESHOLD = 512 * 2**20  # free memory at the heap's top beyond this is returned to the system
+MMAP_THRESHOLD = 32 * 2**20  # a block this large is mapped on its own when the heap has no free space for it
 SETTINGS = (
     ("glibc.malloc.tcache_count", "0"),
     ("glibc.malloc.mxfast", "0"),
-    ("glibc.malloc.trim_threshold", str(512 * 2**20)),
-    ("glibc.malloc.mmap_threshold", str(32 * 2**20)),
+    ("glibc.malloc.trim_threshold", str(TRIM_THRESHOLD)),
+    ("glibc.malloc.mmap_threshold", str(MMAP_THRESHOLD)),
 )
 REEXEC_MARK_ENV = "QLORA_PLUGIN_MALLOC_REEXEC"  # set in the re-executed process: never re-execute twice
 LAUNCHER = "qlora-plugin run --"

@@ -10,9 +10,11 @@ the dequantized weights every time, and what the process keeps of that depends o
   between steps (measured with `mallinfo2` at hidden 1024, 8 layers, 512 tokens: batch 1 and 4 all on the heap;
   at batch 8 the MLP's fp32 tensors are 48 MiB and mapped, 256 MiB of them at once, and the heap did not grow in
   the step that held them: docs/plan.md, "Where the bytes go"). TRL's fused head goes by its buffer (tokens x
-  32,768): with the buffer mapped none of the head stays; with it under 32 MiB its fp32 tiles, though larger, come
-  from the heap's kept top too and get the share (the demo's cell, SmolLM2-135M at 4 x 102 tokens: priced as
-  mapped, the plan was 20% under; as heap, within 5%).
+  32,768): with the buffer mapped none of the head stays; with it under 32 MiB its fp32 tiles, though larger, get
+  the share too: in a run's first steps they are mapped, but over 30 steps of rows of different lengths the heap
+  took them (the demo's cell, SmolLM2-135M at 4 x 102 tokens: 1,501 MiB after 3 steps, 1,785-1,810 after 30).
+  What the heap keeps is at most the trim threshold (512 MiB): glibc returns the free top beyond it (G2's shape,
+  hidden 1024 with 128,256 entries at 2 x 256 tokens: the uncapped share priced 732 MiB, the plan 10-35% over).
 - CPU with glibc's defaults ("glibc"): per-thread caches keep small freed blocks between large ones, which then
   cannot merge; the heap grows 2.8-3.3 bytes per byte of every transient (3.2, fitted to issue 25's two runs at
   batch 1 and 8 with the calibrated start), except the fused head's buffer once it is mapped. Not modelled per
@@ -26,9 +28,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# glibc maps a block this large on its own (`qlora-plugin run` fixes its threshold here; glibc's moving threshold
-# never goes above it) and unmaps it when freed
-MMAP_THRESHOLD = 32 * 2**20
+from qlora_plugin.cpu.malloc_tunables import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+# glibc maps a block of MMAP_THRESHOLD or more on its own (`qlora-plugin run` fixes its threshold there; glibc's
+# moving threshold never goes above it) and unmaps it when freed; under `qlora-plugin run` the heap returns its free
+# top beyond TRIM_THRESHOLD, so what it keeps of freed blocks is at most that
 ALLOCATOR_SHARE = {"glibc": 2.8, "tuned": 1.35, "cuda": 0.1}
 MALLOC_MODES = ("tuned", "glibc")
 
@@ -61,11 +65,18 @@ class Transients:
     head_mapped: bool = False
 
 
+def kept_of(mode: str, heap_bytes: int, share: float | None = None) -> int:
+    """What the allocator keeps of `heap_bytes` of freed transients under `mode`: `share` (default the mode's) of
+    them, and under `qlora-plugin run` at most its trim threshold (the free top beyond it is returned)."""
+    kept = int((ALLOCATOR_SHARE[mode] if share is None else share) * heap_bytes)
+    return min(kept, TRIM_THRESHOLD) if mode == "tuned" else kept
+
+
 def kept_bytes(mode: str, step: Transients) -> int:
     """What the allocator holds beyond the step's live tensors, under `mode` ("tuned", "glibc", "cuda")."""
     share = ALLOCATOR_SHARE[mode]
     if mode == "tuned":
-        return int(share * step.heap)
+        return kept_of(mode, step.heap)
     if mode == "glibc":
         return int(share * (step.total - (step.loss if step.head_mapped else 0)))
     return int(share * step.total)
@@ -78,6 +89,7 @@ def how(mode: str) -> str:
                 "runtime: the CUDA context, 500 MiB, an estimate (CUDA 12 with lazy loading: 300-600 MiB)")
     if mode == "tuned":
         return (f"glibc malloc tuned by `qlora-plugin run`: {ALLOCATOR_SHARE['tuned']:g} x the step's transients in "
-                "blocks under 32 MiB (larger blocks are mapped and given back), measured (docs/plan.md)")
+                "blocks under 32 MiB (larger blocks are mapped and given back), at most its 512 MiB trim threshold, "
+                "measured (docs/plan.md)")
     return (f"glibc malloc, its defaults: {ALLOCATOR_SHARE['glibc']:g} x the step's transients, measured "
             "(docs/plan.md)")

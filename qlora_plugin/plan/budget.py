@@ -15,8 +15,9 @@ import dataclasses
 from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.core.options import StrategyOptions
 from qlora_plugin.plan.estimate import (
-    CUDA_CONTEXT_BYTES, TRAINING_ONLY, PlanSettings, plan_strategy, running_malloc_mode,
+    CUDA_CONTEXT_BYTES, TRAINING_ONLY, PlanSettings, plan_strategy, running_malloc_mode, trained_length,
 )
+from qlora_plugin.plan.allocator import kept_of
 from qlora_plugin.plan.step_cost import StepCost
 from qlora_plugin.plan.loss import buffer_mapped, eval_peak_bytes
 from qlora_plugin.core.sizes import parse_memory
@@ -105,12 +106,16 @@ class Peaks:
         step = self.optimizer + self.step.transients(batch)  # as `estimate.plan_strategy` sums it
         return self.resident + max(step, self.start) + self.offset()
 
-    def eval(self, batch: int) -> int:
+    def eval(self, batch: int, train_batch: int = 1) -> int:
+        """The evaluation's peak at `batch` rows, in a run training at `train_batch` (what the allocator kept of its
+        steps stays beside the evaluation: `Plan.eval_bytes`)."""
+        step_kept = self.step.allocator(train_batch)
         if self.head is None or self.eval_stack_per_sample is None:
             return self.eval_base + batch * self.eval_per_sample + self.offset()
         transient = eval_peak_bytes(self.head, batch, self.eval_stack_per_sample)
         mapped = not self.cuda and buffer_mapped(self.head, batch)
-        return self.eval_base + int((1 + (0 if mapped else self.share)) * transient) + self.offset()  # as `Plan`
+        held = kept_of(self.step.mode, transient, 0 if mapped else self.share)
+        return self.eval_base + transient + max(held, step_kept) + self.offset()  # as `Plan`
 
 
 def peaks(config, name, strategy, options: StrategyOptions, settings: PlanSettings, pm=None,
@@ -182,16 +187,16 @@ def choose(config, name, strategy, options: StrategyOptions, settings: PlanSetti
                                                  plan))
     if explicit_eval is not None:
         eval_batch = explicit_eval
-        check_yours("per_device_eval_batch_size", eval_batch, p.eval(eval_batch))
+        check_yours("per_device_eval_batch_size", eval_batch, p.eval(eval_batch, batch))
     else:
-        eval_batch = _largest(lambda b: p.eval(b) <= usable, range(1, max(eval_cap, 1) + 1)) or 1
-        if p.eval(eval_batch) > usable:
-            notes.append(f"evaluation at batch 1 is predicted to peak at {readable(p.eval(1))}, over the memory budget "
+        eval_batch = _largest(lambda b: p.eval(b, batch) <= usable, range(1, max(eval_cap, 1) + 1)) or 1
+        if p.eval(eval_batch, batch) > usable:
+            notes.append(f"evaluation at batch 1 is predicted to peak at {readable(p.eval(1, batch))}, over the memory budget "
                          f"less {margin:.0%} for the plan's error ({readable(usable)})")
     return {
         "budget_bytes": budget, "per_device_train_batch_size": batch,
         "gradient_accumulation_steps": max(samples_per_step // batch, 1), "per_device_eval_batch_size": eval_batch,
-        "predicted_peak_bytes": p.train(batch), "predicted_eval_peak_bytes": p.eval(eval_batch),
+        "predicted_peak_bytes": p.train(batch), "predicted_eval_peak_bytes": p.eval(eval_batch, batch),
         "largest_fitting_batch": _largest(lambda b: p.train(b) <= usable, range(1, 4 * samples_per_step + 1)),
         "usable_bytes": usable, "error_margin": margin,
         "notes": notes,
@@ -237,7 +242,7 @@ def _nothing_fits(config, name, strategy, options, settings, budget, usable, p: 
 def settings_for_run(training_args, device: str, compute: str, optim: str) -> PlanSettings:
     """The plan settings of a training run (as `predict_for_run` uses them)."""
     checkpointing = getattr(training_args, "activation_checkpointing", training_args.gradient_checkpointing)
-    return PlanSettings(batch_size=1, seq_len=training_args.max_length or 1024,
+    return PlanSettings(batch_size=1, seq_len=trained_length(training_args),
                         device="cuda" if device == "cuda" else "cpu", dtype=compute, optim=optim,
                         gradient_checkpointing=bool(checkpointing), malloc=running_malloc_mode())
 

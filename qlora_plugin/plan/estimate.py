@@ -25,7 +25,7 @@ from qlora_plugin.core.errors import QLoRAPluginError
 from qlora_plugin.models.model_config import load_config
 from qlora_plugin.core.options import StrategyOptions, build_options
 from qlora_plugin.plan.activations import activation_bytes, eval_transient
-from qlora_plugin.plan.allocator import ALLOCATOR_SHARE, MALLOC_MODES, how, mode_of, on_heap
+from qlora_plugin.plan.allocator import ALLOCATOR_SHARE, MALLOC_MODES, how, kept_of, mode_of, on_heap
 from qlora_plugin.plan.step_cost import StepCost
 from qlora_plugin.plan.loss import buffer_mapped
 from qlora_plugin.plan.skeleton import QuantizedLinearStandIn, skeleton
@@ -123,11 +123,15 @@ class Plan:
     @property
     def eval_bytes(self) -> int:
         """The peak while evaluating during training: weights, adapters, optimizer state and runtime stay;
-        gradients are freed (`zero_grad(set_to_none=True)`); the evaluation forward's transient, with the allocator's
-        share of it, replaces the training activations."""
+        gradients are freed (`zero_grad(set_to_none=True)`); the evaluation forward's transient replaces the
+        training activations, beside what the allocator holds: the larger of its share of the evaluation's
+        transient and what it kept of the training steps before (`allocator`), which the evaluation's blocks reuse
+        where they fit and its mapped blocks cannot (G2's shape: 2,151 MiB planned without it, 2,334 measured)."""
         kept = sum(v for k, v in self.components.items() if k not in TRAINING_ONLY)
         share = self.details.get("eval_allocator_share", self.details.get("allocator_share", 0))
-        return int(kept + (1 + share) * self.details["eval_activations"])
+        transient = self.details["eval_activations"]
+        held = kept_of(self.details.get("allocator_mode", "glibc"), transient, share)
+        return int(kept + transient + max(held, self.components.get("allocator", 0)))
 
     def as_dict(self) -> dict:
         return {"strategy": self.strategy, "total_bytes": self.total_bytes, "eval_peak_bytes": self.eval_bytes,
@@ -298,6 +302,7 @@ def plan_strategy(config, name: str, strategy, options: StrategyOptions, setting
         "start_parts": {k: v for k, v in start.items() if k != "total"},
         "mixed_precision": amp_dtype(compute),
         "allocator_share": ALLOCATOR_SHARE[cost.mode],
+        "allocator_mode": cost.mode,
         # evaluation with the fused head's buffer mapped on its own (`loss.buffer_mapped`): its tiles are mapped and
         # given back, so the process grows by the transient itself (TRL's head alone, 2,040 tokens x 128,256 entries
         # under `qlora-plugin run`: +956-973 MiB for 976 counted; docs/plan.md, "The validation grid")
@@ -351,6 +356,18 @@ def evaluates_during_training(training_args) -> bool:
     return str(getattr(strategy, "value", strategy)) != "no" or bool(getattr(training_args, "eval_on_start", False))
 
 
+def padded_length(length: int, multiple) -> int:
+    """`length` tokens rounded up to `multiple` (`pad_to_multiple_of`: collators pad a batch's rows to it after
+    truncating them to `max_length`); unchanged without one."""
+    return -(-length // multiple) * multiple if isinstance(multiple, int) and multiple > 1 else length
+
+
+def trained_length(training_args) -> int:
+    """The most tokens a row of this run holds: `max_length` (TRL's 1,024 if none), padded to `pad_to_multiple_of`."""
+    return padded_length(getattr(training_args, "max_length", None) or 1024,
+                         getattr(training_args, "pad_to_multiple_of", None))
+
+
 def predict_for_run(model_config, strategy, options: StrategyOptions, training_args, device: str,
                     compute: str, pm=None, plan=None, seq_len: int | None = None) -> dict:
     """The plan for a training run's actual settings, for `qlora_plugin_report.json` (next to the measured peak).
@@ -366,7 +383,7 @@ def predict_for_run(model_config, strategy, options: StrategyOptions, training_a
     try:
         settings = PlanSettings(
             batch_size=training_args.per_device_train_batch_size,
-            seq_len=seq_len or getattr(training_args, "max_length", None) or 1024,
+            seq_len=seq_len or trained_length(training_args),
             eval_batch_size=training_args.per_device_eval_batch_size,
             device="cuda" if device == "cuda" else "cpu", dtype=compute, optim=optim_name(training_args),
             gradient_checkpointing=bool(getattr(training_args, "activation_checkpointing",

@@ -12,9 +12,19 @@ class LiveBytes:
     per vocabulary chunk) shares its storage and allocates nothing, so it is not counted: counting it added the
     whole head weight to the head's transient, 54 MiB at SmolLM2-135M's vocabulary, 256 MiB at 128k x 1024."""
 
-    def __init__(self, existing=()):
+    def __init__(self, existing=(), heap_below: int | None = None):
         self.now, self.peak, self._mode = 0, 0, None
+        # with `heap_below`: of the bytes live at the peak, those in storages under it (`peak_heap`; the CPU heap
+        # serves blocks under glibc's mmap threshold, `plan.allocator`)
+        self.heap_below, self.heap_now, self.peak_heap = heap_below, 0, 0
         self._existing = {t.untyped_storage()._cdata for t in existing}
+
+    def restart_peak(self) -> None:
+        """Follow a new peak from what is live now (a second phase, e.g. the backward after the forward)."""
+        self.peak, self.peak_heap = self.now, self.heap_now
+
+    def _on_heap(self, nbytes: int) -> bool:
+        return self.heap_below is not None and nbytes < self.heap_below
 
     def __enter__(self):
         import weakref
@@ -30,6 +40,7 @@ class LiveBytes:
             if not holders[key]:
                 del holders[key]
                 live.now -= nbytes
+                live.heap_now -= nbytes if live._on_heap(nbytes) else 0
 
         class Track(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -44,7 +55,9 @@ class LiveBytes:
                     if key not in holders:
                         holders[key] = 0
                         live.now += storage.nbytes()
-                        live.peak = max(live.peak, live.now)
+                        live.heap_now += storage.nbytes() if live._on_heap(storage.nbytes()) else 0
+                        if live.now > live.peak:
+                            live.peak, live.peak_heap = live.now, live.heap_now
                     holders[key] += 1
                     weakref.finalize(t, release, key, storage.nbytes())
                 return out

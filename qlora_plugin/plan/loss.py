@@ -51,27 +51,31 @@ def _no_meta_autocast():
         torch.is_autocast_enabled = original
 
 
-def _tracked_peaks(tokens: int, hidden: int, vocab: int, compute_dtype) -> tuple[int, int]:
+def _tracked_peaks(tokens: int, hidden: int, vocab: int, compute_dtype) -> tuple[int, int, int, int]:
     """(forward, backward) peaks of the bytes TRL's chunked log-prob function holds on CPU (its torch path), for
-    `tokens` positions, counted on meta tensors. Inputs and outputs are not included, nor views of the inputs."""
+    `tokens` positions, counted on meta tensors, then the part of each in blocks the heap serves (under the mmap
+    threshold: the buffer up to 511 tokens, never a 32 MiB fp32 tile). Inputs and outputs are not included, nor
+    views of the inputs."""
     import torch
     from trl.kernels import chunked_logprob
 
+    from qlora_plugin.plan.allocator import MMAP_THRESHOLD
     from qlora_plugin.plan.live import LiveBytes
 
     chunk = _vocab_chunk()
     hidden_states = torch.empty(tokens, hidden, device="meta", dtype=compute_dtype, requires_grad=True)
     weight = torch.empty(vocab, hidden, device="meta", dtype=compute_dtype)
     targets = torch.zeros(tokens, dtype=torch.long, device="meta")
-    live = LiveBytes(existing=(hidden_states, weight, targets))  # its slices of the weight allocate nothing
+    # its slices of the weight allocate nothing
+    live = LiveBytes(existing=(hidden_states, weight, targets), heap_below=MMAP_THRESHOLD)
     with _no_meta_autocast(), live:
         log_probs, *_ = chunked_logprob.ChunkedLogProbFunction.apply(
             hidden_states, weight, None, targets, 1.0, chunk, None, 1.0, ("log_probs", "entropy", "is_top1"))
-        forward = live.peak
-        live.peak = live.now
+        forward, forward_heap = live.peak, live.peak_heap
+        live.restart_peak()
         (-log_probs.sum()).backward()
-        backward = live.peak
-    return forward, backward
+        backward, backward_heap = live.peak, live.peak_heap
+    return forward, backward, forward_heap, backward_heap
 
 
 def _vocab_chunk() -> int:
@@ -94,26 +98,32 @@ def fused_loss_bytes(tokens: int, hidden: int, vocab: int, hidden_itemsize: int,
                      device: str) -> dict:
     """Bytes of TRL's fused LM head and loss for `tokens` scored positions (batch x (seq - 1)):
     {"saved": kept for the backward from the forward to the backward (the flattened hidden states, per-token
-    statistics), "forward": held for a moment during the forward, "backward": during the backward}."""
-    return dict(zip(("saved", "forward", "backward"),
+    statistics), "forward": held for a moment during the forward, "backward": during the backward}, and with
+    "_heap" the part of each in blocks the CPU heap serves (`allocator`; on CUDA all of it)."""
+    return dict(zip(("saved", "forward", "backward", "saved_heap", "forward_heap", "backward_heap"),
                     _fused_loss(tokens, hidden, vocab, hidden_itemsize, compute_itemsize, device)))
 
 
 @functools.lru_cache(maxsize=64)  # `--memory_budget` prices the same shapes at several batches
 def _fused_loss(tokens: int, hidden: int, vocab: int, hidden_itemsize: int, compute_itemsize: int,
-                device: str) -> tuple[int, int, int]:
+                device: str) -> tuple[int, ...]:
     import torch
 
-    saved = tokens * hidden * hidden_itemsize + tokens * (4 + 4 + 8)  # hidden copy, log_z, entropy, targets
+    from qlora_plugin.plan.allocator import on_heap
+
+    parts = (tokens * hidden * hidden_itemsize, tokens * 4, tokens * 4, tokens * 8)  # hidden copy, log_z, entropy,
+    saved = sum(parts)  # targets
     n = min(tokens, _token_chunk())
     cast = n * hidden * compute_itemsize if compute_itemsize != hidden_itemsize else 0  # the hidden chunk's cast
     grad_hidden = tokens * hidden * 4  # accumulated in fp32
     if device == "cuda":  # Triton folds the tile in place: the buffer is all
         buffer = n * _vocab_chunk() * compute_itemsize
-        return saved, buffer + cast, buffer + cast + grad_hidden
+        return saved, buffer + cast, buffer + cast + grad_hidden, saved, buffer + cast, buffer + cast + grad_hidden
     dtype = {2: torch.bfloat16, 4: torch.float32}.get(compute_itemsize, torch.bfloat16)
-    forward, backward = _tracked_peaks(tokens, hidden, vocab, dtype)
-    return saved, forward + cast, backward + cast
+    forward, backward, forward_heap, backward_heap = _tracked_peaks(tokens, hidden, vocab, dtype)
+    cast_heap = on_heap((cast,))
+    return (saved, forward + cast, backward + cast, on_heap(parts), forward_heap + cast_heap,
+            backward_heap + cast_heap)
 
 
 def head_shape(model, seq_len: int, hidden_itemsize: int, compute_itemsize: int, device: str) -> dict:
@@ -136,6 +146,16 @@ def train_loss_term(shape: dict, batch_size: int, layer_phase_per_sample: int) -
     transient (`layer_phase_per_sample` per row: the two do not overlap, the head's tiles are freed before the last
     layer's backward starts)."""
     return max(head_bytes(shape, batch_size, True) - batch_size * layer_phase_per_sample, 0)
+
+
+def train_loss_heap(shape: dict, batch_size: int, layer_phase_per_sample: int) -> int:
+    """Of `train_loss_term`, the bytes in blocks the CPU heap serves, in the proportion the head holds them at its
+    peak (the rest, its fp32 tiles of 32 MiB and more, is mapped and given back: `allocator`)."""
+    cost = fused_loss_bytes(batch_size * (shape["seq_len"] - 1), shape["hidden"], shape["vocab"],
+                            shape["hidden_itemsize"], shape["compute_itemsize"], shape["device"])
+    phase = "backward" if cost["backward"] >= cost["forward"] else "forward"
+    whole, heap = cost["saved"] + cost[phase], cost["saved_heap"] + cost[f"{phase}_heap"]
+    return int(train_loss_term(shape, batch_size, layer_phase_per_sample) * heap / whole) if whole else 0
 
 
 def eval_peak_bytes(shape: dict, batch_size: int, stack_per_sample: int) -> int:

@@ -36,14 +36,15 @@ class StepCost:
         return 0 if self.head is None else train_loss_term(self.head, batch, self.layer_phase_per_sample)
 
     def allocator(self, batch: int) -> int:
-        from qlora_plugin.plan.loss import buffer_mapped
+        from qlora_plugin.plan.loss import buffer_mapped, train_loss_heap
 
         loss = self.loss(batch)
-        # TRL's fused head as a whole: with its buffer mapped none of it stays; with the buffer on the heap its
-        # larger fp32 tiles come from the heap too (`allocator`, the demo's cell)
+        # TRL's fused head block by block, as the stack: its buffer on the heap up to 511 tokens, its fp32 tiles
+        # (twice the buffer) mapped from 256 (`allocator`); glibc's defaults go by whether the buffer is mapped
         mapped = self.head is not None and buffer_mapped(self.head, batch)
+        loss_heap = train_loss_heap(self.head, batch, self.layer_phase_per_sample) if self.head else 0
         heap = (self.gradients_heap + on_heap((self.dequantized,)) + profile_bytes(self.profile, batch, True)
-                + (0 if mapped else loss))
+                + loss_heap)
         return kept_bytes(self.mode, Transients(self.gradients + self.activations(batch) + loss, heap, loss, mapped))
 
     def transients(self, batch: int) -> int:

@@ -299,8 +299,8 @@ class TrainerPeaks:
     def train(self, batch: int) -> int:
         return self.base.train(self.passes.rows(batch)) + self.extra(batch)
 
-    def eval(self, batch: int) -> int:
-        return self.base.eval(self.passes.rows(batch))
+    def eval(self, batch: int, train_batch: int = 1) -> int:
+        return self.base.eval(self.passes.rows(batch), self.passes.rows(train_batch))
 
 
 def trainer_peaks(config, name, strategy, options, settings: PlanSettings, passes: TrainerPasses, pm=None,

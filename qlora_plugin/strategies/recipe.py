@@ -17,6 +17,9 @@ from qlora_plugin.strategies.adapters import BIG_MODEL_PARAMS
 from qlora_plugin.ecosystem.runtime import Runtime
 
 MIXED_PRECISION = ("bf16", "fp16")
+# On CPU, rows are padded to a multiple of this many tokens: at most max_length / 64 batch shapes (docs/plan.md,
+# "Rows of different lengths on CPU")
+CPU_PAD_MULTIPLE = 64
 
 
 def training_defaults(num_params: int, runtime: Runtime, trainer_kind: str | None = "sft") -> dict:
@@ -25,8 +28,12 @@ def training_defaults(num_params: int, runtime: Runtime, trainer_kind: str | Non
     (TRL turns it on everywhere; emulated bf16 is many times slower), fp16 mixed precision on CUDA GPUs without it
     (`Runtime.half_dtype`). Then the method's own published QLoRA recipe (`METHOD_RECIPES`, sources in
     docs/adoption.md); for SFT the paper's: lr 2e-4 (1e-4 above 20B), max_grad_norm 0.3, constant schedule with 3%
-    warmup."""
+    warmup. On CPU, rows padded to a multiple of `CPU_PAD_MULTIPLE` tokens: every new batch shape leaves memory
+    behind there (oneDNN's per-shape kernels and heap fragments: 30 steps of rows of different lengths grew a run by
+    210 MiB, padded to 64 by none), so a run's memory stays what `plan` predicts (TRL pads the same way on Neuron,
+    which compiles once per shape)."""
     fp16 = {"fp16": True} if runtime.half_dtype == "float16" else {}  # adapters then stay fp32 (`trainable_dtype`)
+    padding = {"pad_to_multiple_of": CPU_PAD_MULTIPLE} if runtime.device_type == "cpu" else {}
     method = METHOD_RECIPES.get(trainer_kind) or {
         "learning_rate": 1e-4 if num_params > BIG_MODEL_PARAMS else 2e-4,
         "max_grad_norm": 0.3,
@@ -40,6 +47,7 @@ def training_defaults(num_params: int, runtime: Runtime, trainer_kind: str | Non
         "optim": "paged_adamw_32bit",
         "activation_checkpointing": True,
         "activation_checkpointing_kwargs": {"use_reentrant": runtime.engine == "deepspeed_zero3"},
+        **padding,
     }
 
 
@@ -96,6 +104,8 @@ def user_set(args, name: str, explicit_names) -> bool:
     default = _class_default(args, name)
     if name == "bf16" and default is None:  # TRL resolves bf16=None to `not fp16` in __post_init__
         default = not args.fp16
+    if name == "pad_to_multiple_of" and default == "auto":  # TRL resolves "auto" to None off Neuron
+        default = None if getattr(args, name, None) is None else default
     if name in CHECKPOINTING_ALIASES and default is None:  # __post_init__ resolves it from the alias's default
         default = _class_default(args, CHECKPOINTING_ALIASES[name])
         if default is None and name == "activation_checkpointing":

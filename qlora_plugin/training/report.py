@@ -11,6 +11,7 @@ import time
 from transformers import TrainerCallback
 
 from qlora_plugin.core.files import write_json_atomic
+from qlora_plugin.plan.estimate import padded_length
 from qlora_plugin.plugin.specs import hookimpl
 from qlora_plugin.quant.backends import backend_named
 from qlora_plugin.strategies.calibration import describe
@@ -150,9 +151,7 @@ def longest_row(*dataloaders, multiple: int | None = None) -> int | None:
             return None
         if most is not None:
             longest = max(longest or 0, most)
-    if longest and multiple:
-        longest = -(-longest // multiple) * multiple
-    return longest
+    return padded_length(longest, multiple) if longest else longest
 
 
 def replan_for_rows(facts: dict, args, dataloaders) -> None:
