@@ -9,12 +9,12 @@ the dequantized weights every time, and what the process keeps of that depends o
   leaves nothing behind; smaller blocks come from the heap, which keeps about 1.35 bytes per byte of them
   between steps (measured with `mallinfo2` at hidden 1024, 8 layers, 512 tokens: batch 1 and 4 all on the heap;
   at batch 8 the MLP's fp32 tensors are 48 MiB and mapped, 256 MiB of them at once, and the heap did not grow in
-  the step that held them: docs/plan.md, "Where the bytes go"). TRL's fused head goes by its buffer (tokens x
-  32,768): with the buffer mapped none of the head stays; with it under 32 MiB its fp32 tiles, though larger, get
-  the share too: in a run's first steps they are mapped, but over 30 steps of rows of different lengths the heap
-  took them (the demo's cell, SmolLM2-135M at 4 x 102 tokens: 1,501 MiB after 3 steps, 1,785-1,810 after 30).
-  What the heap keeps is at most the trim threshold (512 MiB): glibc returns the free top beyond it (G2's shape,
-  hidden 1024 with 128,256 entries at 2 x 256 tokens: the uncapped share priced 732 MiB, the plan 10-35% over).
+  the step that held them: docs/plan.md, "Where the bytes go"). TRL's fused head is priced block by block too: its
+  bf16 buffer (tokens x 32,768) comes from the heap up to 511 tokens, its fp32 tiles (twice that) are mapped
+  (measured at G2's shape, 2 x 255 tokens: 446 MiB mapped during the step; the demo's cell padded to 128 tokens:
+  1,579 MiB planned, 1,648 measured, against 1,893 with the whole head on the heap).
+  What the heap keeps is at most the trim threshold (512 MiB): glibc returns the free top beyond it (the grid's
+  cells where it binds: G9, 1024 x 22 at 4 x 512 tokens, 619 MiB uncapped, +2.0% -> -0.8%; G7 and G10 by under 1%).
 - CPU with glibc's defaults ("glibc"): per-thread caches keep small freed blocks between large ones, which then
   cannot merge; the heap grows 2.8-3.3 bytes per byte of every transient (3.2, fitted to issue 25's two runs at
   batch 1 and 8 with the calibrated start), except the fused head's buffer once it is mapped. Not modelled per
