@@ -30,6 +30,16 @@ from qlora_plugin.training.interruption import signal_handlers
 from qlora_plugin.strategies.paged_state import resumable
 
 N = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ctrl_c_handled():
+    """Ctrl-C as an interactive shell delivers it: a suite started as a background job (`make test &`) inherits
+    SIGINT ignored, and the plugin rightly leaves an ignored signal alone (the last test here checks that)."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
                     "rng_state.pth", "trainer_state.json")
 
