@@ -111,8 +111,9 @@ def _fused_loss(tokens: int, hidden: int, vocab: int, hidden_itemsize: int, comp
 
     from qlora_plugin.plan.allocator import on_heap
 
-    parts = (tokens * hidden * hidden_itemsize, tokens * 4, tokens * 4, tokens * 8)  # hidden copy, log_z, entropy,
-    saved = sum(parts)  # targets
+    # the hidden states' copy, log_z, entropy, targets
+    parts = (tokens * hidden * hidden_itemsize, tokens * 4, tokens * 4, tokens * 8)
+    saved = sum(parts)
     n = min(tokens, _token_chunk())
     cast = n * hidden * compute_itemsize if compute_itemsize != hidden_itemsize else 0  # the hidden chunk's cast
     grad_hidden = tokens * hidden * 4  # accumulated in fp32
